@@ -1,0 +1,164 @@
+"""Find and load images: every bad file becomes one clear problem and the rest go on.
+
+Images are identified by the sha256 of their bytes, so the same picture under two names is computed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmtui.errors import ImageDirError, ImageError
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded RGB image and where it came from."""
+
+    path: Path
+    sha256: str
+    image: Image.Image = field(repr=False, compare=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+@dataclass
+class ImageScan:
+    """What `find_images` saw: the image files to read, and what it skipped and why."""
+
+    files: list[Path]
+    skipped: list[Path]
+    problems: list[ImageError]
+
+
+def find_images(root: Path | str) -> ImageScan:
+    """List the image files under `root` (a folder, searched recursively, or one file), sorted by path.
+
+    Symlinks are followed, but a folder already visited (a symlink loop) is entered once.
+    Raises ImageDirError when `root` is missing or holds no image file.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise ImageDirError(f"{root}: no such file or folder; pass a folder of images")
+    if root.is_file():
+        return ImageScan(files=[root], skipped=[], problems=[])
+    files: list[Path] = []
+    skipped: list[Path] = []
+    problems: list[ImageError] = []
+    seen_dirs: set[str] = set()
+
+    def on_error(err: OSError) -> None:
+        problems.append(
+            ImageError(str(err.filename), f"cannot list this folder ({err.strerror}); check its permissions")
+        )
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            problems.append(ImageError(dirpath, "symlink loop or repeated folder; entered once"))
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+            else:
+                skipped.append(path)
+    if not files:
+        raise ImageDirError(
+            f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "point to a folder of photos"
+        )
+    return ImageScan(files=sorted(files), skipped=skipped, problems=problems)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: 16-bit and float are rescaled, transparency is laid on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        img = Image.fromarray(((arr - lo) * scale).astype("uint8"), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, path: Path | str) -> Image.Image:
+    """Decode image bytes into an upright RGB image (EXIF orientation applied; first frame of animations).
+
+    Raises ImageError with a one-line reason for empty, truncated, unknown or oversized files.
+    """
+    if not data:
+        raise ImageError(str(path), "empty file (0 bytes); remove it or replace it with the real image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise ImageError(
+            str(path),
+            f"image too large to decode safely ({err}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels",
+        ) from err
+    except UnidentifiedImageError as err:
+        raise ImageError(
+            str(path), "not an image PIL can read; remove it or convert it to JPEG or PNG"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(str(path), f"corrupt or truncated image ({err}); re-export or remove it") from err
+
+
+def load_image(path: Path | str) -> LoadedImage:
+    """Read, hash and decode one image file. Raises ImageError on any problem with this file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageError(
+            str(path), f"cannot read this file ({err.strerror or err}); check its permissions"
+        ) from err
+    return LoadedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), image=decode_image(data, path))
+
+
+def iter_images(paths: Iterable[Path]) -> Iterator[LoadedImage | ImageError]:
+    """Load each path in turn, yielding the image or the error; duplicates (same bytes) come once.
+
+    A duplicate yields an ImageError saying which file it repeats, so the caller can report it.
+    """
+    first_path: dict[str, Path] = {}
+    for path in paths:
+        try:
+            loaded = load_image(path)
+        except ImageError as err:
+            yield err
+            continue
+        if loaded.sha256 in first_path:
+            yield ImageError(str(path), f"same image as {first_path[loaded.sha256]}; computed once")
+            continue
+        first_path[loaded.sha256] = path
+        yield loaded

@@ -1,0 +1,211 @@
+"""A stack: frozen image encoder -> linear projection -> frozen causal LM.
+
+The LM sees [P image-prompt embeddings] + the prompt tokens ("A picture of", no BOS) and captions greedily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mmtui.stacks.lm import LMAdapter
+from mmtui.stacks.projection import Projection
+from mmtui.stacks.vision import VisionEncoder
+
+if TYPE_CHECKING:
+    from mmtui.attribution import Attribution
+
+DEFAULT_PROMPT = "A picture of"
+DEFAULT_MAX_NEW_TOKENS = 20
+
+
+def _short_version(module_name: str) -> str:
+    import importlib
+
+    version = getattr(importlib.import_module(module_name), "__version__", "?")
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+@dataclass
+class Stack:
+    """The three frozen parts plus what is needed to run them.
+
+    real_vocab: only token ids below this are real words (LiMBeR's added `<|image|>` and GPT-J's padding
+    rows are excluded from decoding and nearest-token search).
+    identity: what the parts are (model ids and revisions or file hashes); see `fingerprint`.
+    """
+
+    name: str
+    encoder: VisionEncoder
+    projection: Projection
+    lm: nn.Module
+    tokenizer: Any
+    real_vocab: int
+    identity: dict[str, Any]
+    prompt: str = DEFAULT_PROMPT
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    adapter: LMAdapter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lm.eval().requires_grad_(False)
+        self.adapter = LMAdapter(self.lm)
+
+    # -- shape facts -----------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def d_mlp(self) -> int:
+        return self.adapter.d_mlp
+
+    @property
+    def n_patches(self) -> int:
+        return self.encoder.n_patches
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.encoder.grid
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes results comparable: the parts' identities, dtype, and library major.minor versions."""
+        return {
+            **self.identity,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "torch": _short_version("torch"),
+            "transformers": _short_version("transformers"),
+        }
+
+    @property
+    def fingerprint_id(self) -> str:
+        blob = json.dumps(self.fingerprint, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def lm_fingerprint_id(self) -> str:
+        """Identity of the LM alone (neuron decodings depend on nothing else)."""
+        blob = json.dumps(
+            {"lm": self.identity.get("lm"), "real_vocab": self.real_vocab}, sort_keys=True
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def shape(self) -> dict[str, Any]:
+        return {
+            "n_layers": self.n_layers,
+            "d_mlp": self.d_mlp,
+            "n_patches": self.n_patches,
+            "grid": list(self.grid),
+            "d_model": self.projection.d_out,
+            "family": self.adapter.family.name,
+        }
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` with no BOS or other special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> image-prompt embeddings [B, P, d_model] in the LM's input space."""
+        pixels = self.encoder.preprocess(images).to(self.device)
+        feats = self.encoder(pixels)  # [B, P, d_vision]
+        return self.projection(feats.float()).to(self.dtype)  # [B, P, d_model]
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids.to(self.device))
+
+    def build_inputs(
+        self, prefix: torch.Tensor, continuations: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """[prefix] + prompt + each item's continuation tokens, right-padded with zeros.
+
+        prefix: [B, P, d]. Returns (embeds [B, T, d], lengths): with causal attention, the padding after an
+        item's last token cannot change anything at or before it, so no attention mask is needed.
+        """
+        prompt = self.tokenize(self.prompt)
+        rows = [list(prompt) + list(c) for c in continuations]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        text = self.embed_tokens(ids)  # [B, width, d]
+        for i, row in enumerate(rows):
+            text[i, len(row) :] = 0
+        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)  # [B, P + width, d]
+        return embeds, [prefix.shape[1] + len(r) for r in rows]
+
+    # -- running the LM --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[list[int]]:
+        """Greedy (temperature 0) continuation of [prefix] + prompt, with the KV cache; stops at EOS."""
+        embeds, _ = self.build_inputs(prefix, [[] for _ in range(prefix.shape[0])])
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        eos = self.eos_token_id
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=eos if eos is not None else 0,
+        )
+        rows: list[list[int]] = []
+        for row in out.tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            rows.append(row)
+        return rows
+
+    def caption_text(self, ids: Sequence[int]) -> str:
+        """Decoded caption, cut at the first line break."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).split("\n")[0].strip()
+
+    def caption(
+        self, images: Sequence[Image.Image], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> list[str]:
+        """Greedy captions of PIL images."""
+        return [self.caption_text(ids) for ids in self.generate(self.encode(images), max_new_tokens)]
+
+    @contextmanager
+    def hooks(
+        self, fn: Callable[[int, torch.Tensor], torch.Tensor | None], site: str = "post"
+    ) -> Iterator[None]:
+        """Run `fn(layer, act)` on every layer's MLP activation [B, T, d_mlp] while the block is open.
+
+        Hooks are always removed on exit. Keep the block open until gradients are read: the autograd
+        graph holds what the hooks returned, but nothing is re-run on exit.
+        """
+        handles = []
+        try:
+            for layer in range(self.n_layers):
+                handles.append(self.adapter.site_hook(layer, site, lambda act, _l=layer: fn(_l, act)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def attribute(
+        self, images: Sequence[Image.Image], target: str | Sequence[str | None] | None = None, **kwargs: Any
+    ) -> list[Attribution]:
+        """Activation x gradient scores of every (layer, unit, patch) for each image; see mmtui.attribution."""
+        from mmtui.attribution import attribute
+
+        return attribute(self, images, target=target, **kwargs)

