@@ -1,1 +1,26 @@
-def main() -> None: ...
+"""The `mmtui` command line: one module per command, all registered on one Typer app."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from commands._app import ExitCode, app
+
+# each module registers its commands on `app` when imported
+from commands import attribute, neurons, runs  # noqa: E402,F401  isort: skip
+
+__all__ = ["ExitCode", "app", "main"]
+
+
+def main() -> None:
+    """Entry point: run the app; a closed stdout pipe (`| head`) ends quietly."""
+    try:
+        app()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(int(ExitCode.OK))
+    except KeyboardInterrupt:
+        sys.stderr.write("Interrupted; finished items are kept in the cache. Run the same command again to resume.\n")
+        sys.exit(130)

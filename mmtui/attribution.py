@@ -97,15 +97,11 @@ def resolve_target(stack: Stack, generated: list[int], word: str | None, source:
 
     ids = _caption_ids(stack, generated)
     caption = stack.caption_text(ids)
-    noun = (
-        nouns.first_noun(stack.prompt + stack.tokenizer.decode(ids), start=len(stack.prompt)) if ids else None
-    )
+    noun = nouns.first_noun(stack.prompt + stack.tokenizer.decode(ids), start=len(stack.prompt)) if ids else None
     noun_index = _token_index_at(stack, ids, noun.start - len(stack.prompt)) if noun else None
     if word is None:
         if not ids:
-            raise TargetError(
-                "the model's caption is empty, so there is no noun to attribute; pass --target WORD"
-            )
+            raise TargetError("the model's caption is empty, so there is no noun to attribute; pass --target WORD")
         if noun is not None and noun_index is not None:
             token_id = ids[noun_index]
             return Target(

@@ -126,9 +126,7 @@ def decode_image(data: bytes, path: Path | str) -> Image.Image:
             f"image too large to decode safely ({err}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels",
         ) from err
     except UnidentifiedImageError as err:
-        raise ImageError(
-            str(path), "not an image PIL can read; remove it or convert it to JPEG or PNG"
-        ) from err
+        raise ImageError(str(path), "not an image PIL can read; remove it or convert it to JPEG or PNG") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(str(path), f"corrupt or truncated image ({err}); re-export or remove it") from err
 
@@ -139,9 +137,7 @@ def load_image(path: Path | str) -> LoadedImage:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ImageError(
-            str(path), f"cannot read this file ({err.strerror or err}); check its permissions"
-        ) from err
+        raise ImageError(str(path), f"cannot read this file ({err.strerror or err}); check its permissions") from err
     return LoadedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), image=decode_image(data, path))
 
 

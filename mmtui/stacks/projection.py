@@ -91,9 +91,7 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         leaf = key.rsplit(".", 1)[-1]
         if leaf in out:
-            raise ProjectionError(
-                f"projection file holds several '{leaf}' tensors ({key}); pass the projection alone"
-            )
+            raise ProjectionError(f"projection file holds several '{leaf}' tensors ({key}); pass the projection alone")
         out[leaf] = value
     return out
 

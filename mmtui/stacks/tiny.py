@@ -48,7 +48,9 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 4, vocab_size=1000, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(
+        CORPUS * 4, vocab_size=1000, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
         eos_token="<|endoftext|>",
@@ -81,9 +83,7 @@ def tiny_parts(seed: int = 0, dtype: torch.dtype = torch.float32):
         size={"height": 64, "width": 64}, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
     proj = Projection(BEIT_CONFIG["hidden_size"], LM_CONFIG["n_embd"])
-    with (
-        torch.no_grad()
-    ):  # image prompts of roughly the word embeddings' scale, so captions depend on the image
+    with torch.no_grad():  # image prompts of roughly the word embeddings' scale, so captions depend on the image
         proj.linear.weight.mul_(4.0)
     return lm.to(dtype), beit.to(dtype), processor, proj.to(dtype), tok
 

@@ -101,14 +101,10 @@ class TimmEncoder(VisionEncoder):
             out = out[:, getattr(self.model, "num_prefix_tokens", 0) :]
             side = math.isqrt(out.shape[1])
             if side * side != out.shape[1]:
-                raise StackError(
-                    f"timm model {self.name}: {out.shape[1]} tokens do not form a square patch grid"
-                )
+                raise StackError(f"timm model {self.name}: {out.shape[1]} tokens do not form a square patch grid")
             self._last_grid = (side, side)
             return out
-        raise StackError(
-            f"timm model {self.name}: forward_features gave shape {tuple(out.shape)}, not a patch grid"
-        )
+        raise StackError(f"timm model {self.name}: forward_features gave shape {tuple(out.shape)}, not a patch grid")
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._grid_features(pixels.to(next(self.model.parameters()).dtype))

@@ -1,0 +1,93 @@
+"""The Typer app, the options every command shares, exit codes and output helpers.
+
+Commands are thin: parse, make one core call, print. stdout carries results only (a rich table, or JSON
+Lines with --json); progress, logs and warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from mmtui.errors import MmtuiError
+
+
+class ExitCode(IntEnum):
+    OK = 0  # all done
+    PARTIAL = 1  # finished, but some items failed (each named on stderr)
+    FAILED = 2  # usage error, or nothing could be done
+
+
+DEFAULT_DB = Path("cache") / "mmtui.db"
+
+app = typer.Typer(
+    name="mmtui",
+    help="Find and explain multimodal neurons: MLP units of a frozen text-only LM that turn images into words.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+out = Console(soft_wrap=True)  # results
+err = Console(stderr=True)  # progress, warnings, errors
+
+DbOption = Annotated[
+    Path,
+    typer.Option(
+        "--db", envvar="MMTUI_DB", help="SQLite cache file (default cache/mmtui.db, or $MMTUI_DB).", show_default=False
+    ),
+]
+PresetOption = Annotated[
+    str, typer.Option("--preset", help="Model stack: smol (default, offline CPU), limber-beit-gptj (the paper), tiny.")
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout (JSON Lines).")]
+LmOption = Annotated[
+    str | None, typer.Option("--lm", help="LM: hub id, local folder or .gguf file (overrides the preset).")
+]
+EncoderOption = Annotated[
+    str | None, typer.Option("--encoder", help="Image encoder: beit:<id|folder>, timm:<name> or efficientnet-lite0.")
+]
+ProjectionOption = Annotated[
+    Path | None, typer.Option("--projection", help="Projection file: LiMBeR proj.ckpt or our .safetensors.")
+]
+
+
+def fail(message: str, code: ExitCode = ExitCode.FAILED) -> NoReturn:
+    """Print one error line on stderr and exit with `code`."""
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(int(code))
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def core_errors() -> Iterator[None]:
+    """Turn a core exception into one CLI error line (exit 2)."""
+    try:
+        yield
+    except MmtuiError as error:
+        fail(str(error).replace("[", r"\["))
+
+
+def emit_json(rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows as JSON Lines on stdout, lazily, flushing each line."""
+    for row in rows:
+        sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+
+def db_path(db: Path | None) -> Path:
+    return db if db is not None else Path(os.environ.get("MMTUI_DB", DEFAULT_DB))

@@ -1,0 +1,191 @@
+"""`mmtui attribute IMAGE_DIR`: score every MLP neuron for each image and cache the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from commands._app import (
+    DbOption,
+    DeviceOption,
+    EncoderOption,
+    ExitCode,
+    JsonOption,
+    LmOption,
+    PresetOption,
+    ProjectionOption,
+    app,
+    core_errors,
+    db_path,
+    emit_json,
+    err,
+    fail,
+    out,
+    warn,
+)
+from mmtui.stacks.base import DEFAULT_PROMPT
+
+
+@app.command()
+def attribute(
+    image_dir: Annotated[
+        Path | None, typer.Argument(help="Folder of images (searched recursively) or one image.", show_default=False)
+    ] = None,
+    samples: Annotated[bool, typer.Option("--samples", help="Use the sample photos bundled with mmtui.")] = False,
+    preset: PresetOption = "smol",
+    lm: LmOption = None,
+    encoder: EncoderOption = None,
+    projection: ProjectionOption = None,
+    target: Annotated[str | None, typer.Option("--target", help="Attribute this word for every image.")] = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option("--captions", help="Human captions (COCO JSON, JSONL or CSV image,caption): target = first noun."),
+    ] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="Text after the image prefix.")] = DEFAULT_PROMPT,
+    top: Annotated[int, typer.Option("--top", min=1, help="Top neurons to show per image.")] = 10,
+    keep: Annotated[
+        int, typer.Option("--keep", min=1, help="Top (layer, unit, patch) triples stored per image.")
+    ] = 6400,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward/backward pass.")] = 4,
+    site: Annotated[
+        str, typer.Option("--site", help="post (the MLP's hidden activation) or pre (before the nonlinearity).")
+    ] = "post",
+    y: Annotated[str, typer.Option("--y", help="What is attributed: prob, logit or logprob of the target.")] = "prob",
+    decode: Annotated[
+        str, typer.Option("--decode", help="Token decoding: raw (paper) or ln_f (final norm gain).")
+    ] = "raw",
+    device: DeviceOption = "auto",
+    db: DbOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Score every MLP neuron (activation x gradient) for each image, decode the top ones, and cache it all."""
+    from mmtui.images import find_images
+    from mmtui.store import Store
+
+    if target and captions:
+        fail("--target and --captions both choose the target; pass one of them")
+    if samples == (image_dir is not None):
+        fail("pass an IMAGE_DIR, or --samples for the bundled photos (not both)")
+    if site not in ("post", "pre"):
+        fail(f"--site {site!r}: use post or pre")
+    if y not in ("prob", "logit", "logprob"):
+        fail(f"--y {y!r}: use prob, logit or logprob")
+    if decode not in ("raw", "ln_f"):
+        fail(f"--decode {decode!r}: use raw or ln_f")
+    with core_errors():
+        if samples:
+            from mmtui.samples import sample_captions, sample_dir
+
+            image_dir = sample_dir()
+            if captions is None and target is None:
+                captions = sample_captions()
+        assert image_dir is not None
+        scan = find_images(image_dir)
+        for problem in scan.problems:
+            warn(str(problem))
+        if scan.skipped:
+            names = ", ".join(p.name for p in scan.skipped[:3]) + (" ..." if len(scan.skipped) > 3 else "")
+            warn(f"skipped {len(scan.skipped)} file(s) that are not images by name: {names}")
+        from mmtui.pipeline import attribute_images, read_captions
+
+        caption_map = read_captions(captions) if captions else None
+        store = Store.open(db_path(db))
+        with store:
+            with err.status(f"Loading the {preset} stack..."):
+                from mmtui.stacks import load_stack
+
+                stack = load_stack(preset, lm=lm, encoder=encoder, projection=projection, device=device, prompt=prompt)
+            events = attribute_images(
+                stack,
+                store,
+                scan.files,
+                target=target,
+                captions=caption_map,
+                batch_size=batch_size,
+                keep=keep,
+                site=site,
+                y_kind=y,
+                convention=decode,
+            )
+            counts = _consume(events, store, top, decode, json_out)
+    _finish(counts)
+
+
+def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[str, int]:  # noqa: ANN001
+    from mmtui.queries import image_summary
+
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    summaries: list[dict] = []
+    run: dict | None = None
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("Attributing", total=None, rate="")
+        decode_task = None
+        for event in events:
+            if event.kind == "start":
+                run = store.run(event.message)
+                progress.update(task, total=event.total)
+            elif event.kind == "decoding":
+                if decode_task is None:
+                    decode_task = progress.add_task("Decoding neurons", total=event.total, rate="")
+                else:
+                    progress.advance(decode_task)
+            elif event.kind == "warning":
+                warn(event.message)
+            elif event.kind in ("done", "skipped", "failed"):
+                counts[event.kind] += 1
+                progress.advance(task)
+                if event.kind == "failed":
+                    err.print(f"[red]Failed:[/] {event.message}", highlight=False, soft_wrap=True)
+                elif event.kind == "skipped" and "computed once" in event.message:
+                    err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
+                if event.kind == "done":
+                    elapsed = progress.tasks[task].elapsed or 0.0
+                    rate = counts["done"] / elapsed if elapsed else 0.0
+                    progress.update(task, rate=f"{rate:.2f} img/s")
+                    assert run is not None and event.result_id is not None
+                    summary = image_summary(store, run, event.result_id, top, convention)
+                    if json_out:
+                        emit_json([summary])
+                    else:
+                        summaries.append(summary)
+    if not json_out and summaries:
+        out.print(_table(summaries, min(top, 5)))
+    return counts
+
+
+def _table(summaries: list[dict], top: int) -> Table:
+    table = Table(title="Top neurons per image (layer.unit @ patch: score, decoded tokens)", show_lines=True)
+    table.add_column("image", overflow="fold")
+    table.add_column("target", no_wrap=True)
+    table.add_column("P(target)", justify="right")
+    table.add_column("caption", overflow="fold", max_width=30)
+    table.add_column("top neurons", overflow="fold")
+    for s in summaries:
+        lines = [
+            f"L{t['layer']}.u{t['neuron']} @{t['patch']}: {t['score']:.3g}  {', '.join(x.strip() for x in t['tokens'][:5])}"
+            for t in s["top"][:top]
+        ]
+        table.add_row(Path(s["image"]).name, s["target"], f"{s['p_target']:.4f}", s["caption"], "\n".join(lines))
+    return table
+
+
+def _finish(counts: dict[str, int]) -> None:
+    err.print(
+        f"{counts['done']} attributed, {counts['skipped']} skipped (cached or duplicate), {counts['failed']} failed"
+    )
+    if counts["failed"]:
+        code = ExitCode.FAILED if counts["done"] + counts["skipped"] == 0 else ExitCode.PARTIAL
+        raise typer.Exit(int(code))

@@ -1,0 +1,441 @@
+"""The SQLite cache: open (WAL, migrations, lock and version checks), write one image per transaction,
+and the queries the commands and the TUI share. Never imports torch: arrays are numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlite_utils import Database
+
+from mmtui.errors import NotFoundError, StoreError, StoreLockedError, StoreTooNewError
+from mmtui.migrations import migrations
+
+DEFAULT_TIMEOUT_S = 30.0
+COUNT_TOP = 100  # a unit "ranks among the top" of an image when it is in its first 100 triples (the paper's)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def pack_array(array: np.ndarray) -> bytes:
+    """float -> float16, bytes shuffled (high bytes together: they compress well), zlib."""
+    half = np.ascontiguousarray(array, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+    return zlib.compress(np.ascontiguousarray(half.T).tobytes(), 6)
+
+
+def unpack_array(blob: bytes, shape: Sequence[int]) -> np.ndarray:
+    """Inverse of pack_array: float32 array of `shape`."""
+    raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(2, -1)
+    return np.ascontiguousarray(raw.T).view(np.float16).reshape(shape).astype(np.float32)
+
+
+def run_id_for(stack_id: str, prompt: str, site: str, y_kind: str) -> str:
+    blob = json.dumps([stack_id, prompt, site, y_kind]).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass
+class ResultRecord:
+    """One image's attribution, ready to store (plain data; see mmtui.attribution.Attribution)."""
+
+    image_sha256: str
+    image_path: str
+    width: int
+    height: int
+    target_spec: str
+    target: str
+    target_token_id: int
+    target_token: str
+    target_source: str
+    target_split: bool
+    caption: str
+    context: str
+    y_c: float
+    p_target: float
+    top_layer: np.ndarray
+    top_unit: np.ndarray
+    top_patch: np.ndarray
+    top_score: np.ndarray
+    unit_max: np.ndarray  # [n_layers, d_mlp]
+    unit_sum: np.ndarray
+    human_caption: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _translate(error: sqlite3.OperationalError, path: Path, timeout: float) -> StoreError:
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return StoreLockedError(
+            f"{path} is locked by another mmtui process (waited {timeout:.0f} s); "
+            "wait for it to finish, or pass --db to use another cache file"
+        )
+    return StoreError(f"{path}: {text}; check the file, or pass --db to use another cache file")
+
+
+class Store:
+    """The cache database. Open with `Store.open(path)`; use as a context manager to close it."""
+
+    def __init__(self, db: Database, path: Path, timeout: float) -> None:
+        self.db = db
+        self.path = path
+        self.timeout = timeout
+
+    # -- opening -----------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, path: Path | str, *, create: bool = True, timeout: float = DEFAULT_TIMEOUT_S, threads: bool = False
+    ) -> Store:
+        """Open (and migrate) the cache at `path`.
+
+        create=False: a missing file is an error (read-only commands never make an empty cache).
+        Raises StoreTooNewError for a cache written by a newer mmtui, StoreLockedError when another
+        process holds the lock longer than `timeout` seconds.
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise StoreError(f"{path} is a folder; pass a file name such as {path / 'mmtui.db'}")
+        if not path.exists():
+            if not create:
+                raise StoreError(f"no cache at {path}; run `mmtui attribute IMAGE_DIR` first, or pass --db")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=not threads)
+            db = Database(conn)
+            db.execute("PRAGMA foreign_keys = ON")
+            store = cls(db, path, timeout)
+            store._check_version()
+            if db.journal_mode != "wal":
+                db.enable_wal()
+            migrations.apply(db)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):
+                raise _translate(error, path, timeout) from error
+            raise StoreError(f"{path} is not an mmtui cache ({error}); pass --db to use another file") from error
+        return store
+
+    def _check_version(self) -> None:
+        applied = {m.name for m in migrations.applied(self.db)}
+        known = {m.name for m in migrations._migrations}
+        unknown = sorted(applied - known)
+        if unknown:
+            raise StoreTooNewError(
+                f"{self.path} was written by a newer mmtui (schema step {unknown[-1]}); "
+                "upgrade mmtui (pip install -U mmtui) or pass --db to use another cache file"
+            )
+        names = set(self.db.table_names())
+        if names and "_sqlite_migrations" not in names:
+            raise StoreError(f"{self.path} is an SQLite file but not an mmtui cache; pass --db to use another file")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self):
+        """A write transaction that reports a held lock as StoreLockedError."""
+        return _WriteTxn(self)
+
+    # -- stacks and runs ---------------------------------------------------------------------------------
+    def ensure_run(
+        self,
+        *,
+        stack_id: str,
+        stack_name: str,
+        fingerprint: dict,
+        shape: dict,
+        lm_id: str,
+        prompt: str,
+        site: str,
+        y_kind: str,
+        settings: dict | None = None,
+    ) -> str:
+        """Record the stack and run if new; returns the run id."""
+        run_id = run_id_for(stack_id, prompt, site, y_kind)
+        with self._write():
+            self.db["stacks"].insert(
+                {
+                    "id": stack_id,
+                    "name": stack_name,
+                    "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                    "shape": json.dumps(shape),
+                    "lm_id": lm_id,
+                    "created": _now(),
+                },
+                ignore=True,
+            )
+            self.db["runs"].insert(
+                {
+                    "id": run_id,
+                    "stack_id": stack_id,
+                    "prompt": prompt,
+                    "site": site,
+                    "y_kind": y_kind,
+                    "settings": json.dumps(settings or {}, sort_keys=True),
+                    "created": _now(),
+                },
+                ignore=True,
+            )
+        return run_id
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run with its stack and counts, newest first."""
+        sql = """
+            SELECT runs.id, runs.stack_id, stacks.name AS stack, runs.prompt, runs.site, runs.y_kind,
+                   runs.created, stacks.shape, stacks.fingerprint, stacks.lm_id,
+                   (SELECT count(*) FROM results WHERE results.run_id = runs.id) AS n_results,
+                   (SELECT count(DISTINCT image_sha256) FROM results WHERE results.run_id = runs.id) AS n_images,
+                   (SELECT max(created) FROM results WHERE results.run_id = runs.id) AS last_write
+            FROM runs JOIN stacks ON stacks.id = runs.stack_id
+            ORDER BY coalesce(last_write, runs.created) DESC
+        """
+        rows = []
+        for row in self.db.query(sql):
+            row["shape"] = json.loads(row["shape"])
+            row["fingerprint"] = json.loads(row["fingerprint"])
+            rows.append(row)
+        return rows
+
+    def run(self, run_id: str | None = None) -> dict[str, Any]:
+        """The run whose id starts with `run_id`, or the most recently written one."""
+        runs = self.runs()
+        if not runs:
+            raise NotFoundError(f"{self.path} holds no runs yet; run `mmtui attribute IMAGE_DIR` first")
+        if run_id is None:
+            return runs[0]
+        matches = [r for r in runs if r["id"].startswith(run_id)]
+        if len(matches) != 1:
+            ids = ", ".join(r["id"] for r in runs)
+            what = "no run" if not matches else "several runs"
+            raise NotFoundError(f"{what} with id {run_id!r} in {self.path} (runs: {ids}); see `mmtui runs`")
+        return matches[0]
+
+    # -- results -----------------------------------------------------------------------------------------
+    def has_result(self, run_id: str, image_sha256: str, target_spec: str) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM results WHERE run_id = ? AND image_sha256 = ? AND target_spec = ?",
+            [run_id, image_sha256, target_spec],
+        ).fetchone()
+        return row is not None
+
+    def done_keys(self, run_id: str) -> set[tuple[str, str]]:
+        """(image sha256, target spec) of every result of a run: what a resumed run skips."""
+        rows = self.db.execute("SELECT image_sha256, target_spec FROM results WHERE run_id = ?", [run_id])
+        return {(r[0], r[1]) for r in rows}
+
+    def add_result(self, run_id: str, rec: ResultRecord, count_top: int = COUNT_TOP) -> int:
+        """Write one image's result, its top triples and the neuron aggregates in one transaction."""
+        with self._write():
+            self.db["images"].upsert(
+                {
+                    "sha256": rec.image_sha256,
+                    "path": rec.image_path,
+                    "width": rec.width,
+                    "height": rec.height,
+                    "added": _now(),
+                },
+                pk="sha256",
+            )
+            cur = self.db.execute(
+                """INSERT INTO results (run_id, image_sha256, target_spec, target, target_token_id, target_token,
+                       target_source, target_split, caption, context, human_caption, y_c, p_target, n_top,
+                       unit_max, unit_sum, seconds, created)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    run_id,
+                    rec.image_sha256,
+                    rec.target_spec,
+                    rec.target,
+                    rec.target_token_id,
+                    rec.target_token,
+                    rec.target_source,
+                    int(rec.target_split),
+                    rec.caption,
+                    rec.context,
+                    rec.human_caption,
+                    rec.y_c,
+                    rec.p_target,
+                    len(rec.top_score),
+                    pack_array(rec.unit_max),
+                    pack_array(rec.unit_sum),
+                    rec.seconds,
+                    _now(),
+                ],
+            )
+            result_id = int(cur.lastrowid)
+            layers, units = rec.top_layer.astype(int), rec.top_unit.astype(int)
+            self.db.conn.executemany(
+                "INSERT INTO top_neurons (result_id, rank, layer, unit, patch, score) VALUES (?, ?, ?, ?, ?, ?)",
+                zip(
+                    [result_id] * len(layers),
+                    range(len(layers)),
+                    layers.tolist(),
+                    units.tolist(),
+                    rec.top_patch.astype(int).tolist(),
+                    rec.top_score.astype(float).tolist(),
+                    strict=True,
+                ),
+            )
+            self.db.conn.executemany(
+                """INSERT INTO neuron_stats
+                       (run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
+                   VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)
+                   ON CONFLICT (run_id, layer, unit) DO UPDATE SET
+                       n_top = n_top + excluded.n_top,
+                       n_images = n_images + 1,
+                       best_result_id = CASE WHEN excluded.max_score > max_score
+                                             THEN excluded.best_result_id ELSE best_result_id END,
+                       max_score = max(max_score, excluded.max_score),
+                       sum_score = sum_score + excluded.sum_score,
+                       mean_score = (sum_score + excluded.sum_score) / (n_images + 1)""",
+                [
+                    (run_id, layer, unit, int(in_top), score, score, score, result_id)
+                    for (layer, unit), (score, in_top) in _best_per_unit(rec, count_top).items()
+                ],
+            )
+        return result_id
+
+    def result(self, run_id: str, image: str, target_spec: str | None = None) -> dict[str, Any]:
+        """A result by image sha256 (or its prefix) or by path (newest first when several targets)."""
+        sql = """SELECT results.*, images.path, images.width, images.height FROM results
+                 JOIN images ON images.sha256 = results.image_sha256
+                 WHERE results.run_id = ? AND (results.image_sha256 LIKE ? OR images.path = ? OR images.path LIKE ?)"""
+        args: list[Any] = [run_id, image.lower() + "%", image, "%/" + image]
+        if target_spec is not None:
+            sql += " AND target_spec = ?"
+            args.append(target_spec)
+        rows = list(self.db.query(sql + " ORDER BY results.id DESC", args))
+        if not rows:
+            raise NotFoundError(
+                f"no result for image {image!r} in run {run_id}; see `mmtui runs` or attribute it first"
+            )
+        return rows[0]
+
+    def results(self, run_id: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        sql = """SELECT results.id, results.image_sha256, images.path, results.target, results.target_token_id,
+                        results.target_token, results.target_source, results.caption, results.p_target, results.y_c
+                 FROM results JOIN images ON images.sha256 = results.image_sha256
+                 WHERE run_id = ? ORDER BY results.id"""
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        yield from self.db.query(sql, [run_id])
+
+    def top_triples(self, result_id: int, limit: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT rank, layer, unit, patch, score FROM top_neurons WHERE result_id = ? ORDER BY rank"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return list(self.db.query(sql, [result_id]))
+
+    def unit_scores(self, result_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(max, sum) of g over the image positions for every unit: two [n_layers, d_mlp] arrays."""
+        row = self.db.execute(
+            """SELECT results.unit_max, results.unit_sum, stacks.shape FROM results
+               JOIN runs ON runs.id = results.run_id JOIN stacks ON stacks.id = runs.stack_id
+               WHERE results.id = ?""",
+            [result_id],
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no result with id {result_id}")
+        shape = json.loads(row[2])
+        dims = (shape["n_layers"], shape["d_mlp"])
+        return unpack_array(row[0], dims), unpack_array(row[1], dims)
+
+    # -- neuron tokens -----------------------------------------------------------------------------------
+    def has_tokens(self, lm_id: str, convention: str) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM neuron_tokens WHERE lm_id = ? AND convention = ? LIMIT 1", [lm_id, convention]
+        ).fetchone()
+        return row is not None
+
+    def add_tokens(self, lm_id: str, convention: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Store decoded tokens: rows of layer, unit, tokens, token_ids, logits, interpretable."""
+        with self._write():
+            self.db.conn.executemany(
+                """INSERT OR REPLACE INTO neuron_tokens
+                       (lm_id, convention, layer, unit, tokens, token_ids, logits, text, interpretable)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        lm_id,
+                        convention,
+                        r["layer"],
+                        r["unit"],
+                        json.dumps(r["tokens"], ensure_ascii=False),
+                        json.dumps(r["token_ids"]),
+                        json.dumps([round(float(x), 4) for x in r["logits"]]),
+                        ", ".join(t.strip() for t in r["tokens"]),
+                        int(r["interpretable"]),
+                    )
+                    for r in rows
+                ],
+            )
+
+    def tokens(self, lm_id: str, convention: str, layer: int, unit: int) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT tokens, token_ids, logits, interpretable FROM neuron_tokens "
+            "WHERE lm_id = ? AND convention = ? AND layer = ? AND unit = ?",
+            [lm_id, convention, layer, unit],
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "tokens": json.loads(row[0]),
+            "token_ids": json.loads(row[1]),
+            "logits": json.loads(row[2]),
+            "interpretable": bool(row[3]),
+        }
+
+    def conventions(self, lm_id: str) -> list[str]:
+        rows = self.db.execute("SELECT DISTINCT convention FROM neuron_tokens WHERE lm_id = ?", [lm_id])
+        return [r[0] for r in rows]
+
+
+def _best_per_unit(rec: ResultRecord, count_top: int) -> dict[tuple[int, int], tuple[float, bool]]:
+    """Each unit of the stored triples -> (its best score, whether it is in the first `count_top`)."""
+    best: dict[tuple[int, int], tuple[float, bool]] = {}
+    for rank, (layer, unit, score) in enumerate(
+        zip(rec.top_layer.tolist(), rec.top_unit.tolist(), rec.top_score.tolist(), strict=True)
+    ):
+        key = (int(layer), int(unit))
+        if key not in best:  # triples come sorted by score, so the first sighting is the best
+            best[key] = (float(score), rank < count_top)
+    return best
+
+
+class _WriteTxn:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        try:
+            self.store.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise _translate(error, self.store.path, self.store.timeout) from error
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        conn = self.store.db.conn
+        if exc_type is None:
+            try:
+                conn.commit()
+            except sqlite3.OperationalError as error:
+                conn.rollback()
+                raise _translate(error, self.store.path, self.store.timeout) from error
+        else:
+            conn.rollback()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise _translate(exc, self.store.path, self.store.timeout) from exc
