@@ -52,6 +52,7 @@ def m001_create_tables(db: Database) -> None:
             "target_split": int,
             "caption": str,
             "context": str,
+            "context_ids": str,
             "human_caption": str,
             "y_c": float,
             "p_target": float,

@@ -98,6 +98,7 @@ def to_record(
         target_split=t.split,
         caption=t.caption,
         context=t.context(stack),
+        context_ids=list(t.context_ids),
         y_c=attr.y_c,
         p_target=attr.p_target,
         top_layer=attr.top_layer.numpy().astype(np.int16),
@@ -153,7 +154,7 @@ def attribute_images(
         prompt=stack.prompt,
         site=site,
         y_kind=y_kind,
-        settings={"keep": keep, "max_new_tokens": max_new_tokens},
+        settings={"keep": keep, "max_new_tokens": max_new_tokens, "load": stack.load_args},
     )
     yield Event("start", message=run_id, total=len(paths))
     yield from ensure_decoded(stack, store, convention)

@@ -61,6 +61,7 @@ class ResultRecord:
     target_split: bool
     caption: str
     context: str
+    context_ids: list[int]
     y_c: float
     p_target: float
     top_layer: np.ndarray
@@ -197,7 +198,7 @@ class Store:
         """Every run with its stack and counts, newest first."""
         sql = """
             SELECT runs.id, runs.stack_id, stacks.name AS stack, runs.prompt, runs.site, runs.y_kind,
-                   runs.created, stacks.shape, stacks.fingerprint, stacks.lm_id,
+                   runs.settings, runs.created, stacks.shape, stacks.fingerprint, stacks.lm_id,
                    (SELECT count(*) FROM results WHERE results.run_id = runs.id) AS n_results,
                    (SELECT count(DISTINCT image_sha256) FROM results WHERE results.run_id = runs.id) AS n_images,
                    (SELECT max(created) FROM results WHERE results.run_id = runs.id) AS last_write
@@ -208,6 +209,7 @@ class Store:
         for row in self.db.query(sql):
             row["shape"] = json.loads(row["shape"])
             row["fingerprint"] = json.loads(row["fingerprint"])
+            row["settings"] = json.loads(row["settings"])
             rows.append(row)
         return rows
 
@@ -253,9 +255,9 @@ class Store:
             )
             cur = self.db.execute(
                 """INSERT INTO results (run_id, image_sha256, target_spec, target, target_token_id, target_token,
-                       target_source, target_split, caption, context, human_caption, y_c, p_target, n_top,
-                       unit_max, unit_sum, seconds, created)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       target_source, target_split, caption, context, context_ids, human_caption, y_c, p_target,
+                       n_top, unit_max, unit_sum, seconds, created)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [
                     run_id,
                     rec.image_sha256,
@@ -267,6 +269,7 @@ class Store:
                     int(rec.target_split),
                     rec.caption,
                     rec.context,
+                    json.dumps(rec.context_ids),
                     rec.human_caption,
                     rec.y_c,
                     rec.p_target,

@@ -53,6 +53,7 @@ class Stack:
     prompt: str = DEFAULT_PROMPT
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    load_args: dict[str, Any] = field(default_factory=dict)  # how to load it again (see load_stack_for_run)
     adapter: LMAdapter = field(init=False)
 
     def __post_init__(self) -> None:

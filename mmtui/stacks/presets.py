@@ -203,8 +203,19 @@ def load_stack(
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else getattr(torch, base.gpu_dtype)
+    load_args = {
+        "preset": preset,
+        "lm": lm,
+        "encoder": encoder,
+        "projection": str(projection) if projection else None,
+        "tokenizer": tokenizer,
+        "revision": revision,
+        "prompt": prompt,
+    }
     if base.lm == "tiny" and not (lm or encoder or projection):
-        return _tiny_stack(dev, dtype, prompt)
+        stack = _tiny_stack(dev, dtype, prompt)
+        stack.load_args = load_args
+        return stack
 
     model, tok, identity = load_lm(lm or base.lm, revision or base.revision, dtype, tokenizer or base.tokenizer)
     real_vocab = len(tok)
@@ -235,4 +246,24 @@ def load_stack(
         prompt=prompt,
         device=dev,
         dtype=dtype,
+        load_args=load_args,
     )
+
+
+def load_stack_for_run(run: dict[str, Any], device: str = "auto") -> Stack:
+    """Load the stack a stored run was made with (from its recorded load arguments) and check its fingerprint.
+
+    run: a row of Store.runs(). Raises StackError when the parts on this machine differ from the run's.
+    """
+    args = dict(run.get("settings", {}).get("load") or {"preset": run["stack"], "prompt": run["prompt"]})
+    args.setdefault("prompt", run["prompt"])
+    want = run["fingerprint"]
+    dtype = want.get("dtype")
+    stack = load_stack(args.pop("preset"), device=device, dtype=dtype, **args)
+    if stack.fingerprint_id != run["stack_id"]:
+        differ = sorted(k for k in set(want) | set(stack.fingerprint) if want.get(k) != stack.fingerprint.get(k))
+        raise StackError(
+            f"run {run['id']} was made with a different stack than the one loaded now (differs in: "
+            f"{', '.join(differ)}); load the same models and versions, or attribute again"
+        )
+    return stack
