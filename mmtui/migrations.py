@@ -115,3 +115,153 @@ def m001_create_tables(db: Database) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@migrations()
+def m002_create_experiment_tables(db: Database) -> None:
+    """Tables of the experiments (issue 4); written through mmtui.experiments_store.
+
+    - ablation_points: one dose-response point per (result, mode, unit mode, condition, k, seed).
+    - unit_means: per-unit mean activations over a run's images (mean ablation), float32 [n_layers, d_mlp].
+    - activation_maps: a unit's activations over the patch grid of one image, float32 [grid_h, grid_w].
+    - prompt_texts: decoded image prompts, random vectors, caption nouns and model captions with their scores.
+    - ks_tests: two-sample KS tests between two samples of one experiment.
+    - specificity: IoU of a unit's (or the mean of several units') thresholded heatmap with a COCO mask.
+    - agreement: the Table 1 scores of an image: decoded top units, a random pairing, the model's caption.
+    `settings` is the JSON of the choices that make rows comparable; `settings_id` its short hash.
+    """
+    db.execute(
+        """
+        CREATE TABLE ablation_points (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            result_id INTEGER NOT NULL REFERENCES results(id),
+            mode TEXT NOT NULL,
+            unit_mode TEXT NOT NULL,
+            condition TEXT NOT NULL,
+            k INTEGER NOT NULL,
+            seed INTEGER NOT NULL,
+            n_ablated INTEGER NOT NULL,
+            n_units INTEGER NOT NULL,
+            p_before REAL NOT NULL,
+            p_after REAL NOT NULL,
+            relative_drop REAL NOT NULL,
+            caption_before TEXT,
+            caption TEXT,
+            bertscore REAL,
+            bertscore_model TEXT,
+            settings TEXT NOT NULL,
+            created TEXT NOT NULL
+        )
+        """
+    )
+    db["ablation_points"].create_index(["result_id", "mode", "unit_mode", "condition", "k", "seed"], unique=True)
+    db["ablation_points"].create_index(["run_id", "mode", "unit_mode"])
+    db.execute(
+        """
+        CREATE TABLE unit_means (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            site TEXT NOT NULL,
+            n_images INTEGER NOT NULL,
+            means BLOB NOT NULL,
+            created TEXT NOT NULL,
+            PRIMARY KEY (run_id, site)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE activation_maps (
+            stack_id TEXT NOT NULL REFERENCES stacks(id),
+            image_sha256 TEXT NOT NULL REFERENCES images(sha256),
+            site TEXT NOT NULL,
+            layer INTEGER NOT NULL,
+            unit INTEGER NOT NULL,
+            grid_h INTEGER NOT NULL,
+            grid_w INTEGER NOT NULL,
+            acts BLOB NOT NULL,
+            PRIMARY KEY (stack_id, image_sha256, site, layer, unit)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE prompt_texts (
+            id INTEGER PRIMARY KEY,
+            stack_id TEXT NOT NULL REFERENCES stacks(id),
+            settings_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            image_sha256 TEXT NOT NULL REFERENCES images(sha256),
+            idx INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            bertscore REAL,
+            bertscore_model TEXT,
+            clipscore REAL,
+            clipscore_model TEXT,
+            settings TEXT NOT NULL,
+            created TEXT NOT NULL
+        )
+        """
+    )
+    db["prompt_texts"].create_index(["stack_id", "settings_id", "kind", "image_sha256", "idx"], unique=True)
+    db.execute(
+        """
+        CREATE TABLE ks_tests (
+            id INTEGER PRIMARY KEY,
+            experiment TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            settings_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            sample_a TEXT NOT NULL,
+            sample_b TEXT NOT NULL,
+            n_a INTEGER NOT NULL,
+            n_b INTEGER NOT NULL,
+            d REAL NOT NULL,
+            p REAL NOT NULL,
+            model TEXT,
+            settings TEXT NOT NULL,
+            created TEXT NOT NULL
+        )
+        """
+    )
+    db["ks_tests"].create_index(["experiment", "scope", "settings_id", "metric", "sample_a", "sample_b"], unique=True)
+    db.execute(
+        """
+        CREATE TABLE specificity (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            result_id INTEGER NOT NULL REFERENCES results(id),
+            settings_id TEXT NOT NULL,
+            category TEXT NOT NULL,
+            category_source TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            seed INTEGER NOT NULL,
+            layer INTEGER NOT NULL,
+            unit INTEGER NOT NULL,
+            iou REAL NOT NULL,
+            settings TEXT NOT NULL,
+            created TEXT NOT NULL
+        )
+        """
+    )
+    db["specificity"].create_index(["run_id", "settings_id", "result_id", "kind", "seed", "layer", "unit"], unique=True)
+    db.execute(
+        """
+        CREATE TABLE agreement (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            result_id INTEGER NOT NULL REFERENCES results(id),
+            settings_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            value REAL NOT NULL,
+            model TEXT NOT NULL,
+            n_units INTEGER NOT NULL,
+            best_text TEXT,
+            partner_result_id INTEGER,
+            settings TEXT NOT NULL,
+            created TEXT NOT NULL
+        )
+        """
+    )
+    db["agreement"].create_index(["run_id", "settings_id", "result_id", "kind", "metric"], unique=True)
