@@ -27,7 +27,7 @@ from commands._app import (
     out,
     warn,
 )
-from mmtui.stacks.base import DEFAULT_PROMPT
+from mmtui.defaults import CONVENTIONS, DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PROMPT, SITES, Y_KINDS
 
 
 @app.command()
@@ -36,7 +36,7 @@ def attribute(
         Path | None, typer.Argument(help="Folder of images (searched recursively) or one image.", show_default=False)
     ] = None,
     samples: Annotated[bool, typer.Option("--samples", help="Use the sample photos bundled with mmtui.")] = False,
-    preset: PresetOption = "smol",
+    preset: PresetOption = DEFAULT_PRESET,
     lm: LmOption = None,
     encoder: EncoderOption = None,
     projection: ProjectionOption = None,
@@ -49,7 +49,7 @@ def attribute(
     top: Annotated[int, typer.Option("--top", min=1, help="Top neurons to show per image.")] = 10,
     keep: Annotated[
         int, typer.Option("--keep", min=1, help="Top (layer, unit, patch) triples stored per image.")
-    ] = 6400,
+    ] = DEFAULT_KEEP,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward/backward pass.")] = 4,
     site: Annotated[
         str, typer.Option("--site", help="post (the MLP's hidden activation) or pre (before the nonlinearity).")
@@ -70,12 +70,9 @@ def attribute(
         fail("--target and --captions both choose the target; pass one of them")
     if samples == (image_dir is not None):
         fail("pass an IMAGE_DIR, or --samples for the bundled photos (not both)")
-    if site not in ("post", "pre"):
-        fail(f"--site {site!r}: use post or pre")
-    if y not in ("prob", "logit", "logprob"):
-        fail(f"--y {y!r}: use prob, logit or logprob")
-    if decode not in ("raw", "ln_f"):
-        fail(f"--decode {decode!r}: use raw or ln_f")
+    for flag, value, allowed in (("--site", site, SITES), ("--y", y, Y_KINDS), ("--decode", decode, CONVENTIONS)):
+        if value not in allowed:
+            fail(f"{flag} {value!r}: use one of {', '.join(allowed)}")
     with core_errors():
         if samples:
             from mmtui.samples import sample_captions, sample_dir

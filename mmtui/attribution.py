@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from mmtui.defaults import DEFAULT_KEEP, Y_KINDS
 from mmtui.errors import TargetError
 from mmtui.stacks.base import DEFAULT_MAX_NEW_TOKENS, Stack
 
-Y_KINDS = ("prob", "logit", "logprob")
-DEFAULT_TOP = 6400
+DEFAULT_TOP = DEFAULT_KEEP
 
 
 @dataclass
@@ -140,8 +140,8 @@ def resolve_target(stack: Stack, generated: list[int], word: str | None, source:
 
 
 def _y(logits: torch.Tensor, token_ids: torch.Tensor, y_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y_c per item, P(c) per item) from logits [B, V] in float32."""
-    logits = logits.float()
+    """(y_c per item, P(c) per item) from logits [B, V], in at least float32."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logprobs = torch.log_softmax(logits, dim=-1)
     p = logprobs.gather(1, token_ids[:, None])[:, 0].exp()
     if y_kind == "prob":
@@ -189,10 +189,12 @@ def score_targets(
         grads = torch.autograd.grad(y.sum(), acts)
     results = []
     with torch.no_grad():
-        # g at the image positions only, float32 whatever the model's dtype: [B, L, P, d_mlp]
+        # g at the image positions only, accumulated in at least float32 whatever the model's dtype
+        acc = torch.promote_types(acts[0].dtype, torch.float32)
         g = torch.stack(
-            [(a[:, :n_patch].float() * gr[:, :n_patch].float()) for a, gr in zip(acts, grads, strict=True)], 1
+            [a[:, :n_patch].to(acc) * gr[:, :n_patch].to(acc) for a, gr in zip(acts, grads, strict=True)], 1
         )
+        # g: [B, L, P, d_mlp]
         batch, n_layers, _, d_mlp = g.shape
         flat = g.reshape(batch, -1)
         k = min(top, flat.shape[1])

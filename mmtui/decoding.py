@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from mmtui.defaults import CONVENTIONS
 from mmtui.stacks.base import Stack
 from mmtui.words import is_interpretable
 
-CONVENTIONS = ("raw", "ln_f")
 DEFAULT_K = 10
 
 

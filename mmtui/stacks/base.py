@@ -23,8 +23,7 @@ from mmtui.stacks.vision import VisionEncoder
 if TYPE_CHECKING:
     from mmtui.attribution import Attribution
 
-DEFAULT_PROMPT = "A picture of"
-DEFAULT_MAX_NEW_TOKENS = 20
+from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 
 
 def _short_version(module_name: str) -> str:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmtui.defaults import SITES
 from mmtui.errors import StackError
-
-SITES = ("post", "pre")
 
 
 @dataclass(frozen=True)

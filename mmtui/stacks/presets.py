@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mmtui.defaults import DEFAULT_PRESET
 from mmtui.errors import StackError
 from mmtui.stacks.base import DEFAULT_PROMPT, Stack
 from mmtui.stacks.projection import Projection, file_sha256, load_projection
@@ -67,7 +68,6 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny": Preset(lm="tiny", encoder="tiny", projection="tiny", about="toy GPT-J + BEiT, random; for tests"),
 }
-DEFAULT_PRESET = "smol"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -217,7 +217,9 @@ def load_stack(
         stack.load_args = load_args
         return stack
 
-    model, tok, identity = load_lm(lm or base.lm, revision or base.revision, dtype, tokenizer or base.tokenizer)
+    # the preset's revision belongs to the preset's LM, not to one passed with --lm
+    rev = revision if lm else (revision or base.revision)
+    model, tok, identity = load_lm(lm or base.lm, rev, dtype, tokenizer or base.tokenizer)
     real_vocab = len(tok)
     if base.add_image_token:  # LiMBeR: gpt2 tokenizer + <|image|>, embeddings resized to len(tokenizer)
         tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})

@@ -1,0 +1,9 @@
+"""Defaults shared by the core and the commands; importing this module is free (no torch)."""
+
+DEFAULT_PRESET = "smol"
+DEFAULT_PROMPT = "A picture of"
+DEFAULT_MAX_NEW_TOKENS = 20
+DEFAULT_KEEP = 6400  # top (layer, unit, patch) triples stored per image: the ablation grid's largest k
+SITES = ("post", "pre")
+Y_KINDS = ("prob", "logit", "logprob")
+CONVENTIONS = ("raw", "ln_f")

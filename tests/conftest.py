@@ -1,0 +1,63 @@
+"""Shared fixtures: user state isolated per test, the tiny stack built once, real sample images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+COCO = SHARED / "coco-mini" / "train2017"
+
+
+@pytest.fixture(autouse=True)
+def isolated_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own MMTUI_DB, so nothing touches the user's cache."""
+    path = tmp_path / "mmtui.db"
+    monkeypatch.setenv("MMTUI_DB", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_stack():
+    from mmtui import load_stack
+
+    return load_stack("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_stack64():
+    import torch
+
+    from mmtui import load_stack
+
+    return load_stack("tiny", device="cpu", dtype=torch.float64)
+
+
+def coco_files(n: int) -> list[Path]:
+    files = sorted(COCO.glob("*.jpg"))[:n]
+    if len(files) < n:
+        pytest.skip(f"needs {n} images in {COCO}")
+    return files
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """A folder of 4 real COCO photos."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in coco_files(4):
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture
+def pil_images():
+    from PIL import Image
+
+    return [Image.open(f).convert("RGB") for f in coco_files(3)]

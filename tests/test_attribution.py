@@ -1,0 +1,160 @@
+"""Attribution scores against independent computations: Captum, finite differences, batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmtui.attribution import Target, resolve_target, score_targets
+
+
+def _targets(stack, prefix, words):
+    generated = stack.generate(prefix)
+    return [resolve_target(stack, ids, w) for ids, w in zip(generated, words, strict=True)]
+
+
+def _y_of(stack, embeds, lengths, token_ids):
+    """y_c = P(c) at each item's last position: the quantity attributed, written out independently."""
+    hidden = stack.lm.base_model(inputs_embeds=embeds).last_hidden_state
+    last = hidden[torch.arange(len(lengths)), torch.tensor(lengths) - 1]
+    probs = torch.softmax(stack.lm.get_output_embeddings()(last), dim=-1)
+    return probs[torch.arange(len(lengths)), token_ids]
+
+
+@pytest.fixture
+def batch(tiny_stack64, pil_images):
+    stack = tiny_stack64
+    prefix = stack.encode(pil_images)
+    # different context lengths in one batch: padding must not leak into any item
+    targets = _targets(stack, prefix, [None, "dog", "horse"])
+    targets[2].context_ids = targets[2].context_ids[:1] + [5, 7]
+    return stack, prefix, targets
+
+
+def test_scores_equal_captum_in_float64(batch):
+    from captum.attr import LayerGradientXActivation
+
+    stack, prefix, targets = batch
+    ours = score_targets(stack, prefix, targets, full=True)
+    embeds, lengths = stack.build_inputs(prefix, [t.context_ids for t in targets])
+    token_ids = torch.tensor([t.token_id for t in targets])
+    layers = [stack.adapter.w_out_module(i) for i in range(stack.n_layers)]
+    lga = LayerGradientXActivation(lambda e: _y_of(stack, e, lengths, token_ids), layers)
+    with torch.enable_grad():
+        theirs = lga.attribute(embeds, attribute_to_layer_input=True)
+    n_patch = prefix.shape[1]
+    for i, attr in enumerate(ours):
+        expected = torch.stack([t[i, :n_patch] for t in theirs])  # [L, P, d_mlp]
+        assert attr.scores.dtype == torch.float64 or attr.scores.dtype == torch.float32
+        torch.testing.assert_close(attr.scores.double(), expected.double(), rtol=1e-6, atol=1e-12)
+        assert expected.abs().max() > 0
+
+
+def test_scores_match_finite_differences(batch):
+    """g = A * dy/dA, with dy/dA from a central difference on the activation itself."""
+    stack, prefix, targets = batch
+    ours = score_targets(stack, prefix[:1], targets[:1], full=True)[0]
+    embeds, lengths = stack.build_inputs(prefix[:1], [targets[0].context_ids])
+    token_ids = torch.tensor([targets[0].token_id])
+    eps = 1e-6
+    for layer, unit, patch in [(0, 3, 2), (1, 10, 5), (1, 63, 15), (0, 40, 0)]:
+
+        def shifted(delta, layer=layer, unit=unit, patch=patch):
+            def fn(hooked, act):
+                if hooked == layer:
+                    act = act.clone()
+                    act[0, patch, unit] += delta
+                    return act
+                return None
+
+            with torch.no_grad(), stack.hooks(fn):
+                return _y_of(stack, embeds, lengths, token_ids)[0]
+
+        with torch.no_grad():
+            captured: dict[int, torch.Tensor] = {}
+
+            def grab(hooked, act, captured=captured):
+                captured[hooked] = act.clone()
+
+            with stack.hooks(grab):
+                _y_of(stack, embeds, lengths, token_ids)
+        derivative = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        expected = captured[layer][0, patch, unit] * derivative
+        assert ours.scores[layer, patch, unit].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-13)
+
+
+def test_batched_equals_one_by_one(tiny_stack, pil_images):
+    stack = tiny_stack
+    together = stack.attribute(pil_images, target="dog")
+    alone = [stack.attribute([img], target="dog")[0] for img in pil_images]
+    for a, b in zip(together, alone, strict=True):
+        assert a.target.token_id == b.target.token_id
+        assert a.p_target == pytest.approx(b.p_target, rel=1e-4)
+        torch.testing.assert_close(a.unit_max, b.unit_max, rtol=1e-3, atol=1e-9)
+        assert a.top(5)[0][:3] == b.top(5)[0][:3]
+
+
+def test_top_triples_are_sorted_and_consistent(tiny_stack, pil_images):
+    attr = tiny_stack.attribute(pil_images[:1], full=True)[0]
+    scores = attr.top_score
+    assert torch.all(scores[:-1] >= scores[1:])
+    for layer, unit, patch, score in attr.top(50):
+        assert attr.scores[layer, patch, unit].item() == pytest.approx(score)
+    torch.testing.assert_close(attr.unit_max, attr.scores.amax(dim=1))
+    torch.testing.assert_close(attr.unit_sum, attr.scores.sum(dim=1))
+    expected = min(6400, tiny_stack.n_layers * tiny_stack.d_mlp * tiny_stack.n_patches)
+    assert len(scores) == expected
+
+
+def test_y_kinds_and_p_target(tiny_stack, pil_images):
+    prob = tiny_stack.attribute(pil_images[:1], target="dog", y_kind="prob")[0]
+    logprob = tiny_stack.attribute(pil_images[:1], target="dog", y_kind="logprob")[0]
+    assert prob.y_c == pytest.approx(prob.p_target)
+    assert logprob.y_c == pytest.approx(torch.tensor(prob.p_target).log().item(), rel=1e-4)
+    assert 0 < prob.p_target < 1
+
+
+def test_pre_site_scores_the_first_matrix_output(tiny_stack64, pil_images):
+    stack = tiny_stack64
+    attr = stack.attribute(pil_images[:1], target="dog", site="pre", full=True)[0]
+    assert attr.scores.shape == (stack.n_layers, stack.n_patches, stack.d_mlp)
+    post = stack.attribute(pil_images[:1], target="dog", site="post", full=True)[0]
+    assert not torch.allclose(attr.scores, post.scores)
+
+
+def test_parameters_get_no_gradients(tiny_stack, pil_images):
+    tiny_stack.attribute(pil_images[:1])
+    assert all(p.grad is None and not p.requires_grad for p in tiny_stack.lm.parameters())
+
+
+def test_hooks_are_removed(tiny_stack, pil_images):
+    fired = []
+    with tiny_stack.hooks(lambda layer, act: fired.append(layer)):
+        tiny_stack.caption(pil_images[:1], max_new_tokens=2)
+    count = len(fired)
+    assert count > 0
+    tiny_stack.caption(pil_images[:1], max_new_tokens=2)
+    assert len(fired) == count
+
+
+def test_split_target_uses_first_token(tiny_stack):
+    target = resolve_target(tiny_stack, [], "xylophonist")
+    assert target.split
+    ids = tiny_stack.tokenize(" xylophonist")
+    assert target.token_id == ids[0] and len(ids) > 1
+
+
+def test_target_is_first_noun_of_caption(tiny_stack):
+    ids = tiny_stack.tokenize(" a dog with a cat")
+    target = resolve_target(tiny_stack, ids, None)
+    assert (target.word, target.source) == ("dog", "caption-noun")
+    assert tiny_stack.tokenizer.decode(target.context_ids) == " a"
+    assert target.token_id == ids[len(target.context_ids)]
+
+
+def test_word_target_context_is_caption_up_to_its_noun(tiny_stack):
+    ids = tiny_stack.tokenize(" a dog with a cat")
+    target = resolve_target(tiny_stack, ids, "horse")
+    assert isinstance(target, Target)
+    assert tiny_stack.tokenizer.decode(target.context_ids) == " a"
+    assert target.token_id == tiny_stack.tokenize(" horse")[0]

@@ -1,0 +1,204 @@
+"""The command line through Typer's CliRunner: results on stdout, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from commands import app
+from commands._app import ExitCode
+
+runner = CliRunner()
+
+
+def _attribute(*args: str):
+    return runner.invoke(app, ["attribute", *args, "--preset", "tiny", "--device", "cpu"])
+
+
+@pytest.fixture
+def filled_db(image_dir, isolated_db):
+    result = _attribute(str(image_dir), "--target", "dog", "--json")
+    assert result.exit_code == 0, result.output
+    return isolated_db
+
+
+def test_attribute_json_lines(image_dir):
+    result = _attribute(str(image_dir), "--json", "--top", "3")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 4
+    for row in lines:
+        assert {"image", "sha256", "target", "target_token_id", "p_target", "top"} <= row.keys()
+        assert len(row["top"]) == 3
+        assert {"layer", "neuron", "score", "tokens"} <= row["top"][0].keys()
+        assert len(row["top"][0]["tokens"]) == 10
+    assert "Attributing" in result.stderr  # progress goes to stderr, never stdout
+
+
+def test_attribute_rerun_skips_cached(filled_db, image_dir):
+    result = _attribute(str(image_dir), "--target", "dog", "--json")
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert "0 attributed, 4 skipped" in result.stderr
+
+
+def test_attribute_table_for_people(image_dir):
+    result = _attribute(str(image_dir), "--target", "dog")
+    assert result.exit_code == 0
+    assert "Top neurons per image" in result.stdout and "P(target)" in result.stdout
+
+
+def test_attribute_bad_file_is_named_and_run_goes_on(image_dir):
+    (image_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    result = _attribute(str(image_dir), "--target", "dog", "--json")
+    assert result.exit_code == ExitCode.PARTIAL
+    assert len(result.stdout.splitlines()) == 4
+    failed = [line for line in result.stderr.splitlines() if "broken.jpg" in line]
+    assert len(failed) == 1 and "not an image PIL can read" in failed[0]
+
+
+def test_attribute_missing_folder(tmp_path):
+    result = _attribute(str(tmp_path / "nowhere"))
+    assert result.exit_code == ExitCode.FAILED
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 'nowhere'}: no such file or folder; pass a folder of images"
+    ]
+
+
+def test_attribute_empty_folder(tmp_path):
+    result = _attribute(str(tmp_path))
+    assert result.exit_code == ExitCode.FAILED
+    assert "no image files found" in result.stderr
+
+
+def test_attribute_all_bad_exits_2(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    result = _attribute(str(tmp_path))
+    assert result.exit_code == ExitCode.FAILED
+    assert "empty file" in result.stderr
+
+
+def test_attribute_split_target_warns_once(image_dir):
+    result = _attribute(str(image_dir), "--target", "xylophonist", "--json")
+    assert result.exit_code == 0
+    assert result.stderr.count("several tokens") == 1
+
+
+def test_attribute_with_captions_file(image_dir, tmp_path):
+    names = sorted(p.name for p in image_dir.iterdir())
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text(
+        "\n".join(json.dumps({"image": n, "caption": "A horse standing in a field."}) for n in names[:3])
+    )
+    result = _attribute(str(image_dir), "--captions", str(captions), "--json")
+    assert result.exit_code == ExitCode.PARTIAL  # the 4th image has no caption
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {r["target"] for r in rows} == {"horse"}
+    assert {r["target_source"] for r in rows} == {"human-caption"}
+    assert "no caption with a noun" in result.stderr
+
+
+def test_attribute_wrong_projection(image_dir, tmp_path):
+    bad = tmp_path / "proj.ckpt"
+    bad.write_text("nope")
+    result = runner.invoke(
+        app,
+        [
+            "attribute",
+            str(image_dir),
+            "--preset",
+            "limber-beit-gptj",
+            "--projection",
+            str(bad),
+            "--lm",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert result.exit_code == ExitCode.FAILED
+    assert result.stderr.startswith("Error: ")
+
+
+def test_usage_error_is_one_clear_message():
+    result = runner.invoke(app, ["attribute", "--target", "dog", "--captions", "x.json", "--samples"])
+    assert result.exit_code == ExitCode.FAILED
+    assert "pass one of them" in result.stderr
+
+
+def test_neurons_and_neuron_and_runs(filled_db):
+    result = runner.invoke(app, ["neurons", "--json", "--limit", "5"])
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 5
+    assert [r["max_score"] for r in rows] == sorted((r["max_score"] for r in rows), reverse=True)
+    first = rows[0]
+    result = runner.invoke(app, ["neuron", str(first["layer"]), str(first["neuron"]), "--json"])
+    detail = json.loads(result.stdout)
+    assert detail["stats"]["max_score"] == pytest.approx(first["max_score"])
+    assert detail["images"] and detail["decoded"]["raw"]["tokens"] == first["tokens"]
+    result = runner.invoke(app, ["neurons", "--sort", "count", "--layer", "1", "--json"])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows and all(r["layer"] == 1 for r in rows)
+    assert [r["n_top"] for r in rows] == sorted((r["n_top"] for r in rows), reverse=True)
+    result = runner.invoke(app, ["runs", "--json"])
+    run = json.loads(result.stdout)
+    assert run["n_images"] == 4 and run["stack"] == "tiny"
+    assert runner.invoke(app, ["runs"]).exit_code == 0
+    assert runner.invoke(app, ["neurons"]).exit_code == 0
+
+
+def test_neurons_filters(filled_db, image_dir):
+    name = sorted(image_dir.iterdir())[0].name
+    result = runner.invoke(app, ["neurons", "--image", name, "--json", "--limit", "100"])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows and [r["image_score"] for r in rows] == sorted((r["image_score"] for r in rows), reverse=True)
+    token = rows[0]["tokens"][0].strip()
+    result = runner.invoke(app, ["neurons", "--token", token, "--json"])
+    assert all(
+        any(token.lower() in t.lower() for t in json.loads(line)["tokens"]) for line in result.stdout.splitlines()
+    )
+
+
+def test_neuron_out_of_range(filled_db):
+    result = runner.invoke(app, ["neuron", "99", "0"])
+    assert result.exit_code == ExitCode.FAILED
+    assert "no neuron L99.u0" in result.stderr
+
+
+def test_query_commands_without_cache(tmp_path):
+    for cmd in (["neurons"], ["neuron", "0", "0"], ["runs"]):
+        result = runner.invoke(app, [*cmd, "--db", str(tmp_path / "none.db")])
+        assert result.exit_code == ExitCode.FAILED
+        assert "no cache at" in result.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_query_commands_on_newer_schema(filled_db):
+    from sqlite_utils import Database
+
+    db = Database(filled_db)
+    db["_sqlite_migrations"].insert({"migration_set": "mmtui", "name": "m999_future", "applied_at": "x"})
+    db.close()
+    result = runner.invoke(app, ["neurons"])
+    assert result.exit_code == ExitCode.FAILED
+    assert "newer mmtui" in result.stderr
+
+
+def test_closed_pipe_ends_quietly(filled_db):
+    import subprocess
+    import sys
+
+    code = "import sys; sys.argv=['mmtui','neurons','--json','--limit','500'];from commands import main; main()"
+    proc = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True, env=_env(filled_db)
+    )
+    assert proc.returncode == 0
+    assert len(proc.stdout.splitlines()) == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def _env(db):
+    import os
+
+    return {**os.environ, "MMTUI_DB": str(db)}

@@ -1,0 +1,169 @@
+"""The cache: schema by migration, resume, interruption, locks, newer schemas, compact arrays."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+from sqlite_utils import Database
+
+from mmtui.errors import StoreError, StoreLockedError, StoreTooNewError
+from mmtui.migrations import MIGRATION_SET, migrations
+from mmtui.pipeline import attribute_images
+from mmtui.store import Store, pack_array, unpack_array
+
+
+def test_migrate_blank_database():
+    db = Database(memory=True)
+    migrations.apply(db)
+    assert {"stacks", "runs", "images", "results", "top_neurons", "neuron_stats", "neuron_tokens"} <= set(
+        db.table_names()
+    )
+    assert db["results"].columns_dict["unit_max"] is bytes
+    assert db["results"].columns_dict["context_ids"] is str
+    fks = {(fk.column, fk.other_table) for fk in db["results"].foreign_keys}
+    assert fks == {("run_id", "runs"), ("image_sha256", "images")}
+    indexes = {tuple(ix.columns) for ix in db["neuron_stats"].indexes}
+    assert {("run_id", "max_score"), ("run_id", "n_top"), ("run_id", "mean_score")} <= indexes
+    assert ("layer", "unit", "score") in {tuple(ix.columns) for ix in db["top_neurons"].indexes}
+    assert db.journal_mode == "memory"  # WAL is set on files (see next test)
+
+
+def test_open_sets_wal_and_is_idempotent(tmp_path):
+    path = tmp_path / "c.db"
+    with Store.open(path) as store:
+        assert store.db.journal_mode == "wal"
+    with Store.open(path) as store:
+        names = [m.name for m in migrations.applied(store.db)]
+        assert names == [m.name for m in migrations._migrations]
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "c.db"
+    Store.open(path).close()
+    db = Database(path)
+    db["_sqlite_migrations"].insert({"migration_set": MIGRATION_SET, "name": "m999_from_the_future", "applied_at": "x"})
+    db.close()
+    with pytest.raises(StoreTooNewError, match="newer mmtui"):
+        Store.open(path)
+
+
+def test_not_an_mmtui_database(tmp_path):
+    path = tmp_path / "other.db"
+    Database(path)["things"].insert({"a": 1})
+    with pytest.raises(StoreError, match="not an mmtui cache"):
+        Store.open(path)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"hello, I am not SQLite" * 100)
+    with pytest.raises(StoreError, match="not an mmtui cache"):
+        Store.open(garbage)
+
+
+def test_missing_store_for_reading(tmp_path):
+    with pytest.raises(StoreError, match="no cache at"):
+        Store.open(tmp_path / "none.db", create=False)
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_locked_store_waits_then_says_so(tmp_path):
+    path = tmp_path / "c.db"
+    Store.open(path).close()
+    holder = sqlite3.connect(path)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with Store.open(path, timeout=0.2) as store, pytest.raises(StoreLockedError, match="locked by another"):
+            store.ensure_run(
+                stack_id="s",
+                stack_name="x",
+                fingerprint={},
+                shape={},
+                lm_id="l",
+                prompt="p",
+                site="post",
+                y_kind="prob",
+            )
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_lock_released_in_time_is_waited_for(tmp_path):
+    path = tmp_path / "c.db"
+    Store.open(path).close()
+    holder = sqlite3.connect(path, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(0.3, holder.rollback)
+    timer.start()
+    with Store.open(path, timeout=5) as store:
+        run_id = store.ensure_run(
+            stack_id="s", stack_name="x", fingerprint={}, shape={}, lm_id="l", prompt="p", site="post", y_kind="prob"
+        )
+    timer.join()
+    holder.close()
+    assert run_id
+
+
+def test_pack_roundtrip_is_float16_exact():
+    a = np.random.default_rng(0).normal(0, 1e-3, (5, 7)).astype(np.float32)
+    back = unpack_array(pack_array(a), a.shape)
+    np.testing.assert_array_equal(back, a.astype(np.float16).astype(np.float32))
+
+
+def _rows(store: Store, run_id: str):
+    results = list(store.db.query("SELECT * FROM results WHERE run_id = ? ORDER BY image_sha256", [run_id]))
+    for r in results:
+        for k in ("id", "created", "seconds"):
+            r.pop(k)
+    triples = list(
+        store.db.query(
+            """SELECT r.image_sha256, t.rank, t.layer, t.unit, t.patch, t.score FROM top_neurons t
+               JOIN results r ON r.id = t.result_id ORDER BY r.image_sha256, t.rank"""
+        )
+    )
+    stats = list(store.db.query("SELECT * FROM neuron_stats ORDER BY layer, unit"))
+    for s in stats:
+        s.pop("best_result_id")
+    return results, triples, stats
+
+
+def test_interrupted_run_keeps_finished_images_and_resume_gives_identical_rows(tiny_stack, image_dir, tmp_path):
+    files = sorted(image_dir.iterdir())
+    interrupted = Store.open(tmp_path / "a.db")
+    done = 0
+    with pytest.raises(KeyboardInterrupt):
+        for event in attribute_images(tiny_stack, interrupted, files, batch_size=1, target="dog"):
+            if event.kind == "done":
+                done += 1
+                if done == 2:
+                    raise KeyboardInterrupt  # Ctrl-C after two images
+    run_id = interrupted.run()["id"]
+    assert len(interrupted.done_keys(run_id)) == 2
+    events = list(attribute_images(tiny_stack, interrupted, files, batch_size=1, target="dog"))
+    assert sum(e.kind == "skipped" for e in events) == 2 and sum(e.kind == "done" for e in events) == 2
+
+    straight = Store.open(tmp_path / "b.db")
+    list(attribute_images(tiny_stack, straight, files, batch_size=1, target="dog"))
+    assert _rows(interrupted, run_id) == _rows(straight, run_id)
+
+
+def test_unit_scores_and_neuron_stats(tiny_stack, image_dir, tmp_path):
+    store = Store.open(tmp_path / "c.db")
+    events = [
+        e
+        for e in attribute_images(tiny_stack, store, sorted(image_dir.iterdir())[:2], target="dog")
+        if e.kind == "done"
+    ]
+    rec = events[0].record
+    umax, usum = store.unit_scores(events[0].result_id)
+    np.testing.assert_allclose(umax, rec.unit_max.astype(np.float16).astype(np.float32))
+    assert umax.shape == (tiny_stack.n_layers, tiny_stack.d_mlp)
+    layer, unit = int(rec.top_layer[0]), int(rec.top_unit[0])
+    stat = store.db.execute(
+        "SELECT n_images, max_score FROM neuron_stats WHERE layer = ? AND unit = ?", [layer, unit]
+    ).fetchone()
+    assert stat[0] >= 1 and stat[1] >= float(rec.top_score[0]) - 1e-12
+    assert store.has_tokens(tiny_stack.lm_fingerprint_id, "raw")
+    n_tokens = store.db.execute("SELECT count(*) FROM neuron_tokens").fetchone()[0]
+    assert n_tokens == tiny_stack.n_layers * tiny_stack.d_mlp
