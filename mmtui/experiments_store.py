@@ -84,6 +84,18 @@ def result_rows(store: Store, run_id: str, result_ids: Sequence[int] | None = No
     return [rows[i] for i in result_ids]
 
 
+def result_ids_for_images(store: Store, run_id: str, sha256s: Sequence[str]) -> list[int]:
+    """The newest result of each image (by sha256) in a run, in the order given; images without one are left out."""
+    out = []
+    for sha in sha256s:
+        row = store.db.execute(
+            "SELECT id FROM results WHERE run_id = ? AND image_sha256 = ? ORDER BY id DESC LIMIT 1", [run_id, sha]
+        ).fetchone()
+        if row is not None and row[0] not in out:
+            out.append(int(row[0]))
+    return out
+
+
 def interpretable_units(store: Store, lm_id: str, convention: str = "raw") -> set[tuple[int, int]]:
     """(layer, unit) of every unit whose decoded tokens pass the 7-of-10 word filter."""
     rows = store.db.execute(

@@ -1,0 +1,107 @@
+"""Options and helpers shared by the experiment commands (ablate, prompts, heatmap, specificity, layers, report)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from commands._app import err, warn
+
+if TYPE_CHECKING:
+    from mmtui.metrics import BertScorer, ClipScorer
+    from mmtui.stacks.base import Stack
+    from mmtui.store import Store
+
+RunOption = Annotated[
+    str | None, typer.Option("--run", help="Run id (prefix); default the most recent. See `mmtui runs`.")
+]
+CaptionsOption = Annotated[
+    Path | None,
+    typer.Option("--captions", help="Human captions: COCO captions JSON, JSONL or CSV (image,caption)."),
+]
+BertModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bertscore-model",
+        help="BERTScore model (hub id or folder); default bert-score's own online, all-MiniLM-L6-v2 offline.",
+    ),
+]
+BertLayersOption = Annotated[
+    int | None, typer.Option("--bertscore-layers", min=1, help="Layer of the BERTScore model to use.")
+]
+ClipModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--clip-model", help="CLIP model for CLIPScore (hub id or folder); default openai/clip-vit-base-patch32."
+    ),
+]
+NoClipOption = Annotated[bool, typer.Option("--no-clip", help="Skip CLIPScore.")]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def run_stack(run: dict[str, Any], device: str) -> Stack:
+    """The stack a run was made with (its fingerprint checked), loaded under a spinner on stderr."""
+    from mmtui.stacks.presets import load_stack_for_run
+
+    with err.status(f"Loading the {run['stack']} stack of run {run['id']}..."):
+        return load_stack_for_run(run, device=device)
+
+
+def load_metrics(
+    *,
+    bertscore: bool = True,
+    clip: bool = True,
+    bertscore_model: str | None = None,
+    bertscore_layers: int | None = None,
+    clip_model: str | None = None,
+) -> tuple[BertScorer | None, ClipScorer | None]:
+    """Load the scorers that can be loaded; one warning line per metric that cannot, and go on without it."""
+    from mmtui.metrics import load_scorers
+
+    with err.status("Loading the scoring models..."):
+        bert, clip_scorer, notes = load_scorers(
+            bertscore=bertscore,
+            clipscore=clip,
+            bertscore_model=bertscore_model,
+            bertscore_layers=bertscore_layers,
+            clip_model=clip_model,
+        )
+    for note in notes:
+        warn(note)
+    if bert is not None:
+        err.print(f"[dim]BERTScore model: {bert.name}[/]", highlight=False)
+    if clip_scorer is not None:
+        err.print(f"[dim]CLIPScore model: {clip_scorer.name}[/]", highlight=False)
+    return bert, clip_scorer
+
+
+@contextmanager
+def open_store(db: Path, create: bool = False) -> Iterator[Store]:
+    from mmtui.store import Store
+
+    store = Store.open(db, create=create)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"

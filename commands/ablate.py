@@ -1,0 +1,241 @@
+"""`mmtui ablate IMAGE_DIR | --from-store`: dose-response of P(target) and of the caption when the top-k units
+of each image are ablated, against random units of the same layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from commands._app import (
+    DbOption,
+    DeviceOption,
+    ExitCode,
+    JsonOption,
+    PresetOption,
+    app,
+    core_errors,
+    db_path,
+    emit_json,
+    err,
+    fail,
+    out,
+    warn,
+)
+from commands._experiments import (
+    BertLayersOption,
+    BertModelOption,
+    CaptionsOption,
+    RunOption,
+    fmt,
+    load_metrics,
+    progress_bar,
+    run_stack,
+)
+
+DEFAULT_K = "0,50,100,200,400,800,1600,3200,6400"
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        fail(f"--k {text!r}: give whole numbers separated by commas, such as 0,50,100")
+    if not ks or ks[0] < 0:
+        fail(f"--k {text!r}: give one or more whole numbers >= 0")
+    return ks
+
+
+@app.command()
+def ablate(
+    image_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Images to attribute (if not cached yet) and ablate; or use --from-store.", show_default=False
+        ),
+    ] = None,
+    from_store: Annotated[bool, typer.Option("--from-store", help="Ablate the images already in the run.")] = False,
+    k: Annotated[str, typer.Option("--k", help="Numbers of top units to ablate, comma-separated.")] = DEFAULT_K,
+    baseline: Annotated[str, typer.Option("--baseline", help="random (same layers, same patches) or none.")] = "random",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Random draws per image for the baseline.")] = 3,
+    mode: Annotated[
+        str, typer.Option("--mode", help="zero, or mean (the unit's mean over the run's images).")
+    ] = "zero",
+    unit_mode: Annotated[
+        str, typer.Option("--unit-mode", help="triples (unit at its patch) or units (unit at every image position).")
+    ] = "triples",
+    interpretable: Annotated[
+        bool, typer.Option("--interpretable/--no-interpretable", help="Also ablate the interpretable top units.")
+    ] = True,
+    regenerate: Annotated[
+        bool, typer.Option("--regenerate/--no-regenerate", help="Regenerate the caption under ablation (BERTScore).")
+    ] = True,
+    captions: CaptionsOption = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many images.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Ablation settings per forward pass.")] = 16,
+    run: RunOption = None,
+    preset: PresetOption = "smol",
+    bertscore_model: BertModelOption = None,
+    bertscore_layers: BertLayersOption = None,
+    device: DeviceOption = "auto",
+    db: DbOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Ablate each image's top-k units (and random ones) and measure P(target) and the regenerated caption.
+
+    k counts (layer, unit, patch) triples in rank order (--unit-mode units: distinct units). The table gives,
+    per condition and k, the mean relative drop 1 - p_ablated / p with its 95% t interval over images.
+    """
+    from mmtui.ablation import AblationError, dose_response, summarize
+
+    ks = parse_ks(k)
+    if from_store == (image_dir is not None):
+        fail("pass an IMAGE_DIR to attribute and ablate, or --from-store for the images already cached (not both)")
+    if captions is not None and from_store:
+        fail("--captions chooses the targets of new images; with --from-store the cached targets are used")
+    failures: list[str] = []
+    n_points = 0
+    with core_errors():
+        from mmtui.store import Store
+
+        store = Store.open(db_path(db), create=not from_store)
+        with store:
+            if from_store:
+                chosen = store.run(run)
+                result_ids = [r["id"] for r in store.results(chosen["id"], limit=limit)]
+                if not result_ids:
+                    fail(f"run {chosen['id']} holds no results; run `mmtui attribute IMAGE_DIR` first")
+                stack = run_stack(chosen, device)
+            else:
+                assert image_dir is not None
+                stack, chosen, result_ids = _attribute_first(
+                    store, image_dir, preset, captions, device, limit, failures
+                )
+            bert = None
+            if regenerate:
+                bert, _ = load_metrics(clip=False, bertscore_model=bertscore_model, bertscore_layers=bertscore_layers)
+
+            def on_error(_result_id: int, message: str) -> None:
+                failures.append(message)
+                warn(message)
+
+            per_image = len(ks) * (1 + int(interpretable) + (seeds if baseline == "random" else 0))
+            points = []
+            try:
+                with progress_bar() as progress:
+                    task = progress.add_task("Ablating", total=len(result_ids) * per_image)
+                    for point in dose_response(
+                        stack,
+                        store,
+                        chosen,
+                        result_ids,
+                        ks,
+                        baseline=baseline,
+                        seeds=seeds,
+                        mode=mode,
+                        unit_mode=unit_mode,
+                        captions=regenerate,
+                        interpretable=interpretable,
+                        bertscore=bert,
+                        batch_size=batch_size,
+                        on_error=on_error,
+                    ):
+                        points.append(point)
+                        progress.update(
+                            task,
+                            advance=1,
+                            description=f"Ablating {Path(point.image).name} k={point.k} {point.condition}",
+                        )
+                        if json_out:
+                            emit_json([{"type": "point", **point.to_json()}])
+                    progress.update(task, total=progress.tasks[task].completed)
+            except AblationError as error:
+                fail(str(error))
+            n_points = len(points)
+            rows = summarize(points, shape=chosen["shape"]) if points else []
+    if json_out:
+        emit_json({"type": "summary", **r} for r in rows)
+    elif rows:
+        out.print(_table(rows, chosen, len(result_ids)))
+    if failures:
+        raise typer.Exit(int(ExitCode.PARTIAL if n_points else ExitCode.FAILED))
+
+
+def _attribute_first(
+    store: Any,
+    image_dir: Path,
+    preset: str,
+    captions: Path | None,
+    device: str,
+    limit: int | None,
+    failures: list[str],
+) -> tuple[Any, dict[str, Any], list[int]]:
+    """Attribute the images of IMAGE_DIR not yet cached; return the stack, the run and their result ids."""
+    import hashlib
+
+    from mmtui.experiments_store import result_ids_for_images
+    from mmtui.images import find_images
+    from mmtui.pipeline import attribute_images, read_captions
+    from mmtui.stacks import load_stack
+
+    scan = find_images(image_dir)
+    for problem in scan.problems:
+        warn(str(problem))
+    files = scan.files[:limit] if limit else scan.files
+    caption_map = read_captions(captions) if captions else None
+    with err.status(f"Loading the {preset} stack..."):
+        stack = load_stack(preset, device=device)
+    run_id = None
+    with progress_bar() as progress:
+        task = progress.add_task("Attributing", total=len(files))
+        for event in attribute_images(stack, store, files, captions=caption_map):
+            if event.kind == "start":
+                run_id = event.message
+            elif event.kind == "warning":
+                warn(event.message)
+            elif event.kind in ("done", "skipped", "failed"):
+                progress.advance(task)
+                if event.kind == "failed":
+                    failures.append(event.message)
+                    warn(event.message)
+    assert run_id is not None
+    shas = []
+    for path in files:
+        try:
+            shas.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        except OSError:
+            continue  # reported by the attribution above
+    result_ids = result_ids_for_images(store, run_id, shas)
+    if not result_ids:
+        fail(f"none of the images in {image_dir} could be attributed; see the messages above")
+    return stack, store.run(run_id), result_ids
+
+
+def _table(rows: list[dict[str, Any]], run: dict[str, Any], n_images: int) -> Table:
+    first = rows[0]
+    table = Table(
+        title=f"Dose-response: {first['mode']} ablation of {first['unit_mode']}, run {run['id']} ({run['stack']}), "
+        f"{n_images} image(s)"
+    )
+    for name in ("condition", "k", "n", "mean drop", "95% interval", "caption F1", "units (% of all)"):
+        table.add_column(
+            name, justify="left" if name == "condition" else "right", no_wrap=True, min_width=max(len(name), 5)
+        )
+    for r in rows:
+        table.add_row(
+            r["condition"],
+            str(r["k"]),
+            str(r["n"]),
+            fmt(r["mean_drop"]),
+            f"[{fmt(r['lo'])}, {fmt(r['hi'])}]",
+            fmt(r["bertscore"]),
+            f"{r['units']:.0f} ({100 * r.get('frac_units', 0.0):.2f}%)",
+        )
+    table.caption = (
+        "mean drop = mean over images of 1 - p_ablated / p (random: seeds averaged first), 95% t interval over "
+        "the n images; caption F1 = BERTScore of the regenerated caption vs the unablated one; units = distinct "
+        "units ablated; k counts (unit, patch) triples, or units with --unit-mode units"
+    )
+    return table

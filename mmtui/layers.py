@@ -1,0 +1,54 @@
+"""Where the multimodal neurons live (method.md, experiment 2; the paper's Fig. S.4): per layer, the unique units
+in each image's top triples, all and interpretable only. Reads the store only; never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmtui.store import COUNT_TOP, Store
+
+
+def layer_histogram(
+    store: Store, run: dict[str, Any], *, top: int = COUNT_TOP, convention: str = "raw"
+) -> dict[str, Any]:
+    """Per layer: `units` = sum over images of the unique units among the image's first `top` triples,
+    `interpretable` = those passing the 7-of-10 word filter, `distinct` = distinct units over all images.
+
+    Also the totals, the interpretable rate (method.md asks to report it; the paper keeps ~50%) and n_images.
+    """
+    rows = store.db.execute(
+        """SELECT tn.layer, tn.unit, count(DISTINCT tn.result_id), coalesce(t.interpretable, 0)
+            FROM (SELECT DISTINCT result_id, layer, unit FROM top_neurons
+                  WHERE rank < ? AND result_id IN (SELECT id FROM results WHERE run_id = ?)) tn
+            LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = tn.layer AND t.unit = tn.unit
+            GROUP BY tn.layer, tn.unit""",
+        [int(top), run["id"], run["lm_id"], convention],
+    ).fetchall()
+    n_layers = run["shape"]["n_layers"]
+    per = [
+        {"layer": i, "units": 0, "interpretable": 0, "distinct": 0, "distinct_interpretable": 0}
+        for i in range(n_layers)
+    ]
+    for layer, _unit, n_images, good in rows:
+        cell = per[layer]
+        cell["units"] += n_images
+        cell["distinct"] += 1
+        if good:
+            cell["interpretable"] += n_images
+            cell["distinct_interpretable"] += 1
+    total = sum(c["units"] for c in per)
+    good_total = sum(c["interpretable"] for c in per)
+    for cell in per:
+        cell["share"] = cell["units"] / total if total else 0.0
+    n_images = store.db.execute("SELECT count(*) FROM results WHERE run_id = ?", [run["id"]]).fetchone()[0]
+    return {
+        "run": run["id"],
+        "top": top,
+        "n_images": n_images,
+        "layers": per,
+        "total_units": total,
+        "interpretable_units": good_total,
+        "interpretable_rate": good_total / total if total else 0.0,
+        "decoded": store.has_tokens(run["lm_id"], convention),
+    }
