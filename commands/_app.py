@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
 
 
 DEFAULT_DB = Path("cache") / "mmtui.db"
+INTERRUPTED = "Interrupted; finished items are kept in the cache. Run the same command again to resume."
 
 app = typer.Typer(
     name="mmtui",
@@ -75,11 +76,14 @@ def warn(message: str) -> None:
 
 @contextmanager
 def core_errors() -> Iterator[None]:
-    """Turn a core exception into one CLI error line (exit 2)."""
+    """Turn a core exception into one CLI error line (exit 2), and Ctrl-C into a note on what was kept (130)."""
     try:
         yield
     except MmtuiError as error:
         fail(str(error).replace("[", r"\["))
+    except KeyboardInterrupt:
+        err.print(INTERRUPTED, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def emit_json(rows: Iterable[dict[str, Any]]) -> None:

@@ -187,39 +187,62 @@ def score_targets(
         logits = stack.lm.get_output_embeddings()(last)  # [B, V]
         y, p = _y(logits, token_ids, y_kind)
         grads = torch.autograd.grad(y.sum(), acts)
-    results = []
+    y, p = y.detach(), p.detach()
     with torch.no_grad():
-        # g at the image positions only, accumulated in at least float32 whatever the model's dtype
-        acc = torch.promote_types(acts[0].dtype, torch.float32)
-        g = torch.stack(
-            [a[:, :n_patch].to(acc) * gr[:, :n_patch].to(acc) for a, gr in zip(acts, grads, strict=True)], 1
+        reduced = reduce_scores(acts, grads, n_patch, top, full)
+    return [
+        Attribution(
+            target=t, y_kind=y_kind, y_c=float(y[i]), p_target=float(p[i]), **{k: v[i] for k, v in reduced.items()}
         )
-        # g: [B, L, P, d_mlp]
-        batch, n_layers, _, d_mlp = g.shape
-        flat = g.reshape(batch, -1)
-        k = min(top, flat.shape[1])
-        top_score, top_idx = flat.topk(k, dim=1)  # sorted descending
-        per_layer = n_patch * d_mlp
-        unit_max = g.amax(dim=2)  # [B, L, d_mlp]
-        unit_sum = g.sum(dim=2)
-        for i, target in enumerate(targets):
-            idx = top_idx[i]
-            results.append(
-                Attribution(
-                    target=target,
-                    y_kind=y_kind,
-                    y_c=float(y[i]),
-                    p_target=float(p[i]),
-                    top_layer=(idx // per_layer).cpu(),
-                    top_unit=(idx % d_mlp).cpu(),
-                    top_patch=((idx % per_layer) // d_mlp).cpu(),
-                    top_score=top_score[i].cpu(),
-                    unit_max=unit_max[i].cpu(),
-                    unit_sum=unit_sum[i].cpu(),
-                    scores=g[i].cpu() if full else None,
-                )
-            )
-    return results
+        for i, t in enumerate(targets)
+    ]
+
+
+def reduce_scores(
+    acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], n_patch: int, top: int, full: bool = False
+) -> dict[str, torch.Tensor]:
+    """g = act * grad at the image positions, reduced on the device to what is kept.
+
+    acts, grads: per layer [B, T, d_mlp]. Returns per-image tensors on the CPU: top_layer, top_unit,
+    top_patch, top_score [B, k] (sorted by score, descending), unit_max, unit_sum [B, L, d_mlp], and
+    scores [B, L, P, d_mlp] when `full`. g is accumulated in at least float32 whatever the model's dtype.
+
+    The full [B, L, P, d_mlp] tensor is never built (unless `full`): every one of an image's top-k triples
+    belongs to a unit whose max is among its k largest unit maxima, so each layer only contributes its
+    triples at or above that threshold.
+    """
+    acc = torch.promote_types(acts[0].dtype, torch.float32)
+    gs = [a[:, :n_patch].to(acc) * gr[:, :n_patch].to(acc) for a, gr in zip(acts, grads, strict=True)]  # L x [B, P, d]
+    batch, _, d_mlp = gs[0].shape
+    per_layer = n_patch * d_mlp
+    unit_max = torch.stack([g.amax(dim=1) for g in gs], dim=1)  # [B, L, d_mlp]
+    unit_sum = torch.stack([g.sum(dim=1) for g in gs], dim=1)
+    k = min(top, per_layer * len(gs))
+    if k <= unit_max[0].numel():
+        threshold = unit_max.reshape(batch, -1).topk(k, dim=1).values[:, -1:]  # [B, 1]
+    else:  # more triples kept than there are units: no unit can be ruled out
+        threshold = torch.full((batch, 1), -torch.inf, dtype=acc, device=unit_max.device)
+    cand_scores, cand_index = [], []
+    for layer, g in enumerate(gs):
+        flat = g.reshape(batch, per_layer)
+        count = int((flat >= threshold).sum(dim=1).max())
+        if count:
+            values, index = flat.topk(count, dim=1)
+            cand_scores.append(values)
+            cand_index.append(index + layer * per_layer)
+    top_score, pick = torch.cat(cand_scores, dim=1).topk(k, dim=1)  # [B, k], sorted descending
+    idx = torch.cat(cand_index, dim=1).gather(1, pick)
+    out = {
+        "top_layer": (idx // per_layer).cpu(),
+        "top_unit": (idx % d_mlp).cpu(),
+        "top_patch": ((idx % per_layer) // d_mlp).cpu(),
+        "top_score": top_score.cpu(),
+        "unit_max": unit_max.cpu(),
+        "unit_sum": unit_sum.cpu(),
+    }
+    if full:
+        out["scores"] = torch.stack(gs, dim=1).cpu()  # [B, L, P, d_mlp]
+    return out
 
 
 def attribute(

@@ -114,8 +114,8 @@ def to_record(
 
 def ensure_decoded(stack: Stack, store: Store, convention: str = "raw") -> Iterator[Event]:
     """Decode every unit once per LM and convention into the store."""
-    if store.has_tokens(stack.lm_fingerprint_id, convention):
-        return
+    if store.count_tokens(stack.lm_fingerprint_id, convention) == stack.n_layers * stack.d_mlp:
+        return  # complete (an interrupted decoding is redone; rows are replaced)
     yield Event(
         "decoding", message=f"decoding {stack.n_layers * stack.d_mlp:,} units ({convention})", total=stack.n_layers
     )

@@ -359,11 +359,15 @@ class Store:
         return unpack_array(row[0], dims), unpack_array(row[1], dims)
 
     # -- neuron tokens -----------------------------------------------------------------------------------
-    def has_tokens(self, lm_id: str, convention: str) -> bool:
+    def count_tokens(self, lm_id: str, convention: str) -> int:
+        """How many units of this LM have decoded tokens in this convention (all of them once complete)."""
         row = self.db.execute(
-            "SELECT 1 FROM neuron_tokens WHERE lm_id = ? AND convention = ? LIMIT 1", [lm_id, convention]
+            "SELECT count(*) FROM neuron_tokens WHERE lm_id = ? AND convention = ?", [lm_id, convention]
         ).fetchone()
-        return row is not None
+        return int(row[0])
+
+    def has_tokens(self, lm_id: str, convention: str) -> bool:
+        return self.count_tokens(lm_id, convention) > 0
 
     def add_tokens(self, lm_id: str, convention: str, rows: Sequence[dict[str, Any]]) -> None:
         """Store decoded tokens: rows of layer, unit, tokens, token_ids, logits, interpretable."""

@@ -158,3 +158,16 @@ def test_word_target_context_is_caption_up_to_its_noun(tiny_stack):
     assert isinstance(target, Target)
     assert tiny_stack.tokenizer.decode(target.context_ids) == " a"
     assert target.token_id == tiny_stack.tokenize(" horse")[0]
+
+
+@pytest.mark.parametrize("top", [1, 37, 100, 128, 129, 2048, 9999])
+def test_kept_triples_equal_a_full_sort(tiny_stack, pil_images, top):
+    """The thresholded reduction keeps exactly the top-k of all L x P x d_mlp scores, for k below and above the
+    number of units."""
+    attrs = tiny_stack.attribute(pil_images, target="dog", top=top, full=True)
+    for attr in attrs:
+        flat = attr.scores.reshape(-1)
+        expected = flat.topk(min(top, flat.numel())).values
+        torch.testing.assert_close(attr.top_score, expected)
+        rebuilt = attr.scores[attr.top_layer, attr.top_patch, attr.top_unit]
+        torch.testing.assert_close(rebuilt, attr.top_score)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -202,3 +203,62 @@ def _env(db):
     import os
 
     return {**os.environ, "MMTUI_DB": str(db)}
+
+
+def test_ctrl_c_keeps_finished_images_and_rerun_resumes(tmp_path):
+    """A real SIGINT to a running `mmtui attribute`: exit 130 with a message, finished images kept, rerun resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import coco_files
+
+    from mmtui.store import Store
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i, f in enumerate(coco_files(12)):
+        shutil.copy(f, folder / f"{i:02d}-{f.name}")
+    db = tmp_path / "c.db"
+    cmd = [
+        sys.executable,
+        "-c",
+        "from commands import main; main()",
+        "attribute",
+        str(folder),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "1",
+        "--target",
+        "dog",
+        "--db",
+        str(db),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+    def stored() -> int:
+        if not db.exists():
+            return 0
+        try:
+            with Store.open(db, timeout=1) as store:
+                return store.db.execute("SELECT count(*) FROM results").fetchone()[0]
+        except Exception:
+            return 0
+
+    deadline = time.time() + 120
+    while stored() < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    kept = stored()
+    assert proc.returncode == 130, stderr
+    assert "Interrupted; finished items are kept" in stderr
+    assert 2 <= kept < 12
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{12 - kept} attributed, {kept} skipped" in rerun.stderr
