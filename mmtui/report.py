@@ -49,6 +49,11 @@ def _plt():
     return plt
 
 
+def printable(text: str) -> str:
+    """Text safe for a figure title: control and unprintable characters shown as their escapes."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _stack_line(run: dict[str, Any]) -> str:
     fp = run["fingerprint"]
     parts = [f"stack {run['stack']} ({run['stack_id']})"]
@@ -208,10 +213,10 @@ def heatmap_grid(
     fig, axes = plt.subplots(len(panels), cols, figsize=(2.3 * cols, 2.5 * len(panels)), squeeze=False)
     for r, (row, units, maps, view) in enumerate(panels):
         grids = [np.mean(maps, axis=0), *maps]
-        titles = [f"{Path(row['path']).name}\ntarget {row['target']!r}: mean of top {len(units)}"]
+        titles = [f"{Path(row['path']).name}\ntarget {printable(row['target'])!r}: mean of top {len(units)}"]
         for layer, unit in units:
             tok = store.tokens(run["lm_id"], "raw", layer, unit)
-            words = ", ".join(t.strip() for t in (tok["tokens"][:2] if tok else []))
+            words = printable(", ".join(t.strip() for t in (tok["tokens"][:2] if tok else [])))
             titles.append(f"L{layer}.u{unit}\n{words}")
         for c in range(cols):
             ax = axes[r][c]
