@@ -17,7 +17,6 @@ from mmtui import experiments_store as xs
 from mmtui.ablation import (
     AblationError,
     AblationPoint,
-    _masks,
     ablation_hook,
     dose_response,
     generate_captions,
@@ -26,6 +25,7 @@ from mmtui.ablation import (
     target_probs,
     unit_means,
 )
+from mmtui.ablation_ops import AblationSet, masks_for
 from mmtui.images import load_image
 
 runner = CliRunner()
@@ -80,10 +80,8 @@ def test_zeroing_one_triple_changes_only_what_it_should(tiny_stack, store_run):
         return fn
 
     cfg_entries = np.array([[layer, unit, patch]])
-    from mmtui.ablation import _Config
-
-    masks = _masks(
-        [_Config(1, "top", None, cfg_entries)], tiny_stack.n_layers, tiny_stack.n_patches, tiny_stack.d_mlp, "cpu"
+    masks = masks_for(
+        [AblationSet(1, "top", None, cfg_entries)], tiny_stack.n_layers, tiny_stack.n_patches, tiny_stack.d_mlp, "cpu"
     )
     hook = ablation_hook(masks, tiny_stack.n_patches)
     ours = target_probs(tiny_stack, prefix, row["context_ids"], row["target_token_id"], hook)
