@@ -58,6 +58,13 @@ def attribute(
     decode: Annotated[
         str, typer.Option("--decode", help="Token decoding: raw (paper) or ln_f (final norm gain).")
     ] = "raw",
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="I/N: only the images of shard I of N (0-based), e.g. a SLURM array task."),
+    ] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (one model replica per worker).")] = "local",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray workers (model replicas).")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0, help="GPUs per Ray worker.")] = 0.0,
     device: DeviceOption = "auto",
     db: DbOption = None,
     json_out: JsonOption = False,
@@ -73,6 +80,9 @@ def attribute(
     for flag, value, allowed in (("--site", site, SITES), ("--y", y, Y_KINDS), ("--decode", decode, CONVENTIONS)):
         if value not in allowed:
             fail(f"{flag} {value!r}: use one of {', '.join(allowed)}")
+    if engine not in ("local", "ray"):
+        fail(f"--engine {engine!r}: use local or ray")
+    shard_pair = _parse_shard(shard) if shard else None
     with core_errors():
         if samples:
             from mmtui.samples import sample_captions, sample_dir
@@ -87,29 +97,50 @@ def attribute(
         if scan.skipped:
             names = ", ".join(p.name for p in scan.skipped[:3]) + (" ..." if len(scan.skipped) > 3 else "")
             warn(f"skipped {len(scan.skipped)} file(s) that are not images by name: {names}")
-        from mmtui.pipeline import attribute_images, read_captions
+        from mmtui.pipeline import Settings, attribute_images, read_captions
 
-        caption_map = read_captions(captions) if captions else None
-        store = Store.open(db_path(db))
-        with store:
-            with err.status(f"Loading the {preset} stack..."):
-                from mmtui.stacks import load_stack
+        settings = Settings(
+            target=target,
+            captions=read_captions(captions) if captions else None,
+            batch_size=batch_size,
+            keep=keep,
+            site=site,
+            y_kind=y,
+            convention=decode,
+            shard=shard_pair,
+        )
+        load_args = {
+            "preset": preset,
+            "lm": lm,
+            "encoder": encoder,
+            "projection": str(projection) if projection else None,
+            "prompt": prompt,
+        }
+        with Store.open(db_path(db)) as store:
+            if engine == "ray":
+                from mmtui.distributed import attribute_images_ray
 
-                stack = load_stack(preset, lm=lm, encoder=encoder, projection=projection, device=device, prompt=prompt)
-            events = attribute_images(
-                stack,
-                store,
-                scan.files,
-                target=target,
-                captions=caption_map,
-                batch_size=batch_size,
-                keep=keep,
-                site=site,
-                y_kind=y,
-                convention=decode,
-            )
+                events = attribute_images_ray(
+                    load_args, store, scan.files, settings, workers=workers, gpus_per_worker=gpus_per_worker
+                )
+            else:
+                with err.status(f"Loading the {preset} stack..."):
+                    from mmtui.stacks import load_stack
+
+                    stack = load_stack(load_args.pop("preset"), device=device, **load_args)
+                events = attribute_images(stack, store, scan.files, settings)
             counts = _consume(events, store, top, decode, json_out)
     _finish(counts)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, total = (int(x) for x in text.split("/"))
+    except ValueError:
+        fail(f"--shard {text!r}: write it as I/N, e.g. 0/4")
+    if not 0 <= index < total:
+        fail(f"--shard {text!r}: I must be in 0..N-1")
+    return index, total
 
 
 def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[str, int]:  # noqa: ANN001

