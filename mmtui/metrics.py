@@ -97,15 +97,22 @@ class BertScorer:
         return cls(scorer, label or f"{Path(path).name or path} L{scorer.num_layers}, no rescaling")
 
     def f1(self, candidates: Sequence[str], references: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """F1 of each candidate against its reference (pairs): [N] float32. Identical strings score 1."""
+        """F1 of each candidate against its reference (pairs): [N] float32.
+
+        A blank text has no tokens to match: it scores 0 against a non-blank one and 1 against a blank one
+        (bert-score itself cannot encode it under transformers 5).
+        """
         if len(candidates) != len(references):
             raise ValueError("BERTScore needs as many references as candidates")
-        if not candidates:
-            return np.zeros(0, dtype=np.float32)
-        pairs = sorted(set(zip(candidates, references, strict=True)))
-        _, _, f1 = self.scorer.score([c for c, _ in pairs], [r for _, r in pairs], batch_size=batch_size)
-        found = dict(zip(pairs, f1.tolist(), strict=True))
-        return np.asarray([found[(c, r)] for c, r in zip(candidates, references, strict=True)], dtype=np.float32)
+        pairs = list(zip(candidates, references, strict=True))
+        found: dict[tuple[str, str], float] = {
+            (c, r): float(c.strip() == r.strip()) for c, r in pairs if not c.strip() or not r.strip()
+        }
+        todo = sorted(set(pairs) - set(found))
+        if todo:
+            _, _, f1 = self.scorer.score([c for c, _ in todo], [r for _, r in todo], batch_size=batch_size)
+            found.update(zip(todo, f1.tolist(), strict=True))
+        return np.asarray([found[p] for p in pairs], dtype=np.float32)
 
     def f1_mean(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
         """Mean F1 of each candidate over its own list of references (method.md: mean over the 5 captions)."""

@@ -30,6 +30,7 @@ def test_bertscore_pairs_and_mean_over_references(bert_scorer):
     assert mean[0] == pytest.approx(each.mean(), abs=1e-6)
     assert mean[1] == pytest.approx(bert_scorer.f1(["a dog"], refs[:1])[0], abs=1e-6)
     assert bert_scorer.f1([], []).shape == (0,)
+    assert bert_scorer.f1(["", " ", "a dog"], ["a dog", "", ""]).tolist() == [0.0, 1.0, 0.0]  # blank texts
 
 
 def test_missing_clip_model_is_one_line_and_the_rest_goes_on(monkeypatch):
