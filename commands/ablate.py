@@ -219,23 +219,21 @@ def _table(rows: list[dict[str, Any]], run: dict[str, Any], n_images: int) -> Ta
         title=f"Dose-response: {first['mode']} ablation of {first['unit_mode']}, run {run['id']} ({run['stack']}), "
         f"{n_images} image(s)"
     )
-    for name in ("condition", "k", "n", "mean drop", "95% interval", "caption F1", "units (% of all)"):
-        table.add_column(
-            name, justify="left" if name == "condition" else "right", no_wrap=True, min_width=max(len(name), 5)
-        )
+    for name in ("condition", "k", "n", "drop", "95% CI", "F1", "units (%)"):
+        table.add_column(name, justify="left" if name == "condition" else "right", no_wrap=True, min_width=len(name))
     for r in rows:
         table.add_row(
             r["condition"],
             str(r["k"]),
             str(r["n"]),
             fmt(r["mean_drop"]),
-            f"[{fmt(r['lo'])}, {fmt(r['hi'])}]",
-            fmt(r["bertscore"]),
+            f"[{fmt(r['lo'], 2)}, {fmt(r['hi'], 2)}]",
+            fmt(r["bertscore"], 2),
             f"{r['units']:.0f} ({100 * r.get('frac_units', 0.0):.2f}%)",
         )
     table.caption = (
-        "mean drop = mean over images of 1 - p_ablated / p (random: seeds averaged first), 95% t interval over "
-        "the n images; caption F1 = BERTScore of the regenerated caption vs the unablated one; units = distinct "
-        "units ablated; k counts (unit, patch) triples, or units with --unit-mode units"
+        "drop = mean over the n images of 1 - p_ablated / p (random: seeds averaged first), with its 95% t "
+        "interval; F1 = BERTScore of the regenerated caption vs the unablated one; units = distinct units "
+        "ablated (share of all units); k counts (unit, patch) triples, or units with --unit-mode units"
     )
     return table

@@ -289,7 +289,7 @@ def test_ablate_command_json(attributed_db):
 def test_ablate_command_table_and_bad_input(attributed_db, tmp_path):
     args = ["--device", "cpu", "--db", str(attributed_db)]
     result = runner.invoke(app, ["ablate", "--from-store", "--k", "0,4", "--seeds", "1", "--no-regenerate", *args])
-    assert result.exit_code == 0 and "Dose-response" in result.stdout and "mean drop" in result.stdout
+    assert result.exit_code == 0 and "Dose-response" in result.stdout and "95% CI" in result.stdout
     bad_k = runner.invoke(app, ["ablate", "--from-store", "--k", "0,x", *args])
     assert bad_k.exit_code == ExitCode.FAILED and "--k" in bad_k.stderr
     both = runner.invoke(app, ["ablate", str(tmp_path), "--from-store", *args])
