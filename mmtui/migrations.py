@@ -265,3 +265,73 @@ def m002_create_experiment_tables(db: Database) -> None:
         """
     )
     db["agreement"].create_index(["run_id", "settings_id", "result_id", "kind", "metric"], unique=True)
+
+
+TEXT_KEY_BITS = 20  # neuron_text rowid = token set id << 40 | layer << 20 | unit (units and layers below 2**20)
+
+
+@migrations()
+def m003_index_browse_queries(db: Database) -> None:
+    """Indexes for `mmtui browse`: sort the units of a run by any column, in one layer or all, in
+    milliseconds at GPT-J scale; read a run's last write without touching the result blobs; and find units
+    by a substring of their decoded tokens.
+
+    - token_sets: one small id per (lm_id, convention) of neuron_tokens.
+    - neuron_text: FTS5 trigram index of every unit's decoded tokens text (lower case), rowid =
+      token set id << 40 | layer << 20 | unit, kept in step with neuron_tokens by triggers (which use no
+      conflict clause of their own: an INSERT OR REPLACE into neuron_tokens imposes REPLACE on them).
+      Skipped when this SQLite has no FTS5 (the browser then scans neuron_tokens instead).
+    """
+    import sqlite3
+
+    for columns in (
+        ["run_id", "n_images"],
+        ["run_id", "unit", "layer"],
+        ["run_id", "layer", "max_score"],
+        ["run_id", "layer", "mean_score"],
+        ["run_id", "layer", "n_top"],
+        ["run_id", "layer", "n_images"],
+    ):
+        db["neuron_stats"].create_index(columns)
+    db["results"].create_index(["run_id", "created"])
+    db["neuron_tokens"].create_index(["lm_id", "convention", "text"])
+    db.execute(
+        """
+        CREATE TABLE token_sets (
+            id INTEGER PRIMARY KEY,
+            lm_id TEXT NOT NULL,
+            convention TEXT NOT NULL,
+            UNIQUE (lm_id, convention)
+        )
+        """
+    )
+    db.execute("INSERT INTO token_sets (lm_id, convention) SELECT DISTINCT lm_id, convention FROM neuron_tokens")
+    try:
+        db.execute("CREATE VIRTUAL TABLE neuron_text USING fts5(text, tokenize = 'trigram', detail = 'none')")
+    except sqlite3.OperationalError:
+        return  # no FTS5 (or no trigram tokenizer) in this SQLite
+    key = f"(ts.id << 40) | (t.layer << {TEXT_KEY_BITS}) | t.unit"
+    db.execute(
+        f"""INSERT INTO neuron_text (rowid, text)
+            SELECT {key}, lower(t.text) FROM neuron_tokens t JOIN token_sets ts USING (lm_id, convention)"""
+    )
+    new_key = (
+        "((SELECT id FROM token_sets WHERE lm_id = new.lm_id AND convention = new.convention) << 40)"
+        f" | (new.layer << {TEXT_KEY_BITS}) | new.unit"
+    )
+    db.execute(
+        f"""
+        CREATE TRIGGER neuron_tokens_text AFTER INSERT ON neuron_tokens BEGIN
+            INSERT INTO token_sets (lm_id, convention) SELECT new.lm_id, new.convention
+                WHERE NOT EXISTS (SELECT 1 FROM token_sets WHERE lm_id = new.lm_id AND convention = new.convention);
+            INSERT OR REPLACE INTO neuron_text (rowid, text) VALUES ({new_key}, lower(new.text));
+        END
+        """
+    )
+    db.execute(
+        f"""
+        CREATE TRIGGER neuron_tokens_text_delete AFTER DELETE ON neuron_tokens BEGIN
+            DELETE FROM neuron_text WHERE rowid = {new_key.replace("new.", "old.")};
+        END
+        """
+    )

@@ -156,3 +156,174 @@ def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, t
         "decoded": decoded,
         "images": images,
     }
+
+
+# -- the browser's queries (mmtui browse): any column, either direction, a page at a time -------------------
+NEURON_COLUMNS = {
+    "layer": "s.layer",
+    "neuron": "s.unit",
+    "max": "s.max_score",
+    "mean": "s.mean_score",
+    "top": "s.n_top",
+    "images": "s.n_images",
+    "tokens": "t.text",
+}
+TEXT_HITS_CAP = 5000  # fewer text-index hits than this: join them; more: walk the sort order and test each unit
+_LOW_BITS = (1 << 20) - 1  # neuron_text rowid = token set << 40 | layer << 20 | unit (migration m003)
+
+
+def _like(token: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') for text containing `token`."""
+    return "%" + token.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _glob(token: str) -> str:
+    """A GLOB pattern for lower-cased text containing `token` (SQLite's lower(): ASCII letters only). GLOB,
+    not LIKE ... ESCAPE: SQLite hands only an escape-free LIKE or a GLOB to the FTS5 trigram index."""
+    lowered = "".join(c.lower() if c.isascii() else c for c in token)
+    return "*" + "".join(f"[{c}]" if c in "*?[" else c for c in lowered) + "*"
+
+
+def _text_range(store: Store, lm_id: str, convention: str) -> tuple[int, int] | None:
+    """The neuron_text rowid range of one LM and convention; None without the text index (no FTS5)."""
+    if not store.db["neuron_text"].exists():
+        return None
+    row = store.db.execute(
+        "SELECT id FROM token_sets WHERE lm_id = ? AND convention = ?", [lm_id, convention]
+    ).fetchone()
+    if row is None:
+        return (0, -1)  # nothing decoded in this convention: an empty range
+    return row[0] << 40, (row[0] << 40) | ((1 << 40) - 1)
+
+
+def _text_hits(store: Store, run: dict[str, Any], token: str, convention: str) -> list[int] | None:
+    """Keys (neuron_text rowids) of the units whose decoded text contains `token`, when fewer than
+    TEXT_HITS_CAP; None without the text index or for a commoner token (walking the sorted units finds a
+    page sooner). One pass over the index (tokens of 3+ characters) or over its text (shorter ones)."""
+    span = _text_range(store, run["lm_id"], convention)
+    if span is None:
+        return None
+    rows = store.db.execute(
+        f"SELECT rowid FROM neuron_text WHERE text GLOB ? AND rowid BETWEEN ? AND ? LIMIT {TEXT_HITS_CAP}",
+        [_glob(token), *span],
+    ).fetchall()
+    return [r[0] for r in rows] if len(rows) < TEXT_HITS_CAP else None
+
+
+def _neuron_query(
+    store: Store,
+    run: dict[str, Any],
+    select: str,
+    *,
+    layer: int | None,
+    token: str | None,
+    interpretable: bool | None,
+    convention: str,
+    by_text: bool = False,
+) -> tuple[str, list[Any]]:
+    """SELECT `select` FROM ... WHERE ... over the units of a run with these filters, planned for the filter:
+    a token with few text-index hits -> the hits joined to neuron_stats; a commoner token, or a sort by text
+    -> neuron_stats (or the tokens, by text) walked in sort order with each unit's tokens looked up.
+    CROSS JOIN fixes SQLite's loop order to that plan."""
+    where, args = ["s.run_id = ?"], [run["id"]]
+    if layer is not None:
+        where.append("s.layer = ?")
+        args.append(layer)
+    if interpretable is not None:
+        where.append("t.interpretable = ?")
+        args.append(int(interpretable))
+    tokens_args = [run["lm_id"], convention]
+    on_tokens = "t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit"
+    hits = _text_hits(store, run, token, convention) if token else None
+    if hits is not None:
+        source = (
+            "json_each(?) hits CROSS JOIN neuron_stats s"
+            f" ON s.layer = (hits.value >> 20) & {_LOW_BITS} AND s.unit = hits.value & {_LOW_BITS}"
+            f" LEFT JOIN neuron_tokens t ON {on_tokens}"
+        )
+        return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [json.dumps(hits), *tokens_args, *args]
+    if token:
+        where.append("t.text LIKE ? ESCAPE '\\'")
+        args.append(_like(token))
+    if by_text:
+        source = "neuron_tokens t CROSS JOIN neuron_stats s ON s.layer = t.layer AND s.unit = t.unit"
+        where += ["t.lm_id = ?", "t.convention = ?"]
+        return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [*args, *tokens_args]
+    if not token and interpretable is None and select == "count(*)":
+        return f"SELECT count(*) FROM neuron_stats s WHERE {' AND '.join(where)}", args
+    join = "CROSS JOIN" if token or interpretable is not None else "LEFT JOIN"
+    source = f"neuron_stats s {join} neuron_tokens t ON {on_tokens}"
+    return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [*tokens_args, *args]
+
+
+def neuron_page(
+    store: Store,
+    run: dict[str, Any],
+    *,
+    sort: str = "max",
+    descending: bool = True,
+    layer: int | None = None,
+    token: str | None = None,
+    interpretable: bool | None = None,
+    limit: int = 500,
+    offset: int = 0,
+    convention: str = "raw",
+) -> list[dict[str, Any]]:
+    """One page of a run's units sorted by any column of NEURON_COLUMNS, either direction (ties: layer, unit).
+
+    Rows: layer, neuron, max_score, mean_score, n_top, n_images, text (decoded tokens joined by ", ", or None),
+    interpretable (None when not decoded). token: case-insensitive substring of the decoded tokens' text.
+    Sorting by tokens lists the decoded units only.
+    """
+    if sort not in NEURON_COLUMNS:
+        raise NotFoundError(f"unknown sort column {sort!r}; use one of {', '.join(NEURON_COLUMNS)}")
+    select = "s.layer, s.unit, s.max_score, s.mean_score, s.n_top, s.n_images, t.text, t.interpretable"
+    sql, args = _neuron_query(
+        store,
+        run,
+        select,
+        layer=layer,
+        token=token,
+        interpretable=interpretable,
+        convention=convention,
+        by_text=sort == "tokens",
+    )
+    order = "DESC" if descending else "ASC"
+    ties = {"layer": f", s.unit {order}", "neuron": f", s.layer {order}"}.get(sort, ", s.layer, s.unit")
+    sql += f" ORDER BY {NEURON_COLUMNS[sort]} {order}{ties} LIMIT ? OFFSET ?"
+    rows = store.db.execute(sql, [*args, int(limit), int(offset)]).fetchall()
+    keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable")
+    out = [dict(zip(keys, row, strict=True)) for row in rows]
+    for row in out:
+        row["interpretable"] = None if row["interpretable"] is None else bool(row["interpretable"])
+    return out
+
+
+def count_neurons(
+    store: Store,
+    run: dict[str, Any],
+    *,
+    layer: int | None = None,
+    token: str | None = None,
+    interpretable: bool | None = None,
+    convention: str = "raw",
+) -> int:
+    """How many units `neuron_page` pages through with these filters. A token common to most units takes a
+    few hundred ms at GPT-J scale (the browser counts in the background, after showing the page)."""
+    sql, args = _neuron_query(
+        store, run, "count(*)", layer=layer, token=token, interpretable=interpretable, convention=convention
+    )
+    return int(store.db.execute(sql, args).fetchone()[0])
+
+
+def layer_counts(store: Store, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every layer of the run's stack: units stored (n_units) and units among some image's top 100 (n_top_units)."""
+    rows = store.db.execute(
+        """SELECT layer, count(*), sum(n_top > 0) FROM neuron_stats WHERE run_id = ? GROUP BY layer""",
+        [run["id"]],
+    ).fetchall()
+    found = {r[0]: (r[1], r[2] or 0) for r in rows}
+    return [
+        {"layer": layer, "n_units": found.get(layer, (0, 0))[0], "n_top_units": found.get(layer, (0, 0))[1]}
+        for layer in range(run["shape"]["n_layers"])
+    ]
