@@ -101,16 +101,16 @@ def layers(
     out.print(table)
     if agree is not None:
         t1 = Table(title="Decoded units vs the images' captions (Table 1): mean over images of the max over units")
-        for name in ("metric", "pairing", "mean", "95% interval", "images", "model"):
-            t1.add_column(name, justify="right" if name in ("mean", "images") else "left")
+        for name in ("metric", "pairing", "mean", "95% CI", "images"):
+            t1.add_column(name, justify="left" if name in ("metric", "pairing") else "right", no_wrap=True)
         names = {"multimodal": "own top units", "random": "another image's units", "caption": "model caption"}
         for a in agree:
             t1.add_row(
                 a["metric"],
                 names[a["kind"]],
                 fmt(a["mean"], 4),
-                f"[{fmt(a['lo'], 4)}, {fmt(a['hi'], 4)}]",
+                f"[{fmt(a['lo'], 3)}, {fmt(a['hi'], 3)}]",
                 str(a["n"]),
-                a["model"],
             )
+        t1.caption = "models: " + "; ".join(sorted({f"{a['metric']} {a['model']}" for a in agree}))
         out.print(t1)

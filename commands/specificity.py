@@ -85,15 +85,7 @@ def specificity(
         )
     else:
         table = Table(title=f"IoU of receptive fields with COCO masks, run {chosen['id']} ({chosen['stack']})")
-        for name in (
-            "category",
-            "images",
-            "top units",
-            "random units",
-            "avg mask top",
-            "avg mask random",
-            "top - random",
-        ):
+        for name in ("category", "n", "top", "random", "top - random [95% CI]", "avg top", "avg rnd"):
             table.add_column(name, justify="left" if name == "category" else "right")
         for c in [*summary["categories"], {"category": "all", **summary["overall"]}]:
             table.add_row(
@@ -101,12 +93,13 @@ def specificity(
                 str(c["n_images"]),
                 fmt(c["top"]),
                 fmt(c["random"]),
+                f"{fmt(c['diff'])} [{fmt(c['diff_lo'], 2)}, {fmt(c['diff_hi'], 2)}]",
                 fmt(c["top_mean"]),
                 fmt(c["random_mean"]),
-                f"{fmt(c['diff'])} [{fmt(c['diff_lo'])}, {fmt(c['diff_hi'])}]",
             )
         table.caption = (
             f"top units beat random same-layer units in {summary['wins']} of {summary['n_categories']} categories; "
-            "top - random: mean per-image difference with its 95% t interval"
+            "mean IoU over images; top - random: mean per-image difference with its 95% t interval; avg: the mask of "
+            "the mean heatmap of the top (or random) units"
         )
         out.print(table)
