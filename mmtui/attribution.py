@@ -208,8 +208,7 @@ def reduce_scores(
     scores [B, L, P, d_mlp] when `full`. g is accumulated in at least float32 whatever the model's dtype.
 
     The full [B, L, P, d_mlp] tensor is never built (unless `full`): every one of an image's top-k triples
-    belongs to a unit whose max is among its k largest unit maxima, so each layer only contributes its
-    triples at or above that threshold.
+    belongs to a unit whose max is among its k largest unit maxima, so only those units' patches are ranked.
     """
     acc = torch.promote_types(acts[0].dtype, torch.float32)
     gs = [a[:, :n_patch].to(acc) * gr[:, :n_patch].to(acc) for a, gr in zip(acts, grads, strict=True)]  # L x [B, P, d]
@@ -219,19 +218,27 @@ def reduce_scores(
     unit_sum = torch.stack([g.sum(dim=1) for g in gs], dim=1)
     k = min(top, per_layer * len(gs))
     if k <= unit_max[0].numel():
-        threshold = unit_max.reshape(batch, -1).topk(k, dim=1).values[:, -1:]  # [B, 1]
+        threshold = unit_max.reshape(batch, -1).topk(k, dim=1).values[:, -1]  # [B]
     else:  # more triples kept than there are units: no unit can be ruled out
-        threshold = torch.full((batch, 1), -torch.inf, dtype=acc, device=unit_max.device)
-    cand_scores, cand_index = [], []
-    for layer, g in enumerate(gs):
-        flat = g.reshape(batch, per_layer)
-        count = int((flat >= threshold).sum(dim=1).max())
-        if count:
-            values, index = flat.topk(count, dim=1)
-            cand_scores.append(values)
-            cand_index.append(index + layer * per_layer)
-    top_score, pick = torch.cat(cand_scores, dim=1).topk(k, dim=1)  # [B, k], sorted descending
-    idx = torch.cat(cand_index, dim=1).gather(1, pick)
+        threshold = torch.full((batch,), -torch.inf, dtype=acc, device=unit_max.device)
+    # the units that can hold a top triple, as rows (layer, image, unit) sorted by layer: [N, 3]
+    chosen = (unit_max.transpose(0, 1) >= threshold[None, :, None]).nonzero()
+    layer_of, image_of, unit_of = chosen.unbind(1)
+    device = unit_max.device
+    bounds = torch.searchsorted(layer_of.contiguous(), torch.arange(len(gs) + 1, device=device)).tolist()
+    scores = torch.cat([g[image_of[a:b], :, unit_of[a:b]] for g, a, b in zip(gs, bounds, bounds[1:], strict=False)])
+    # scores: [N, P], each chosen unit's g at every patch; its triples' flat index is l * P * d + p * d + u
+    flat = layer_of[:, None] * per_layer + torch.arange(n_patch, device=device)[None, :] * d_mlp + unit_of[:, None]
+    # lay each image's candidates out in its own row, padded with -inf, and take the top k of each row
+    order = torch.argsort(image_of, stable=True)
+    counts = torch.bincount(image_of, minlength=batch)
+    slot = torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[image_of[order]]
+    padded = torch.full((batch, int(counts.max()), n_patch), -torch.inf, dtype=acc, device=device)
+    padded_index = torch.zeros((batch, int(counts.max()), n_patch), dtype=torch.long, device=device)
+    padded[image_of[order], slot] = scores[order]
+    padded_index[image_of[order], slot] = flat[order]
+    top_score, pick = padded.reshape(batch, -1).topk(k, dim=1)  # [B, k], sorted descending
+    idx = padded_index.reshape(batch, -1).gather(1, pick)
     out = {
         "top_layer": (idx // per_layer).cpu(),
         "top_unit": (idx % d_mlp).cpu(),
