@@ -50,7 +50,9 @@ def attribute(
     keep: Annotated[
         int, typer.Option("--keep", min=1, help="Top (layer, unit, patch) triples stored per image.")
     ] = DEFAULT_KEEP,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward/backward pass.")] = 4,
+    batch_size: Annotated[
+        str, typer.Option("--batch-size", help="Images per forward/backward pass, or auto (4 on CPU; fit the GPU).")
+    ] = "auto",
     site: Annotated[
         str, typer.Option("--site", help="post (the MLP's hidden activation) or pre (before the nonlinearity).")
     ] = "post",
@@ -83,6 +85,8 @@ def attribute(
     if engine not in ("local", "ray"):
         fail(f"--engine {engine!r}: use local or ray")
     shard_pair = _parse_shard(shard) if shard else None
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        fail(f"--batch-size {batch_size!r}: use a positive number or auto")
     with core_errors():
         if samples:
             from mmtui.samples import sample_captions, sample_dir
@@ -102,7 +106,7 @@ def attribute(
         settings = Settings(
             target=target,
             captions=read_captions(captions) if captions else None,
-            batch_size=batch_size,
+            batch_size=0 if batch_size == "auto" else int(batch_size),
             keep=keep,
             site=site,
             y_kind=y,
@@ -172,6 +176,8 @@ def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[s
                     progress.advance(decode_task)
             elif event.kind == "warning":
                 warn(event.message)
+            elif event.kind == "info":
+                err.print(f"[dim]{event.message}[/]", highlight=False, soft_wrap=True)
             elif event.kind in ("done", "skipped", "failed"):
                 counts[event.kind] += 1
                 progress.advance(task)

@@ -98,7 +98,8 @@ def attribute_images_ray(
     pool = ActorPool(pool_actors)
     warned: set[str] = set()
     in_flight = 0
-    for batch in batches(plan(paths, settings, store.done_keys(run_id), decode=False), settings.batch_size):
+    size = settings.batch_size if settings.batch_size > 0 else 4  # "auto" is decided per local device only
+    for batch in batches(plan(paths, settings, store.done_keys(run_id), decode=False), size):
         if isinstance(batch, Event):
             yield from store_events(store, run_id, [batch], warned)
             continue

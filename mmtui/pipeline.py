@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Full, Queue
+from typing import TypeVar
 
 import numpy as np
+import torch
 
 from mmtui.attribution import DEFAULT_TOP, Attribution, Target, resolve_target, score_targets
 from mmtui.decoding import decode_units
@@ -26,7 +30,7 @@ from mmtui.store import ResultRecord, Store
 
 @dataclass
 class Event:
-    """kind: start | decoding | skipped | done | failed | warning."""
+    """kind: start | decoding | skipped | done | failed | warning | info."""
 
     kind: str
     path: str = ""
@@ -130,7 +134,7 @@ class Settings:
 
     target: str | None = None
     captions: dict[str, list[str]] | None = None
-    batch_size: int = 4
+    batch_size: int = 4  # 0: as many as fit the device (see auto_batch_size)
     keep: int = DEFAULT_TOP
     site: str = "post"
     y_kind: str = "prob"
@@ -179,8 +183,13 @@ def plan(
         yield WorkItem(item, spec, word, human)
 
 
-def attribute_batch(stack: Stack, batch: list[WorkItem], settings: Settings) -> list[Event]:
-    """Attribute one batch: `done` Events carry the record to store, `failed` ones name the image and why."""
+def attribute_batch(
+    stack: Stack, batch: list[WorkItem], settings: Settings, pixels: torch.Tensor | None = None
+) -> list[Event]:
+    """Attribute one batch: `done` Events carry the record to store, `failed` ones name the image and why.
+
+    pixels: the batch already preprocessed (`stack.pixels`), e.g. by a prefetch thread.
+    """
     start = time.perf_counter()
     events: list[Event] = []
     if any(isinstance(w.image, RawImage) for w in batch):
@@ -195,7 +204,7 @@ def attribute_batch(stack: Stack, batch: list[WorkItem], settings: Settings) -> 
         batch = decoded
         if not batch:
             return events
-    prefix = stack.encode([w.image.image for w in batch])  # [B, P, d_model]
+    prefix = stack.encode(pixels if pixels is not None else [w.image.image for w in batch])  # [B, P, d_model]
     generated = stack.generate(prefix, settings.max_new_tokens)
     rows, targets = [], []
     for i, (work, ids) in enumerate(zip(batch, generated, strict=True)):
@@ -279,7 +288,74 @@ def attribute_images(
     run_id = open_run(stack, store, settings)
     yield Event("start", message=run_id, total=len(paths))
     yield from ensure_decoded(stack, store, settings.convention)
+    if settings.batch_size <= 0:
+        settings.batch_size = auto_batch_size(stack, settings.max_new_tokens)
+        yield Event("info", message=f"batch size {settings.batch_size} (chosen to fit {stack.device})")
     warned: set[str] = set()
-    for batch in batches(plan(paths, settings, store.done_keys(run_id)), settings.batch_size):
-        events = [batch] if isinstance(batch, Event) else attribute_batch(stack, batch, settings)
+
+    done = store.done_keys(run_id)  # read here: the store's connection belongs to this thread
+
+    def prepared() -> Iterator[tuple[list[WorkItem], torch.Tensor] | Event]:
+        """Read, decode and preprocess the next batches while the model works on this one."""
+        for batch in batches(plan(paths, settings, done), settings.batch_size):
+            yield batch if isinstance(batch, Event) else (batch, stack.pixels([w.image.image for w in batch]))
+
+    for item in prefetch(prepared(), depth=2):
+        events = [item] if isinstance(item, Event) else attribute_batch(stack, item[0], settings, item[1])
         yield from store_events(store, run_id, events, warned)
+
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Run `items` in a background thread, `depth` ahead of the consumer; its exceptions re-raise here."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            queue.put(err)
+
+    thread = threading.Thread(target=work, name="mmtui-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def auto_batch_size(stack: Stack, max_new_tokens: int, cap: int = 64) -> int:
+    """Images per batch that fit the GPU's free memory (probed with one image), 4 on the CPU."""
+    if stack.device.type != "cuda":
+        return 4
+    from PIL import Image
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    prefix = stack.encode([Image.new("RGB", (256, 256), (128, 128, 128))])
+    ids = stack.generate(prefix, max_new_tokens)[0]
+    probe = Target("probe", stack.tokenize(" dog")[0], " dog", "word", False, ids[: max_new_tokens - 1], "")
+    score_targets(stack, prefix, [probe])
+    per_image = max(torch.cuda.max_memory_allocated() - base, 1)
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(cap, int(0.8 * free / per_image)))

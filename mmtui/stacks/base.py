@@ -119,11 +119,17 @@ class Stack:
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The encoder's preprocessing on the CPU: [B, 3, H, W], in pinned memory when the stack is on a GPU
+        (so the copy to the device can overlap compute). Thread-safe: prefetch threads call it."""
+        pixels = self.encoder.preprocess(images)
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
     @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> image-prompt embeddings [B, P, d_model] in the LM's input space."""
-        pixels = self.encoder.preprocess(images).to(self.device)
-        feats = self.encoder(pixels)  # [B, P, d_vision]
+    def encode(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """PIL images (or their `pixels`) -> image-prompt embeddings [B, P, d_model] in the LM's input space."""
+        pixels = images if isinstance(images, torch.Tensor) else self.pixels(images)
+        feats = self.encoder(pixels.to(self.device, non_blocking=True))  # [B, P, d_vision]
         return self.projection(feats.float()).to(self.dtype)  # [B, P, d_model]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
