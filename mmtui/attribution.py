@@ -205,17 +205,21 @@ def reduce_scores(
 
     acts, grads: per layer [B, T, d_mlp]. Returns per-image tensors on the CPU: top_layer, top_unit,
     top_patch, top_score [B, k] (sorted by score, descending), unit_max, unit_sum [B, L, d_mlp], and
-    scores [B, L, P, d_mlp] when `full`. g is accumulated in at least float32 whatever the model's dtype.
+    scores [B, L, P, d_mlp] when `full`. Sums and outputs are in at least float32 whatever the model's dtype.
 
     The full [B, L, P, d_mlp] tensor is never built (unless `full`): every one of an image's top-k triples
     belongs to a unit whose max is among its k largest unit maxima, so only those units' patches are ranked.
     """
     acc = torch.promote_types(acts[0].dtype, torch.float32)
-    gs = [a[:, :n_patch].to(acc) * gr[:, :n_patch].to(acc) for a, gr in zip(acts, grads, strict=True)]  # L x [B, P, d]
+    # bf16 products keep bf16's range and are summed in float32; fp16 products could underflow: float32
+    prod = torch.bfloat16 if acts[0].dtype == torch.bfloat16 else acc
+    gs = [
+        a[:, :n_patch].to(prod) * gr[:, :n_patch].to(prod) for a, gr in zip(acts, grads, strict=True)
+    ]  # L x [B, P, d]
     batch, _, d_mlp = gs[0].shape
     per_layer = n_patch * d_mlp
-    unit_max = torch.stack([g.amax(dim=1) for g in gs], dim=1)  # [B, L, d_mlp]
-    unit_sum = torch.stack([g.sum(dim=1) for g in gs], dim=1)
+    unit_max = torch.stack([g.amax(dim=1) for g in gs], dim=1).to(acc)  # [B, L, d_mlp]
+    unit_sum = torch.stack([g.sum(dim=1, dtype=acc) for g in gs], dim=1)
     k = min(top, per_layer * len(gs))
     if k <= unit_max[0].numel():
         threshold = unit_max.reshape(batch, -1).topk(k, dim=1).values[:, -1]  # [B]
@@ -226,7 +230,9 @@ def reduce_scores(
     layer_of, image_of, unit_of = chosen.unbind(1)
     device = unit_max.device
     bounds = torch.searchsorted(layer_of.contiguous(), torch.arange(len(gs) + 1, device=device)).tolist()
-    scores = torch.cat([g[image_of[a:b], :, unit_of[a:b]] for g, a, b in zip(gs, bounds, bounds[1:], strict=False)])
+    scores = torch.cat([g[image_of[a:b], :, unit_of[a:b]] for g, a, b in zip(gs, bounds, bounds[1:], strict=False)]).to(
+        acc
+    )
     # scores: [N, P], each chosen unit's g at every patch; its triples' flat index is l * P * d + p * d + u
     flat = layer_of[:, None] * per_layer + torch.arange(n_patch, device=device)[None, :] * d_mlp + unit_of[:, None]
     # lay each image's candidates out in its own row, padded with -inf, and take the top k of each row
@@ -248,7 +254,7 @@ def reduce_scores(
         "unit_sum": unit_sum.cpu(),
     }
     if full:
-        out["scores"] = torch.stack(gs, dim=1).cpu()  # [B, L, P, d_mlp]
+        out["scores"] = torch.stack(gs, dim=1).to(acc).cpu()  # [B, L, P, d_mlp]
     return out
 
 

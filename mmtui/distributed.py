@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from mmtui.errors import MmtuiError
-from mmtui.pipeline import Event, Settings, WorkItem, attribute_batch, batches, plan, store_events
+from mmtui.pipeline import Event, Settings, WorkItem, attribute_batch, batches, plan, route
 from mmtui.store import Store
+from mmtui.writer import StoreWriter
 
 
 class AttributionWorker:
@@ -99,15 +100,20 @@ def attribute_images_ray(
     warned: set[str] = set()
     in_flight = 0
     size = settings.batch_size if settings.batch_size > 0 else 4  # "auto" is decided per local device only
-    for batch in batches(plan(paths, settings, store.done_keys(run_id), decode=False), size):
-        if isinstance(batch, Event):
-            yield from store_events(store, run_id, [batch], warned)
-            continue
-        pool.submit(lambda a, b: a.run.remote(b, settings), batch)
-        in_flight += 1
-        while in_flight >= 2 * workers:  # keep every worker busy, the driver's memory bounded
-            yield from store_events(store, run_id, pool.get_next_unordered(), warned)
+    writer = StoreWriter(store.path, run_id, timeout=store.timeout)
+    try:
+        for batch in batches(plan(paths, settings, store.done_keys(run_id), decode=False), size):
+            if isinstance(batch, Event):
+                yield from route([batch], writer, warned)
+                continue
+            pool.submit(lambda a, b: a.run.remote(b, settings), batch)
+            in_flight += 1
+            while in_flight >= 2 * workers:  # keep every worker busy, the driver's memory bounded
+                yield from route(pool.get_next_unordered(), writer, warned)
+                in_flight -= 1
+        while in_flight:
+            yield from route(pool.get_next_unordered(), writer, warned)
             in_flight -= 1
-    while in_flight:
-        yield from store_events(store, run_id, pool.get_next_unordered(), warned)
-        in_flight -= 1
+        yield from writer.finish()
+    finally:
+        writer.close()

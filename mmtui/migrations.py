@@ -335,3 +335,11 @@ def m003_index_browse_queries(db: Database) -> None:
         END
         """
     )
+
+
+@migrations()
+def m004_track_results_in_stats(db: Database) -> None:
+    """results.in_stats: whether a result is counted in neuron_stats yet. A fast attribute run writes results
+    without touching neuron_stats and folds them in, many at a time, with `Store.refresh_stats`."""
+    db["results"].add_column("in_stats", int, not_null_default=1)
+    db["results"].create_index(["run_id", "in_stats"])

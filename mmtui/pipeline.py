@@ -26,6 +26,7 @@ from mmtui.errors import ImageError, TargetError
 from mmtui.images import LoadedImage, RawImage, Skip, iter_images
 from mmtui.stacks.base import DEFAULT_MAX_NEW_TOKENS, Stack
 from mmtui.store import ResultRecord, Store
+from mmtui.writer import StoreWriter
 
 
 @dataclass
@@ -247,16 +248,19 @@ def batches(items: Iterable[WorkItem | Event], size: int) -> Iterator[list[WorkI
         yield batch
 
 
-def store_events(store: Store, run_id: str, events: Iterable[Event], warned: set[str]) -> Iterator[Event]:
-    """Write `done` records (one transaction each) and pass every Event on; a split-word warning comes once."""
+def route(events: Iterable[Event], writer: StoreWriter, warned: set[str]) -> Iterator[Event]:
+    """Send `done` Events to the writer (they come back from `writer.ready()` once stored); pass the others on,
+    a split-word warning once."""
     for event in events:
         if event.kind == "warning":
             if event.message in warned:
                 continue
             warned.add(event.message)
         if event.kind == "done" and event.record is not None:
-            event.result_id = store.add_result(run_id, event.record)
-        yield event
+            writer.put(event)
+        else:
+            yield event
+    yield from writer.ready()
 
 
 def open_run(stack: Stack, store: Store, settings: Settings) -> str:
@@ -300,9 +304,14 @@ def attribute_images(
         for batch in batches(plan(paths, settings, done), settings.batch_size):
             yield batch if isinstance(batch, Event) else (batch, stack.pixels([w.image.image for w in batch]))
 
-    for item in prefetch(prepared(), depth=2):
-        events = [item] if isinstance(item, Event) else attribute_batch(stack, item[0], settings, item[1])
-        yield from store_events(store, run_id, events, warned)
+    writer = StoreWriter(store.path, run_id, timeout=store.timeout)
+    try:
+        for item in prefetch(prepared(), depth=2):
+            events = [item] if isinstance(item, Event) else attribute_batch(stack, item[0], settings, item[1])
+            yield from route(events, writer, warned)
+        yield from writer.finish()
+    finally:
+        writer.close()  # on an interruption too: every finished image is written
 
 
 T = TypeVar("T")

@@ -28,16 +28,44 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+LOSSLESS_MAX_VALUES = 1 << 18  # arrays up to this size (smol: 46,080 units) keep float16; larger ones, 8 bits
+LOG8 = b"L8"
+LOG8_STEPS = 8  # codes per octave: a code is within 2**(1/16) - 1 = 4.4% of the value it stands for
+
+
 def pack_array(array: np.ndarray) -> bytes:
-    """float -> float16, bytes shuffled (high bytes together: they compress well), zlib."""
-    half = np.ascontiguousarray(array, dtype=np.float16).view(np.uint8).reshape(-1, 2)
-    return zlib.compress(np.ascontiguousarray(half.T).tobytes(), 6)
+    """A [rows, cols] float array -> compact bytes.
+
+    Up to LOSSLESS_MAX_VALUES values: float16, bytes shuffled (high bytes together: they compress well),
+    zlib. Larger (GPT-J: 458,752 units): 8-bit log codes per row scale, within 4.4% of each value, values
+    below 2**-15.75 of their row's largest magnitude stored as 0, zlib level 1 (fast).
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if array.size <= LOSSLESS_MAX_VALUES:
+        half = np.ascontiguousarray(array, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+        return zlib.compress(np.ascontiguousarray(half.T).tobytes(), 6)
+    rows = array.reshape(array.shape[0], -1)
+    scale = np.abs(rows).max(axis=1).astype(np.float32)  # [rows]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.rint(127 + LOG8_STEPS * np.log2(np.abs(rows) / scale[:, None]))
+    level = np.where(np.isfinite(level) & (level >= 1), level, 0).astype(np.uint8)
+    codes = level | (np.signbit(rows) & (level > 0)).astype(np.uint8) << 7
+    header = LOG8 + np.uint32(rows.shape[0]).tobytes() + scale.tobytes()
+    return header + zlib.compress(codes.tobytes(), 1)
 
 
 def unpack_array(blob: bytes, shape: Sequence[int]) -> np.ndarray:
-    """Inverse of pack_array: float32 array of `shape`."""
-    raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(2, -1)
-    return np.ascontiguousarray(raw.T).view(np.float16).reshape(shape).astype(np.float32)
+    """Inverse of pack_array: a float32 array of `shape`."""
+    if not blob.startswith(LOG8):
+        raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(2, -1)
+        return np.ascontiguousarray(raw.T).view(np.float16).reshape(shape).astype(np.float32)
+    n_rows = int(np.frombuffer(blob, dtype=np.uint32, count=1, offset=2)[0])
+    scale = np.frombuffer(blob, dtype=np.float32, count=n_rows, offset=6)
+    codes = np.frombuffer(zlib.decompress(blob[6 + 4 * n_rows :]), dtype=np.uint8).reshape(n_rows, -1)
+    level = (codes & 0x7F).astype(np.float32)
+    values = scale[:, None] * np.exp2((level - 127) / LOG8_STEPS)
+    values = np.where(level > 0, np.where(codes & 0x80, -values, values), 0.0)
+    return values.astype(np.float32).reshape(shape)
 
 
 def run_id_for(stack_id: str, prompt: str, site: str, y_kind: str) -> str:
@@ -119,6 +147,8 @@ class Store:
             store._check_version()
             if db.journal_mode != "wal":
                 db.enable_wal()
+            # in WAL mode, NORMAL never corrupts the file; a power cut may lose the last commits, not a crash
+            db.execute("PRAGMA synchronous = NORMAL")
             migrations.apply(db)
         except sqlite3.DatabaseError as error:
             if isinstance(error, sqlite3.OperationalError):
@@ -219,13 +249,20 @@ class Store:
         if not runs:
             raise NotFoundError(f"{self.path} holds no runs yet; run `mmtui attribute IMAGE_DIR` first")
         if run_id is None:
+            self._settle(runs[0]["id"])
             return runs[0]
         matches = [r for r in runs if r["id"].startswith(run_id)]
         if len(matches) != 1:
             ids = ", ".join(r["id"] for r in runs)
             what = "no run" if not matches else "several runs"
             raise NotFoundError(f"{what} with id {run_id!r} in {self.path} (runs: {ids}); see `mmtui runs`")
+        self._settle(matches[0]["id"])
         return matches[0]
+
+    def _settle(self, run_id: str) -> None:
+        """Count results an interrupted fast run left out of neuron_stats (a no-op when there are none)."""
+        if self.pending_stats(run_id):
+            self.refresh_stats(run_id)
 
     # -- results -----------------------------------------------------------------------------------------
     def has_result(self, run_id: str, image_sha256: str, target_spec: str) -> bool:
@@ -240,8 +277,12 @@ class Store:
         rows = self.db.execute("SELECT image_sha256, target_spec FROM results WHERE run_id = ?", [run_id])
         return {(r[0], r[1]) for r in rows}
 
-    def add_result(self, run_id: str, rec: ResultRecord, count_top: int = COUNT_TOP) -> int:
-        """Write one image's result, its top triples and the neuron aggregates in one transaction."""
+    def add_result(self, run_id: str, rec: ResultRecord, count_top: int = COUNT_TOP, stats: bool = True) -> int:
+        """Write one image's result and its top triples in one transaction.
+
+        stats=True also folds it into neuron_stats at once; stats=False leaves that to `refresh_stats`, which
+        does it for many results in one statement (the fast path of a long run).
+        """
         with self._write():
             self.db["images"].upsert(
                 {
@@ -256,8 +297,8 @@ class Store:
             cur = self.db.execute(
                 """INSERT INTO results (run_id, image_sha256, target_spec, target, target_token_id, target_token,
                        target_source, target_split, caption, context, context_ids, human_caption, y_c, p_target,
-                       n_top, unit_max, unit_sum, seconds, created)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       n_top, unit_max, unit_sum, seconds, created, in_stats)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [
                     run_id,
                     rec.image_sha256,
@@ -278,6 +319,7 @@ class Store:
                     pack_array(rec.unit_sum),
                     rec.seconds,
                     _now(),
+                    int(stats),
                 ],
             )
             result_id = int(cur.lastrowid)
@@ -294,6 +336,8 @@ class Store:
                     strict=True,
                 ),
             )
+            if not stats:
+                return result_id
             self.db.conn.executemany(
                 """INSERT INTO neuron_stats
                        (run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
@@ -312,6 +356,57 @@ class Store:
                 ],
             )
         return result_id
+
+    def pending_stats(self, run_id: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM results WHERE run_id = ? AND in_stats = 0 LIMIT 1", [run_id]).fetchone()
+        return row is not None
+
+    def refresh_stats(self, run_id: str, count_top: int = COUNT_TOP) -> int:
+        """Fold every result of the run not yet counted into neuron_stats, in one transaction; returns how many.
+
+        Gives the same aggregates as adding them one by one: per unit, n_top (results where it is among the
+        first `count_top` triples), n_images, max and sum of its best score per result, and the result of the
+        max.
+        """
+        with self._write():
+            pending = [
+                r[0] for r in self.db.execute("SELECT id FROM results WHERE run_id = ? AND in_stats = 0", [run_id])
+            ]
+            if not pending:
+                return 0
+            self.db.execute("DROP TABLE IF EXISTS temp.pending_units")
+            self.db.execute(
+                f"""CREATE TEMP TABLE pending_units AS
+                    SELECT t.layer, t.unit, t.result_id, max(t.score) AS best, min(t.rank) < {int(count_top)} AS in_top
+                    FROM top_neurons t WHERE t.result_id IN (SELECT value FROM json_each(?))
+                    GROUP BY t.result_id, t.layer, t.unit""",
+                [json.dumps(pending)],
+            )
+            # SQLite: with a single max() aggregate, the bare column result_id comes from the row of the max
+            self.db.execute(
+                """INSERT INTO neuron_stats
+                       (run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
+                   SELECT ?, a.layer, a.unit, a.n_top, a.n_images, b.best, a.total, a.total / a.n_images, b.result_id
+                   FROM (SELECT layer, unit, sum(in_top) AS n_top, count(*) AS n_images, sum(best) AS total
+                         FROM pending_units GROUP BY layer, unit) a
+                   JOIN (SELECT layer, unit, max(best) AS best, result_id FROM pending_units GROUP BY layer, unit) b
+                     USING (layer, unit)
+                   WHERE true
+                   ON CONFLICT (run_id, layer, unit) DO UPDATE SET
+                       n_top = n_top + excluded.n_top,
+                       best_result_id = CASE WHEN excluded.max_score > max_score
+                                             THEN excluded.best_result_id ELSE best_result_id END,
+                       max_score = max(max_score, excluded.max_score),
+                       sum_score = sum_score + excluded.sum_score,
+                       mean_score = (sum_score + excluded.sum_score) / (n_images + excluded.n_images),
+                       n_images = n_images + excluded.n_images""",
+                [run_id],
+            )
+            self.db.execute("DROP TABLE temp.pending_units")
+            self.db.execute(
+                "UPDATE results SET in_stats = 1 WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(pending)]
+            )
+        return len(pending)
 
     def result(self, run_id: str, image: str, target_spec: str | None = None) -> dict[str, Any]:
         """A result by image sha256 (or its prefix) or by path (newest first when several targets)."""

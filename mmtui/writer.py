@@ -1,0 +1,102 @@
+"""The cache writer of an attribute run: its own thread and SQLite connection, so the model never waits.
+
+Each result is still one transaction (an interruption keeps every finished image); the per-unit aggregates
+are folded in many results at a time (`Store.refresh_stats`), every `refresh_every` results and at the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from queue import Empty, Full, Queue
+from typing import TYPE_CHECKING
+
+from mmtui.errors import StoreError
+from mmtui.store import Store
+
+if TYPE_CHECKING:
+    from mmtui.pipeline import Event
+
+_STOP = object()
+
+
+class StoreWriter:
+    """Write `done` Events' records in the background; `ready()` hands them back with their result ids."""
+
+    def __init__(
+        self, path: Path, run_id: str, *, timeout: float, refresh_every: int = 64, refresh_seconds: float = 5.0
+    ):
+        self.run_id = run_id
+        self.inbox: Queue = Queue(maxsize=256)  # bounded: a slow disk slows the run down instead of filling memory
+        self.outbox: Queue = Queue()
+        self.refresh_every, self.refresh_seconds = refresh_every, refresh_seconds
+        self._thread = threading.Thread(target=self._work, args=(path, timeout), name="mmtui-writer", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def _work(self, path: Path, timeout: float) -> None:
+        try:
+            with Store.open(path, timeout=timeout) as store:
+                unrefreshed, last = 0, time.monotonic()
+                while True:
+                    event = self.inbox.get()
+                    if event is _STOP:
+                        break
+                    assert event.record is not None
+                    event.result_id = store.add_result(self.run_id, event.record, stats=False)
+                    self.outbox.put(event)
+                    unrefreshed += 1
+                    if unrefreshed >= self.refresh_every or time.monotonic() - last > self.refresh_seconds:
+                        store.refresh_stats(self.run_id)
+                        unrefreshed, last = 0, time.monotonic()
+                store.refresh_stats(self.run_id)
+        except BaseException as err:  # handed to the run, which re-raises it
+            self.outbox.put(err)
+
+    def put(self, event: Event) -> None:
+        """Queue a `done` Event's record; re-raises the writer's failure if it has stopped."""
+        while True:
+            if not self._thread.is_alive():
+                self._raise_failure()
+            try:
+                self.inbox.put(event, timeout=0.5)
+                return
+            except Full:
+                continue
+
+    def _raise_failure(self) -> None:
+        for item in self._drain():
+            if isinstance(item, BaseException):
+                raise item
+        raise StoreError(f"the cache writer stopped; the results of run {self.run_id} so far are kept")
+
+    def _drain(self) -> list:
+        items = []
+        while True:
+            try:
+                items.append(self.outbox.get_nowait())
+            except Empty:
+                return items
+
+    def ready(self) -> Iterator[Event]:
+        """The Events written so far (each with its result_id); re-raises a failure of the writer."""
+        for item in self._drain():
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def finish(self) -> Iterator[Event]:
+        """Wait for every queued write (and the last stats refresh), then hand back the remaining Events."""
+        self.close()
+        yield from self.ready()
+
+    def close(self) -> None:
+        """Flush and stop; safe to call twice (the run calls it again on the way out of an interruption)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self.inbox.put(_STOP)
+            self._thread.join()
