@@ -200,14 +200,14 @@ def end_to_end(stack: Stack, batch: int, reps: int) -> dict:
     return {k: (v / batch if k != "bytes per image" else v) for k, v in out.items()}
 
 
-def load(name: str, device: str) -> Stack:
+def load(name: str, device: str, dtype: str | None = None) -> Stack:
     from mmtui import load_stack
 
     if name == "gptj-random":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gptj_random import gptj_random_stack
 
-        return gptj_random_stack(device)
+        return gptj_random_stack(device, getattr(torch, dtype or "bfloat16"))
     if name == "smol":
         from mmtui.stacks.presets import SMOL_PROJECTION
 
@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--no-captum", action="store_true")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end breakdown")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--dtype", default=None, help="gptj-random only: bfloat16 (default) or float16")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.threads:
@@ -267,7 +268,7 @@ def main() -> None:
         e2e.add_column(col, justify="right")
     for name in args.stacks.split(","):
         try:
-            stack = load(name, args.device)
+            stack = load(name, args.device, args.dtype)
         except Exception as err:  # a stack that is not installed is reported, not fatal
             console.print(f"[yellow]{name}: skipped ({str(err).splitlines()[0]})")
             continue
