@@ -208,7 +208,8 @@ def reduce_scores(
     scores [B, L, P, d_mlp] when `full`. Sums and outputs are in at least float32 whatever the model's dtype.
 
     The full [B, L, P, d_mlp] tensor is never built (unless `full`): every one of an image's top-k triples
-    belongs to a unit whose max is among its k largest unit maxima, so only those units' patches are ranked.
+    belongs to a unit whose max is among its k largest unit maxima (up to ties at the k-th score, which
+    give the same top-k scores), so only those k units' patches are ranked.
     """
     acc = torch.promote_types(acts[0].dtype, torch.float32)
     # bf16 products keep bf16's range and are summed in float32; fp16 products could underflow: float32
@@ -221,34 +222,20 @@ def reduce_scores(
     unit_max = torch.stack([g.amax(dim=1) for g in gs], dim=1).to(acc)  # [B, L, d_mlp]
     unit_sum = torch.stack([g.sum(dim=1, dtype=acc) for g in gs], dim=1)
     k = min(top, per_layer * len(gs))
-    if k <= unit_max[0].numel():
-        threshold = unit_max.reshape(batch, -1).topk(k, dim=1).values[:, -1]  # [B]
-    else:  # more triples kept than there are units: no unit can be ruled out
-        threshold = torch.full((batch,), -torch.inf, dtype=acc, device=unit_max.device)
-    # the units that can hold a top triple, as rows (layer, image, unit) sorted by layer: [N, 3]
-    chosen = (unit_max.transpose(0, 1) >= threshold[None, :, None]).nonzero()
-    layer_of, image_of, unit_of = chosen.unbind(1)
-    device = unit_max.device
-    bounds = torch.searchsorted(layer_of.contiguous(), torch.arange(len(gs) + 1, device=device)).tolist()
-    scores = torch.cat([g[image_of[a:b], :, unit_of[a:b]] for g, a, b in zip(gs, bounds, bounds[1:], strict=False)]).to(
-        acc
-    )
-    # scores: [N, P], each chosen unit's g at every patch; its triples' flat index is l * P * d + p * d + u
-    flat = layer_of[:, None] * per_layer + torch.arange(n_patch, device=device)[None, :] * d_mlp + unit_of[:, None]
-    # lay each image's candidates out in its own row, padded with -inf, and take the top k of each row
-    order = torch.argsort(image_of, stable=True)
-    counts = torch.bincount(image_of, minlength=batch)
-    slot = torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[image_of[order]]
-    padded = torch.full((batch, int(counts.max()), n_patch), -torch.inf, dtype=acc, device=device)
-    padded_index = torch.zeros((batch, int(counts.max()), n_patch), dtype=torch.long, device=device)
-    padded[image_of[order], slot] = scores[order]
-    padded_index[image_of[order], slot] = flat[order]
-    top_score, pick = padded.reshape(batch, -1).topk(k, dim=1)  # [B, k], sorted descending
-    idx = padded_index.reshape(batch, -1).gather(1, pick)
+    # the k units with the largest maxima (all units when k exceeds their number): [B, K] flat (layer, unit)
+    n_units = len(gs) * d_mlp
+    best_units = unit_max.reshape(batch, n_units).topk(min(k, n_units), dim=1).indices
+    layer_of, unit_of = best_units // d_mlp, best_units % d_mlp
+    scores = torch.empty(*best_units.shape, n_patch, dtype=acc, device=unit_max.device)  # [B, K, P]
+    for layer, g in enumerate(gs):
+        rows, slots = (layer_of == layer).nonzero(as_tuple=True)
+        scores[rows, slots] = g[rows, :, unit_of[rows, slots]].to(acc)
+    top_score, pick = scores.reshape(batch, -1).topk(k, dim=1)  # [B, k], sorted descending
+    slot, patch = pick // n_patch, pick % n_patch
     out = {
-        "top_layer": (idx // per_layer).cpu(),
-        "top_unit": (idx % d_mlp).cpu(),
-        "top_patch": ((idx % per_layer) // d_mlp).cpu(),
+        "top_layer": layer_of.gather(1, slot).cpu(),
+        "top_unit": unit_of.gather(1, slot).cpu(),
+        "top_patch": patch.cpu(),
         "top_score": top_score.cpu(),
         "unit_max": unit_max.cpu(),
         "unit_sum": unit_sum.cpu(),
