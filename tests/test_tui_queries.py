@@ -17,6 +17,7 @@ import pytest
 from mmtui import queries
 from mmtui.store import ResultRecord, Store
 from mmtui.tui.state import COLUMNS
+from mmtui.words import is_interpretable
 
 KEYS = {"layer": "layer", "neuron": "neuron", "max": "max_score", "mean": "mean_score", "top": "n_top"}
 KEYS |= {"images": "n_images", "tokens": "text"}
@@ -123,7 +124,7 @@ def build_synthetic_store(db: Path, runs: int = 1) -> Path:
                             "tokens": tokens,
                             "token_ids": list(range(10)),
                             "logits": list(np.linspace(9, 5, 10) * scale),
-                            "interpretable": sum(t.strip() in WORDS for t in tokens) >= 7,
+                            "interpretable": is_interpretable(tokens),
                         }
                     )
             store.add_tokens("synthetic-lm", convention, rows)

@@ -1,0 +1,43 @@
+"""`mmtui browse`: the terminal UI over the cache (layers, neurons, images, heatmaps, ablations)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from commands._app import DbOption, DeviceOption, app, db_path, fail
+
+GRAPHICS = ("auto", "pixels", "halfblock")
+
+
+@app.command()
+def browse(
+    run: Annotated[
+        str | None, typer.Option("--run", help="Run id (prefix) to open; default: choose when there are several.")
+    ] = None,
+    graphics: Annotated[
+        str,
+        typer.Option(
+            "--graphics",
+            help="Pictures: auto (Sixel or kitty graphics when the terminal has them, else half blocks), "
+            "pixels, or halfblock.",
+        ),
+    ] = "auto",
+    device: DeviceOption = "auto",
+    db: DbOption = None,
+) -> None:
+    """Browse layers, neurons and images in a terminal UI; draw heatmaps and run ablations."""
+    if graphics not in GRAPHICS:
+        fail(f"--graphics {graphics!r}: use one of {', '.join(GRAPHICS)}")
+    if not sys.stdout.isatty():
+        fail("mmtui browse needs a terminal; for scripts use `mmtui neurons` or `mmtui neuron` (with --json)")
+    if graphics in ("auto", "pixels"):
+        # textual-image asks the terminal what it can draw when first imported, which only works before
+        # Textual takes over the terminal
+        import textual_image.widget  # noqa: F401
+
+    from mmtui.tui import make_app
+
+    make_app(db_path(db), run_id=run, graphics=graphics, device=device).run()

@@ -1,0 +1,86 @@
+"""Plain data the screens pass around: the neuron table's query, an ablation's settings, and the parsers of
+what a person types (a neuron `L.K`, a list of k values). No textual, no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from mmtui.queries import NEURON_COLUMNS
+
+DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # the paper's grid (method.md, experiment 4)
+PAGE = 100  # rows the neuron table loads at a time (more as the cursor nears the end); a screen shows ~40
+
+# the table's columns in display order: key (as queries.NEURON_COLUMNS), header, whether high is "best"
+COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("layer", "layer", False),
+    ("neuron", "unit", False),
+    ("max", "max", True),
+    ("mean", "mean", True),
+    ("top", "top-100", True),
+    ("images", "stored", True),
+    ("tokens", "decoded tokens", False),
+)
+assert {c[0] for c in COLUMNS} == set(NEURON_COLUMNS)
+
+_NEURON = re.compile(r"^\s*l?\s*(\d+)\s*[.:/ ,]\s*u?\s*(\d+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class NeuronQuery:
+    """What the neuron table shows: sort column and direction, layer, token text filter, decoding convention."""
+
+    sort: str = "max"
+    descending: bool = True
+    layer: int | None = None
+    token: str = ""
+    convention: str = "raw"
+    limit: int = PAGE
+
+    def sorted_by(self, column: str) -> NeuronQuery:
+        """Sort by `column`; the same column again flips the direction (a new one starts at its natural order)."""
+        if column == self.sort:
+            return replace(self, descending=not self.descending)
+        natural = next(best for key, _, best in COLUMNS if key == column)
+        return replace(self, sort=column, descending=natural)
+
+    def next_sort(self, step: int = 1) -> NeuronQuery:
+        keys = [c[0] for c in COLUMNS]
+        return self.sorted_by(keys[(keys.index(self.sort) + step) % len(keys)])
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """The settings of one dose-response run (see mmtui.ablation.dose_response)."""
+
+    result_ids: tuple[int, ...]
+    ks: tuple[int, ...] = DEFAULT_KS
+    baseline: str = "random"
+    seeds: int = 3
+    mode: str = "zero"
+    unit_mode: str = "triples"
+    captions: bool = False
+    label: str = ""
+
+
+def parse_neuron(text: str) -> tuple[int, int] | None:
+    """`7.12134`, `L7.u12134`, `7 12134`, `7:12134` -> (7, 12134); anything else -> None."""
+    found = _NEURON.match(text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def parse_ks(text: str, most: int | None = None) -> tuple[int, ...]:
+    """`0, 50 100;200` -> (0, 50, 100, 200), sorted and unique. Raises ValueError with a message a person can act on."""
+    parts = [p for p in re.split(r"[\s,;]+", text.strip()) if p]
+    if not parts:
+        raise ValueError("give at least one k, e.g. 0,50,100,200")
+    try:
+        ks = sorted({int(p) for p in parts})
+    except ValueError:
+        raise ValueError(f"k values are whole numbers separated by commas, not {text!r}") from None
+    if ks[0] < 0:
+        raise ValueError("k values cannot be negative")
+    if most is not None and ks[-1] > most:
+        raise ValueError(f"k = {ks[-1]} is more than the {most} triples stored per image")
+    return tuple(ks)

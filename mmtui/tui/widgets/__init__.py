@@ -1,0 +1,1 @@
+"""The browser's widgets: pictures (half blocks or real pixels), the layers bar chart, the neuron table."""

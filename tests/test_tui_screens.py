@@ -1,0 +1,293 @@
+"""The browser's screens on a small synthetic store (no model: written with Store.add_result + numpy, fixed
+timestamps and image paths, so the snapshots are the same on every machine), the store-problem screens,
+and the import hygiene of the browse path.
+
+Snapshots: tests/__snapshots__/test_tui_screens/*.svg; after a deliberate change of a screen, look at the
+new pictures and accept them with `pytest tests/test_tui_screens.py --snapshot-update`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_tui_queries import COCO, D_MLP, N_LAYERS, build_synthetic_store
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from mmtui.store import Store
+from mmtui.tui import make_app
+from mmtui.tui.screens.browse import BrowseScreen
+from mmtui.tui.screens.problem import ProblemScreen
+from mmtui.tui.screens.runs import RunsScreen
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (120, 36)
+
+
+@pytest.fixture(scope="module")
+def synthetic_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not COCO.is_dir():
+        pytest.skip(f"needs the sample photos in {COCO}")
+    return build_synthetic_store(tmp_path_factory.mktemp("tui-synthetic") / "synthetic.db")
+
+
+@pytest.fixture(scope="module")
+def two_runs_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not COCO.is_dir():
+        pytest.skip(f"needs the sample photos in {COCO}")
+    return build_synthetic_store(tmp_path_factory.mktemp("tui-two-runs") / "two.db", runs=2)
+
+
+async def settle(pilot: Pilot) -> None:
+    """Let the workers finish and their messages land (a few rounds: a loaded screen starts more)."""
+    for _ in range(6):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause(0.05)
+    for box in pilot.app.screen.query(Input):
+        box.cursor_blink = False
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- snapshots -------------------------------------------------------------------------------------------------
+def test_snapshot_neuron_table(snap_compare, synthetic_db: Path) -> None:
+    assert snap_compare(make_app(synthetic_db, graphics="halfblock"), run_before=settle, terminal_size=SIZE)
+
+
+def test_snapshot_layer_sorted_filtered(snap_compare, synthetic_db: Path) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("shift+tab", "down", "down", "tab")  # layer 1
+        await pilot.press("5")  # sort by top-100 count
+        await pilot.press("slash", *"ra")
+        await settle(pilot)
+
+    assert snap_compare(make_app(synthetic_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)
+
+
+def test_snapshot_neuron_detail(snap_compare, synthetic_db: Path) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("enter")
+        await settle(pilot)
+
+    assert snap_compare(make_app(synthetic_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)
+
+
+def test_snapshot_image_view(snap_compare, synthetic_db: Path) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("i")
+        await settle(pilot)
+        await pilot.press("down", "enter")
+        await settle(pilot)
+
+    assert snap_compare(make_app(synthetic_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)
+
+
+def test_snapshot_ablation_form(snap_compare, synthetic_db: Path) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("a")
+        await settle(pilot)
+
+    assert snap_compare(make_app(synthetic_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)
+
+
+def test_snapshot_help(snap_compare, synthetic_db: Path) -> None:
+    async def run_before(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await settle(pilot)
+
+    assert snap_compare(make_app(synthetic_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)
+
+
+def test_snapshot_run_chooser(snap_compare, two_runs_db: Path) -> None:
+    assert snap_compare(make_app(two_runs_db, graphics="halfblock"), run_before=settle, terminal_size=SIZE)
+
+
+def test_snapshot_missing_store(snap_compare, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the message names the path: keep it relative, the same everywhere
+    assert snap_compare(make_app(Path("no-such.db"), graphics="halfblock"), run_before=settle, terminal_size=SIZE)
+
+
+# -- the store cannot be browsed: a screen that says why, never a traceback -------------------------------------
+async def _problem(db: Path) -> ProblemScreen:
+    app = make_app(db, graphics="halfblock")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, ProblemScreen), type(screen)
+        await pilot.press("q")
+    assert app.return_code in (0, None)
+    return screen
+
+
+@pytest.mark.anyio
+async def test_missing_store(tmp_path: Path) -> None:
+    screen = await _problem(tmp_path / "absent.db")
+    assert screen.problem_title == "No store here"
+    assert "mmtui attribute" in screen.message
+    assert not (tmp_path / "absent.db").exists()  # browsing never creates a store
+
+
+@pytest.mark.anyio
+async def test_empty_store(tmp_path: Path) -> None:
+    Store.open(tmp_path / "empty.db").close()
+    screen = await _problem(tmp_path / "empty.db")
+    assert screen.problem_title == "The store is empty"
+
+
+@pytest.mark.anyio
+async def test_store_from_a_newer_mmtui(tmp_path: Path, synthetic_db: Path) -> None:
+    db = tmp_path / "newer.db"
+    shutil.copy(synthetic_db, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES ('mmtui', 'm999_future', 'x')"
+        )
+    screen = await _problem(db)
+    assert screen.problem_title == "Store from a newer mmtui"
+    assert "m999_future" in screen.message
+
+
+@pytest.mark.anyio
+async def test_not_a_store(tmp_path: Path) -> None:
+    (tmp_path / "notes.db").write_text("not a database at all\n" * 50)
+    screen = await _problem(tmp_path / "notes.db")
+    assert screen.problem_title == "Not an mmtui store"
+
+
+def _schema(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+    rows = conn.execute("SELECT type, name FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'")
+    return {(r[0], r[1]) for r in rows}
+
+
+@pytest.mark.anyio
+async def test_store_from_the_first_release_is_migrated_and_browsed(tmp_path: Path, synthetic_db: Path) -> None:
+    """A store as the first release wrote it (m001 only): opening it applies the later steps, then it browses."""
+    from sqlite_utils import Database
+
+    from mmtui.migrations import m001_create_tables
+
+    first = Database(memory=True)
+    m001_create_tables(first)
+    first_schema = _schema(first.conn)
+    db = tmp_path / "older.db"
+    shutil.copy(synthetic_db, db)
+    with sqlite3.connect(db) as conn:
+        full_schema = _schema(conn)
+        later = {(kind, name) for kind, name in full_schema - first_schema if "_sqlite_migrations" not in name}
+        for kind, name in sorted(later):
+            conn.execute(f"DROP {kind.upper()} IF EXISTS [{name}]")
+        for table in first.table_names():  # and the columns later steps added
+            for column in set(_columns(conn, table)) - set(_columns(first.conn, table)):
+                conn.execute(f"ALTER TABLE [{table}] DROP COLUMN [{column}]")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name != 'm001_create_tables'")
+    app = make_app(db, graphics="halfblock")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert isinstance(app.screen, BrowseScreen)
+        assert app.screen.total == N_LAYERS * D_MLP - _unseen_units(synthetic_db)
+    with sqlite3.connect(db) as conn:
+        assert _schema(conn) == full_schema
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA table_info([{table}])")]
+
+
+def _unseen_units(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return N_LAYERS * D_MLP - conn.execute("SELECT count(*) FROM neuron_stats").fetchone()[0]
+
+
+@pytest.mark.anyio
+async def test_several_runs_open_the_chooser_then_a_run(two_runs_db: Path) -> None:
+    app = make_app(two_runs_db, graphics="halfblock")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert isinstance(app.screen, RunsScreen)
+        await pilot.press("down", "enter")
+        await settle(pilot)
+        assert isinstance(app.screen, BrowseScreen)
+        assert app.screen.run["prompt"] == app.runs[1]["prompt"]
+        await pilot.press("escape")  # back to the chooser
+        assert isinstance(app.screen, RunsScreen)
+
+
+@pytest.mark.anyio
+async def test_unknown_run_id(synthetic_db: Path) -> None:
+    app = make_app(synthetic_db, run_id="zzz", graphics="halfblock")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert isinstance(app.screen, ProblemScreen)
+        assert "zzz" in app.screen.message
+
+
+# -- import hygiene ----------------------------------------------------------------------------------------------
+HEAVY = ("torch", "transformers", "timm", "torchvision")
+BROWSE_SCRIPT = """
+import asyncio, sys
+from mmtui.tui import make_app
+
+async def main(db):
+    app = make_app(db, graphics="halfblock")
+    async with app.run_test(size=(120, 36)) as pilot:
+        for keys in ([], ["enter"], ["escape", "i"], ["enter"], ["escape", "escape", "a"]):
+            await pilot.press(*keys)
+            for _ in range(4):
+                await app.workers.wait_for_complete()
+                await pilot.pause(0.05)
+        print("SCREEN=" + type(app.screen).__name__)
+
+asyncio.run(main(sys.argv[1]))
+print("HEAVY=" + ",".join(m for m in HEAVY if m in sys.modules))
+"""
+
+
+def test_browsing_never_imports_torch(synthetic_db: Path) -> None:
+    """Start-up, the neuron table, a neuron, the image list, an image and the ablation form: no torch."""
+    code = f"HEAVY = {HEAVY!r}\n" + BROWSE_SCRIPT
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(synthetic_db)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SCREEN=AblationScreen" in out.stdout
+    assert "HEAVY=\n" in out.stdout, out.stdout
+
+
+TUI_CONTRACT = """
+[tool.importlinter]
+root_packages = ["mmtui", "commands"]
+include_external_packages = true
+
+[[tool.importlinter.contracts]]
+name = "The TUI never imports torch, transformers or timm itself (the model loads in workers, through the core)"
+type = "forbidden"
+source_modules = ["mmtui.tui"]
+forbidden_modules = ["torch", "transformers", "timm", "torchvision"]
+allow_indirect_imports = true
+"""
+
+
+def test_tui_import_contract(tmp_path: Path) -> None:
+    """The static half of the guard (the subprocess test above is the run-time half): no module of mmtui.tui
+    imports a heavy package itself, not even inside a function; the workers reach the model through the core."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    if not lint.exists():
+        pytest.skip("import-linter not installed")
+    config = tmp_path / "tui-contract.toml"
+    config.write_text(TUI_CONTRACT)
+    out = subprocess.run([str(lint), "--config", str(config)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 kept, 0 broken" in out.stdout
