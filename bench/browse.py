@@ -1,0 +1,294 @@
+"""How fast `mmtui browse` is on a store at the paper's scale: 1,000 images of GPT-J (28 x 16,384 units).
+
+    python bench/browse.py [--images 1000] [--db /tmp/mmtui-bench/browse-1000.db] [--rebuild]
+
+Builds a synthetic store once (written with Store.add_result, as `mmtui attribute` writes it; no model
+needed) and caches it under /tmp, then prints a table: the app's start-up (process start to an interactive
+neuron table), the store queries behind a re-sort and a filter, and the same actions end to end in the
+app (key press to the table showing the new rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mmtui.store import ResultRecord, Store  # noqa: E402
+from mmtui.words import dictionary, is_interpretable  # noqa: E402
+
+N_LAYERS, D_MLP, GRID, KEEP = 28, 16_384, 14, 6_400
+DEFAULT_DB = Path("/tmp/mmtui-bench")
+CONVENTIONS = ("raw", "ln_f")
+JUNK = ["ing", "ed", "s", " the", " of", ",", ".", "ation", " un", "ly", "er", " a", "\u00e2\u0122", "re", " (", "ies"]
+
+
+# -- the synthetic store ------------------------------------------------------------------------------------
+def _layer_weights() -> np.ndarray:
+    """Where an image's top triples sit: mostly GPT-J layers 5-10 (0-based), as the paper reports."""
+    layers = np.arange(N_LAYERS)
+    w = np.exp(-0.5 * ((layers - 7.5) / 2.5) ** 2) + 0.05
+    return w / w.sum()
+
+
+def _record(rng: np.random.Generator, i: int, popular: np.ndarray, words: list[str]) -> ResultRecord:
+    layer = rng.choice(N_LAYERS, size=KEEP, p=_layer_weights()).astype(np.int16)
+    # half of the triples come from a pool of recurring units per layer, so units recur across images
+    pooled = rng.random(KEEP) < 0.5
+    unit = np.where(pooled, popular[layer, rng.integers(0, popular.shape[1], KEEP)], rng.integers(0, D_MLP, KEEP))
+    score = np.sort(0.02 * np.exp(-np.arange(KEEP) / 900.0) * rng.uniform(0.5, 1.0, KEEP))[::-1]
+    unit_max = np.abs(rng.standard_normal((N_LAYERS, D_MLP)).astype(np.float32)) * 1e-4
+    unit_max[layer, unit] = np.maximum(unit_max[layer, unit], score)
+    noun = words[i % len(words)]
+    return ResultRecord(
+        image_sha256=f"{i:064x}",
+        image_path=f"/data/coco/val2014/COCO_val2014_{i:012d}.jpg",
+        width=640,
+        height=480,
+        target_spec="auto",
+        target=noun,
+        target_token_id=1000 + i,
+        target_token=" " + noun,
+        target_source="caption-noun",
+        target_split=False,
+        caption=f"a {noun} on a table next to a window",
+        context=f"A picture of a {noun}",
+        context_ids=[32, 4286, 286, 257],
+        y_c=float(rng.uniform(0.05, 0.6)),
+        p_target=float(rng.uniform(0.05, 0.6)),
+        top_layer=layer,
+        top_unit=unit.astype(np.int32),
+        top_patch=rng.integers(0, GRID * GRID, KEEP).astype(np.int16),
+        top_score=score.astype(np.float32),
+        unit_max=unit_max,
+        unit_sum=unit_max * 3.0,
+    )
+
+
+def _token_rows(rng: np.random.Generator, layer: int, words: list[str]) -> list[dict]:
+    rows = []
+    for unit in range(D_MLP):
+        n_words = int(rng.integers(3, 11))
+        picked = [" " + words[j] for j in rng.integers(0, len(words), n_words)]
+        picked += [JUNK[j] for j in rng.integers(0, len(JUNK), 10 - n_words)]
+        rng.shuffle(picked)
+        logits = np.sort(rng.uniform(2.0, 12.0, 10))[::-1]
+        rows.append(
+            {
+                "layer": layer,
+                "unit": unit,
+                "tokens": picked,
+                "token_ids": rng.integers(0, 50_257, 10).tolist(),
+                "logits": logits.tolist(),
+                "interpretable": is_interpretable(picked),
+            }
+        )
+    return rows
+
+
+def build_store(path: Path, n_images: int, seed: int = 0, progress: Callable[[str], None] = print) -> None:
+    """Write a synthetic GPT-J-scale store at `path` (removed first if present)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    words = sorted(w for w in dictionary() if w.isalpha() and w.islower() and 3 <= len(w) <= 9)
+    popular = rng.integers(0, D_MLP, (N_LAYERS, 1500))
+    with Store.open(path) as store:
+        run_id = store.ensure_run(
+            stack_id="synthetic-gptj-0001",
+            stack_name="synthetic-gptj",
+            fingerprint={"lm": "EleutherAI/gpt-j-6b (synthetic)", "encoder": "beit-large (synthetic)"},
+            shape={
+                "n_layers": N_LAYERS,
+                "d_mlp": D_MLP,
+                "n_patches": GRID * GRID,
+                "grid": [GRID, GRID],
+                "d_model": 4096,
+                "family": "gptj",
+            },
+            lm_id="synthetic-gptj-lm",
+            prompt="A picture of",
+            site="post",
+            y_kind="prob",
+            settings={"keep": KEEP, "synthetic": True},
+        )
+        for convention in CONVENTIONS:
+            for layer in range(N_LAYERS):
+                store.add_tokens("synthetic-gptj-lm", convention, _token_rows(rng, layer, words))
+            progress(f"tokens ({convention}) written")
+        start = time.perf_counter()
+        for i in range(n_images):
+            store.add_result(run_id, _record(rng, i, popular, words))
+            if (i + 1) % 100 == 0:
+                progress(f"{i + 1}/{n_images} images ({time.perf_counter() - start:.0f} s)")
+
+
+# -- measuring ------------------------------------------------------------------------------------------------
+STARTUP_SCRIPT = """
+import json, sys, time
+started = float(sys.argv[2])
+import commands  # what `mmtui browse` imports before the app: typer, the command modules
+from mmtui.tui import make_app
+from mmtui.tui.screens.browse import BrowseScreen
+imported = time.time()
+
+async def main():
+    app = make_app(sys.argv[1], graphics="halfblock")
+    async with app.run_test(size=(160, 45)) as pilot:
+        while not (isinstance(app.screen, BrowseScreen) and app.screen.shown is not None):
+            await pilot.pause(0.001)
+        ready = time.time()
+        heavy = [m for m in ("torch", "transformers", "timm") if m in sys.modules]
+        print(json.dumps({"imports": imported - started, "interactive": ready - started, "heavy": heavy}))
+
+import asyncio
+asyncio.run(main())
+"""
+
+
+def measure_startup(db: Path, repeats: int) -> list[dict[str, Any]]:
+    """A fresh process each time: process start to the neuron table filled (imports included)."""
+    out = []
+    for _ in range(repeats):
+        started = time.time()
+        done = subprocess.run(
+            [sys.executable, "-c", STARTUP_SCRIPT, str(db), repr(started)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        )
+        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
+
+
+async def _answer(pilot: Any, act: Callable[[], Any], want: Callable[[Any], bool]) -> tuple[float, float]:
+    """Seconds from an action to (the neuron table holding the rows it asked for, the app idle again: painted)."""
+    screen = pilot.app.screen
+    start = time.perf_counter()
+    act()
+    while not (screen.shown is not None and want(screen.shown.query)):
+        if time.perf_counter() - start > 30:
+            raise RuntimeError("the table did not answer within 30 s")
+        await asyncio.sleep(0)
+    rows = time.perf_counter() - start
+    await pilot.pause()  # until the app is idle: the screen repainted
+    return rows, time.perf_counter() - start
+
+
+async def measure_actions(db: Path, tokens: list[str]) -> list[tuple[str, float, float, float]]:
+    """(action, seconds to the rows in the table, to the screen painted, the store query) in one session.
+
+    Actions are called as the keys call them (no simulated key events, whose Pilot waits for idle time)."""
+    from textual.widgets import Input
+
+    from mmtui.tui import make_app
+    from mmtui.tui.screens.browse import BrowseScreen
+    from mmtui.tui.state import COLUMNS
+    from mmtui.tui.widgets.layers import LayerBars
+
+    results: list[tuple[str, float, float, float]] = []
+    app = make_app(db, graphics="halfblock")
+    async with app.run_test(size=(160, 45)) as pilot:
+        while not (isinstance(app.screen, BrowseScreen) and app.screen.shown is not None):
+            await pilot.pause(0.001)
+        screen = app.screen
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+        async def run(name: str, act: Callable[[], Any], want: Callable[[Any], bool]) -> None:
+            rows, painted = await _answer(pilot, act, want)
+            results.append((name, rows, painted, screen.shown.seconds))
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+
+        for key, header, _ in COLUMNS:
+            for direction in ("first", "again (reversed)"):
+                was = screen.query_state
+                await run(
+                    f"sort by {header} ({direction})",
+                    lambda key=key: screen.action_sort_column(key),
+                    lambda q, key=key, was=was: q.sort == key and q != was,
+                )
+        screen.action_sort_column("max")
+        await app.workers.wait_for_complete()
+        box = screen.query_one("#filter", Input)
+        screen.action_filter()
+        for token in tokens:
+            await run(
+                f"filter {token!r}",
+                lambda token=token: setattr(box, "value", token),
+                lambda q, token=token: q.token == token,
+            )
+        screen.action_clear_filter()
+        await app.workers.wait_for_complete()
+        layers = screen.query_one(LayerBars)
+        for layer in (0, 7, 27):
+            await run(
+                f"layer {layer}",
+                lambda layer=layer: setattr(layers, "highlighted", layer + 1),
+                lambda q, layer=layer: q.layer == layer,
+            )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--db", type=Path, default=None, help="cached store (default /tmp/mmtui-bench/browse-N.db)")
+    parser.add_argument("--rebuild", action="store_true", help="build the store again")
+    parser.add_argument("--repeats", type=int, default=5, help="start-ups measured")
+    args = parser.parse_args()
+    db = args.db or DEFAULT_DB / f"browse-{args.images}.db"
+    if args.rebuild or not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building {db} ({args.images} images; minutes) ...", file=sys.stderr)
+        build_store(db, args.images, progress=lambda m: print(m, file=sys.stderr))
+    start = time.perf_counter()
+    with Store.open(db, create=False) as store:  # applies any pending migration once, before measuring
+        opened = time.perf_counter() - start
+        run = store.run()
+        n_units = store.db.execute("SELECT count(*) FROM neuron_stats WHERE run_id = ?", [run["id"]]).fetchone()[0]
+    print(f"store: {db} ({db.stat().st_size / 1e9:.2f} GB), {run['n_images']:,} images, {run['shape']['n_layers']} x ")
+    print(
+        f"       {run['shape']['d_mlp']:,} units; {n_units:,} units in some image's stored triples; opened in {opened:.2f} s"
+    )
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
+
+    startups = measure_startup(db, args.repeats)
+    assert not any(s["heavy"] for s in startups), startups
+    actions = asyncio.run(measure_actions(db, ["horse", "ing", "zebra", "qq"]))
+
+    print("| what | median | worst | target |")
+    print("| --- | ---: | ---: | ---: |")
+    for key, label in (
+        ("imports", "start-up: imports (process start -> app importable)"),
+        ("interactive", "start-up: process start -> neuron table filled"),
+    ):
+        values = [s[key] for s in startups]
+        print(
+            f"| {label} | {statistics.median(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms |"
+            f" {'< 500 ms' if key == 'interactive' else ''} |"
+        )
+    print()
+    print("| action (one session) | to rows in the table | to screen painted | store query | target |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, rows, painted, query in actions:
+        print(f"| {name} | {rows * 1000:.1f} ms | {painted * 1000:.1f} ms | {query * 1000:.1f} ms | < 100 ms |")
+
+
+if __name__ == "__main__":
+    main()
