@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from textual.widgets import DataTable, Input
 
 from mmtui import queries
 from mmtui.store import Store
-from mmtui.tui import BrowseApp, make_app
+from mmtui.tui import make_app
 from mmtui.tui.messages import (
     AblationFinished,
     AblationProgressed,
@@ -115,9 +114,6 @@ def open_store(db: Path) -> tuple[Store, dict]:
 def check_sorted(rows: list[dict], key: str, descending: bool) -> None:
     values = [r[key] for r in rows]
     assert values == sorted(values, reverse=descending), values[:10]
-
-
-Run = Callable[[BrowseApp], object]
 
 
 # -- layers, sort, filter ------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def _all_result_ids(store: Store, run_id: str) -> list[int]:
 
 
 def percent(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{100 * value + 0.0:.1f}%" if abs(value) >= 0.0005 else "0.0%"
 
 
 class AblationScreen(Screen[None]):

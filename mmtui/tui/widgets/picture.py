@@ -35,14 +35,17 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return (_STOPS[low] * (1 - frac) + _STOPS[low + 1] * frac).astype(np.uint8)
 
 
-def overlay(image: Image.Image, grid_map: np.ndarray, strength: float = 0.6) -> Image.Image:
-    """Draw a [grid_h, grid_w] activation map over `image`: negatives count as 0, the map's peak as 1."""
+def overlay(image: Image.Image, grid_map: np.ndarray, low: float = 0.2, high: float = 0.8) -> Image.Image:
+    """Draw a [grid_h, grid_w] activation map over `image`: negatives count as 0, the map's peak as 1. The
+    colour covers the picture in proportion to the activation (from `low` to `high`), so the photo stays
+    readable where the unit is quiet."""
     peak = float(grid_map.max())
     norm = np.clip(grid_map, 0.0, None) / peak if peak > 0 else np.zeros_like(grid_map)
     small = Image.fromarray(norm.astype(np.float32), mode="F")
     big = np.asarray(small.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32)
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    mixed = base * (1 - strength) + colormap(big).astype(np.float32) * strength
+    alpha = (low + (high - low) * big)[..., None]
+    mixed = base * (1 - alpha) + colormap(big).astype(np.float32) * alpha
     return Image.fromarray(mixed.clip(0, 255).astype(np.uint8), mode="RGB")
 
 
