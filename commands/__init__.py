@@ -8,7 +8,7 @@ import sys
 from commands._app import ExitCode, app
 
 # each module registers its commands on `app` when imported
-from commands import ablate, attribute, browse, heatmap, layers, neurons, prompts, report, runs, specificity  # noqa: E402,F401  isort: skip
+from commands import ablate, attribute, browse, caption, heatmap, layers, neurons, prompts, report, runs, specificity, train_projection  # noqa: E402,F401  isort: skip
 
 __all__ = ["ExitCode", "app", "main"]
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mmtui.errors import ImageError, MmtuiError
-from mmtui.images import decode_image, find_images
+from mmtui.images import decode_image, find_images, read_image_bytes
 
 DEFAULT_HOLDOUT = 30
 
@@ -223,14 +223,10 @@ def encoder_key(identity: dict[str, Any], encoder_name: str, dtype: torch.dtype)
 def _read(path: Path, preprocess: Callable, cache: FeatureCache) -> tuple[Path, str, torch.Tensor, bool] | ImageError:
     """(path, sha256, cached features or preprocessed pixels, cached?) or the file's one-line error."""
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        return ImageError(str(path), f"cannot read this file ({err.strerror or err}); check its permissions")
-    sha = hashlib.sha256(data).hexdigest()
-    cached = cache.get(sha)
-    if cached is not None:
-        return path, sha, cached, True
-    try:
+        data, sha = read_image_bytes(path)
+        cached = cache.get(sha)
+        if cached is not None:
+            return path, sha, cached, True
         image = decode_image(data, path)
     except ImageError as err:
         return err
@@ -289,3 +285,15 @@ def compute_features(
         flush()
     values = torch.stack(rows) if rows else torch.zeros(0, encoder.n_patches, encoder.dim, dtype=torch.float16)
     return Features(values, row, sha_of, problems)
+
+
+def image_sha256s(folders: Iterable[Path | str]) -> set[str]:
+    """sha256 of every readable image file under these folders (to keep those pictures out of training)."""
+    shas: set[str] = set()
+    for folder in folders:
+        for path in find_images(folder).files:
+            try:
+                shas.add(read_image_bytes(path)[1])
+            except ImageError:
+                continue
+    return shas

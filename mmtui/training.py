@@ -1,0 +1,551 @@
+"""Train the linear projection of a stack with its LM and image encoder frozen (LiMBeR's recipe).
+
+Loss: the LM's next-token loss on a human caption read after [image prefix] + prompt, the caption ending in
+the LM's end-of-sequence token so that greedy captions stop. Only the projection's weights train. Encoder
+features are computed once per image and cached on disk. Progress goes through a callback; a checkpoint is
+written every few steps and on Ctrl-C, and a rerun with the same data and settings resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmtui.caption_data import (
+    CaptionSource,
+    FeatureCache,
+    compute_features,
+    data_sha256,
+    encoder_key,
+    tidy_caption,
+)
+from mmtui.errors import ImageError, MmtuiError
+from mmtui.stacks.base import DEFAULT_PROMPT, Stack
+from mmtui.stacks.projection import Projection
+
+CARD_FORMAT = "mmtui-projection-card/1"
+CAPTION_MODES = ("all", "one")
+
+
+class TrainingError(MmtuiError):
+    """Training cannot start or go on (no data, a checkpoint from other settings, ...)."""
+
+
+class TrainingInterrupted(MmtuiError):
+    """Ctrl-C during training; the checkpoint holds every finished step."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved to {checkpoint}; run the same command again to resume"
+        )
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (all recorded in the card).
+
+    norm: "auto" rescales every projected token to the mean L2 norm of the LM's word embeddings, a number to
+    that norm, None keeps the plain linear map. learn_scale: that norm is a trained parameter.
+    captions: "all" (every caption of every image is one sample per epoch) or "one" (one random caption per
+    image per epoch). epochs may be fractional.
+    """
+
+    epochs: float = 4.0
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    norm: float | str | None = "auto"
+    learn_scale: bool = False
+    captions: str = "all"
+    seed: int = 0
+    max_tokens: int = 40
+    checkpoint_every: int = 100
+    amp: bool = True  # bfloat16 autocast of the frozen LM on CUDA
+
+
+@dataclass
+class TrainProgress:
+    """phase: features | train | eval; done of total (images, steps or batches); loss: running per-token NLL."""
+
+    phase: str
+    done: int
+    total: int
+    loss: float | None = None
+    lr: float | None = None
+
+
+ProgressFn = Callable[[TrainProgress], None]
+
+
+@dataclass
+class HeldOutImage:
+    row: int
+    path: Path
+    captions: list[str]
+    tokens: list[list[int]]
+
+
+@dataclass
+class TrainImage:
+    row: int
+    tokens: list[list[int]]
+    kind: str  # the source it came from (flickr8k, coco, classes)
+
+
+@dataclass
+class TrainingData:
+    """Features [N, P, d] float16; training images (feature row + caption token ids); held-out images per source."""
+
+    features: torch.Tensor
+    train: list[TrainImage]
+    heldout: dict[str, list[HeldOutImage]]
+    sources: list[dict[str, Any]]
+    problems: list[ImageError] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        blob = json.dumps([s.get("sha256_train") for s in self.sources]).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def only(self, kinds: Sequence[str]) -> TrainingData:
+        """The same features and held-out sets, training on the sources of these kinds only."""
+        train = [t for t in self.train if t.kind in kinds]
+        sources = [s for s in self.sources if s["kind"] in kinds]
+        return TrainingData(self.features, train, self.heldout, sources, self.problems)
+
+
+@dataclass
+class TrainResult:
+    projection: Projection
+    card: dict[str, Any]
+    path: Path
+
+
+def caption_tokens(stack: Stack, caption: str, max_tokens: int) -> list[int]:
+    """Token ids of a caption as it follows the prompt, ending with EOS (cut to max_tokens)."""
+    ids = stack.tokenize(tidy_caption(caption))[: max_tokens - 1]
+    eos = stack.eos_token_id
+    return ids + ([eos] if eos is not None else [])
+
+
+def prepare_data(
+    stack: Stack,
+    sources: Sequence[CaptionSource],
+    cache_dir: Path | str,
+    *,
+    exclude: Iterable[str] = (),
+    max_tokens: int = 40,
+    workers: int = 4,
+    train_required: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> TrainingData:
+    """Encoder features of every image (cached) and caption tokens; excluded sha256s are held out.
+
+    Raises TrainingError when no training image is left (unless train_required is False: evaluation only).
+    """
+    if not sources:
+        raise TrainingError("no training data; pass --flickr8k, --coco or --classes")
+    excluded = set(exclude)
+    paths = [im.path for src in sources for im in src.images]
+    cache = FeatureCache(cache_dir, encoder_key(stack.identity, stack.encoder.name, stack.dtype))
+
+    def report(done: int, total: int) -> None:
+        if on_progress is not None:
+            on_progress(TrainProgress("features", done, total))
+
+    feats = compute_features(stack.encoder, stack.device, paths, cache, workers=workers, on_progress=report)
+    candidates: dict[str, TrainImage] = {}
+    heldout: dict[str, list[HeldOutImage]] = {}
+    held_shas: set[str] = set()
+    described = []
+    for src in sources:
+        pairs: dict[bool, list[tuple[str, str]]] = {True: [], False: []}
+        for im in src.images:
+            sha = feats.sha_of.get(im.path)
+            if sha is None:  # unreadable: named in problems
+                continue
+            held = im.heldout or sha in excluded
+            pairs[held].extend((sha, c) for c in im.captions)
+            tokens = [caption_tokens(stack, c, max_tokens) for c in im.captions]
+            if held:
+                held_shas.add(sha)
+                heldout.setdefault(src.name, []).append(
+                    HeldOutImage(feats.row[sha], im.path, list(im.captions), tokens)
+                )
+            elif sha in candidates:  # the same picture in two sources: one image, all its captions
+                candidates[sha].tokens.extend(tokens)
+            else:
+                candidates[sha] = TrainImage(feats.row[sha], tokens, src.kind)
+        described.append(
+            {**src.describe(), "sha256_train": data_sha256(pairs[False]), "sha256_heldout": data_sha256(pairs[True])}
+        )
+    # an image held out anywhere (a duplicate across sources, an excluded sample) is never trained on
+    train = [value for sha, value in candidates.items() if sha not in held_shas]
+    if not train and train_required:
+        raise TrainingError("no readable training images left after the held-out split")
+    return TrainingData(feats.values, train, heldout, described, feats.problems)
+
+
+def _autocast(stack: Stack, amp: bool):
+    if amp and stack.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def caption_nll(
+    stack: Stack, projection: Projection, feats: torch.Tensor, captions: Sequence[Sequence[int]], amp: bool = True
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of each caption after [projection(feats)] + prompt, and the token count.
+
+    feats: encoder features [B, P, d_vision]; captions: B lists of token ids (ending with EOS).
+    """
+    prefix = projection(feats.to(stack.device).float())  # [B, P, d_model]
+    n_patch, n_prompt = prefix.shape[1], len(stack.tokenize(stack.prompt))
+    with _autocast(stack, amp):
+        embeds, _ = stack.build_inputs(prefix.to(stack.dtype), captions)  # [B, T, d_model]
+        hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, d_model]
+        rows = [i for i, c in enumerate(captions) for _ in c]
+        start = n_patch + n_prompt - 1  # the position that predicts a caption's first token
+        cols = [start + j for c in captions for j in range(len(c))]
+        logits = stack.lm.get_output_embeddings()(hidden[rows, cols])  # [N_tokens, V]
+    targets = torch.tensor([t for c in captions for t in c], device=logits.device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), len(targets)
+
+
+def _derangement(n: int, generator: torch.Generator) -> list[int]:
+    """A permutation with no fixed point (n >= 2): each image paired with another image's captions."""
+    order = torch.randperm(n, generator=generator).tolist()
+    out = [0] * n
+    for i, j in enumerate(order):
+        out[j] = order[(i + 1) % n]
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    stack: Stack,
+    projection: Projection,
+    features: torch.Tensor,
+    images: Sequence[HeldOutImage],
+    *,
+    batch_size: int = 64,
+    amp: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-token caption NLL with each image's own features (matched) and with another image's (shuffled)."""
+    shuffle = _derangement(len(images), torch.Generator().manual_seed(seed)) if len(images) > 1 else [0]
+    result: dict[str, Any] = {"images": len(images), "captions": sum(len(im.tokens) for im in images)}
+    for name, pick in (("matched", list(range(len(images)))), ("shuffled", shuffle)):
+        pairs = [(images[pick[i]].row, toks) for i, im in enumerate(images) for toks in im.tokens]
+        total, count = 0.0, 0
+        for b in range(0, len(pairs), batch_size):
+            chunk = pairs[b : b + batch_size]
+            nll, n = caption_nll(stack, projection, features[[r for r, _ in chunk]], [t for _, t in chunk], amp)
+            total, count = total + float(nll), count + n
+        result[name] = total / max(count, 1)
+        result["tokens"] = count
+    result["margin"] = result["shuffled"] - result["matched"]
+    return result
+
+
+@torch.no_grad()
+def caption_examples(
+    stack: Stack, projection: Projection, features: torch.Tensor, images: Sequence[HeldOutImage]
+) -> list[dict[str, str]]:
+    """Greedy captions of held-out images beside their first human caption."""
+    if not images:
+        return []
+    prefix = projection(features[[im.row for im in images]].to(stack.device).float()).to(stack.dtype)
+    generated = stack.generate(prefix)
+    return [
+        {"image": im.path.name, "caption": stack.caption_text(ids), "human": im.captions[0]}
+        for im, ids in zip(images, generated, strict=True)
+    ]
+
+
+def word_embedding_norm(stack: Stack) -> float:
+    """Mean L2 norm of the LM's input embeddings of real tokens."""
+    weight = stack.lm.get_input_embeddings().weight[: stack.real_vocab]
+    return float(weight.float().norm(dim=-1).mean())
+
+
+def _epoch_samples(data: TrainingData, config: TrainConfig, epoch: int) -> list[tuple[int, list[int]]]:
+    """This epoch's (feature row, caption tokens) samples in order; deterministic in (seed, epoch)."""
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    if config.captions == "all":
+        samples = [(im.row, toks) for im in data.train for toks in im.tokens]
+    else:
+        picks = torch.randint(0, 1 << 30, (len(data.train),), generator=gen).tolist()
+        samples = [(im.row, im.tokens[p % len(im.tokens)]) for im, p in zip(data.train, picks, strict=True)]
+    return [samples[i] for i in torch.randperm(len(samples), generator=gen).tolist()]
+
+
+def _schedule(config: TrainConfig, total: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to zero (one cycle)."""
+    warm = max(1, int(config.warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return factor
+
+
+def _run_id(stack: Stack, data: TrainingData, config: TrainConfig) -> str:
+    keep = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_every"}
+    parts = {"config": keep, "data": data.sha256, "lm": stack.identity.get("lm"), "prompt": stack.prompt}
+    parts["encoder"] = encoder_key(stack.identity, stack.encoder.name, stack.dtype)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, run_id: str, step: int, proj: Projection, opt, sched, loss: float) -> None:
+    state = {
+        "run_id": run_id,
+        "step": step,
+        "loss": loss,
+        "projection": proj.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_training_stack(
+    preset: str = "smol",
+    *,
+    lm: str | None = None,
+    encoder: str | None = None,
+    device: str = "auto",
+    prompt: str = DEFAULT_PROMPT,
+) -> Stack:
+    """A preset's frozen LM and encoder with a placeholder projection: training needs no projection file.
+
+    Weights stay float32 (on CUDA the LM runs under bfloat16 autocast while training).
+    """
+    from mmtui.stacks import presets
+
+    if preset not in presets.PRESETS:
+        raise TrainingError(f"unknown preset {preset!r}; choose one of {', '.join(presets.PRESETS)}")
+    base = presets.PRESETS[preset]
+    if base.lm == "tiny" and not (lm or encoder):
+        return presets.load_stack("tiny", device=device, dtype=torch.float32, prompt=prompt)
+    dev = presets.resolve_device(device)
+    model, tok, identity = presets.load_lm(lm or base.lm, base.revision, torch.float32, base.tokenizer)
+    real_vocab = len(tok)
+    if base.add_image_token:
+        tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+        model.resize_token_embeddings(len(tok))
+    enc, enc_identity = presets.load_encoder(encoder or base.encoder, torch.float32)
+    identity.update(enc_identity)
+    identity["preset"] = preset
+    d_model = model.get_input_embeddings().weight.shape[1]
+    return Stack(
+        name=preset,
+        encoder=enc.to(dev),
+        projection=Projection(enc.dim, d_model).to(dev),
+        lm=model.to(dev),
+        tokenizer=tok,
+        real_vocab=real_vocab,
+        identity=identity,
+        prompt=prompt,
+        device=dev,
+        dtype=torch.float32,
+    )
+
+
+def new_projection(stack: Stack, config: TrainConfig) -> Projection:
+    """An untrained projection for the stack, seeded; its norm resolved from the config."""
+    norm = config.norm
+    if norm == "auto":
+        norm = word_embedding_norm(stack)
+    if isinstance(norm, str):
+        raise TrainingError(f"norm must be 'auto', a number or None, not {norm!r}")
+    torch.manual_seed(config.seed)
+    return Projection(stack.encoder.dim, stack.lm.get_input_embeddings().weight.shape[1], norm, config.learn_scale)
+
+
+def fit(
+    stack: Stack,
+    data: TrainingData,
+    config: TrainConfig,
+    checkpoint: Path | str,
+    *,
+    on_progress: ProgressFn | None = None,
+) -> tuple[Projection, dict[str, Any]]:
+    """Train a projection on `data.train`; resume from `checkpoint` when it holds this very run.
+
+    Returns the projection (eval mode, frozen) and the training facts for the card. Ctrl-C saves the
+    checkpoint and raises TrainingInterrupted.
+    """
+    if config.captions not in CAPTION_MODES:
+        raise TrainingError(f"captions must be one of {', '.join(CAPTION_MODES)}, not {config.captions!r}")
+    checkpoint = Path(checkpoint)
+    run_id = _run_id(stack, data, config)
+    proj = new_projection(stack, config).to(stack.device).train()
+    params = [p for p in proj.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    per_epoch = math.ceil(len(_epoch_samples(data, config, 0)) / config.batch_size)
+    total = max(1, math.ceil(config.epochs * per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, total))
+    step, running = 0, None
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=stack.device, weights_only=True)
+        if state.get("run_id") != run_id:
+            raise TrainingError(
+                f"{checkpoint}: checkpoint of another run (other data or settings); delete it to start afresh"
+            )
+        proj.load_state_dict(state["projection"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, running = int(state["step"]), state.get("loss")
+    features = data.features.to(stack.device) if stack.device.type == "cuda" else data.features
+    started, resumed_at = time.monotonic(), step
+    epoch, samples = -1, []
+    try:
+        while step < total:
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                samples = _epoch_samples(data, config, epoch)
+            offset = (step % per_epoch) * config.batch_size
+            batch = samples[offset : offset + config.batch_size]
+            nll, count = caption_nll(stack, proj, features[[r for r, _ in batch]], [t for _, t in batch], config.amp)
+            loss = nll / count
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % config.checkpoint_every == 0 or step == total:
+                _save_checkpoint(checkpoint, run_id, step, proj, opt, sched, running)
+            if on_progress is not None:
+                on_progress(TrainProgress("train", step, total, running, sched.get_last_lr()[0]))
+    except KeyboardInterrupt:
+        _save_checkpoint(checkpoint, run_id, step, proj, opt, sched, running or float("nan"))
+        raise TrainingInterrupted(step, checkpoint) from None
+    facts = {
+        "steps": total,
+        "steps_per_epoch": per_epoch,
+        "samples_per_epoch": len(_epoch_samples(data, config, 0)),
+        "train_loss": running,
+        "norm_value": proj.norm,
+        "final_scale": float(proj.log_scale.exp()) if proj.learn_scale else proj.norm,
+        "resumed_at_step": resumed_at or None,
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
+    return proj.eval().requires_grad_(False), facts
+
+
+def heldout_report(
+    stack: Stack,
+    proj: Projection,
+    data: TrainingData,
+    *,
+    batch_size: int = 64,
+    amp: bool = True,
+    examples: int = 8,
+    on_progress: ProgressFn | None = None,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Matched vs shuffled held-out losses per source, and greedy captions of a few held-out images each."""
+    features = data.features.to(stack.device) if stack.device.type == "cuda" else data.features
+    losses: dict[str, Any] = {}
+    shown: list[dict[str, str]] = []
+    for done, (name, images) in enumerate(sorted(data.heldout.items()), 1):
+        losses[name] = evaluate(stack, proj, features, images, batch_size=batch_size, amp=amp)
+        shown += [{"source": name, **ex} for ex in caption_examples(stack, proj, features, images[:examples])]
+        if on_progress is not None:
+            on_progress(TrainProgress("eval", done, len(data.heldout)))
+    return losses, shown
+
+
+def train_projection(
+    stack: Stack,
+    sources: Sequence[CaptionSource],
+    out: Path | str,
+    config: TrainConfig | None = None,
+    *,
+    cache_dir: Path | str,
+    checkpoint: Path | str | None = None,
+    exclude: Iterable[str] = (),
+    examples: int = 8,
+    workers: int = 4,
+    on_progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Features -> training -> held-out report -> `out` (safetensors with its card in the metadata, and the
+    same card beside it as `<out>.json`). checkpoint defaults to `<out>.ckpt`."""
+    config = config or TrainConfig()
+    out = Path(out)
+    checkpoint = Path(checkpoint) if checkpoint else out.with_name(out.name + ".ckpt")
+    started = time.monotonic()
+    data = prepare_data(
+        stack,
+        sources,
+        cache_dir,
+        exclude=exclude,
+        max_tokens=config.max_tokens,
+        workers=workers,
+        on_progress=on_progress,
+    )
+    proj, facts = fit(stack, data, config, checkpoint, on_progress=on_progress)
+    losses, shown = heldout_report(
+        stack, proj, data, batch_size=config.batch_size, amp=config.amp, examples=examples, on_progress=on_progress
+    )
+    card = make_card(stack, data, config, facts, losses, shown, time.monotonic() - started)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proj.cpu().save(out, card=card)
+    out.with_name(out.name + ".json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    return TrainResult(proj, card, out)
+
+
+def make_card(
+    stack: Stack,
+    data: TrainingData,
+    config: TrainConfig,
+    facts: dict[str, Any],
+    losses: dict[str, Any],
+    examples: list[dict[str, str]],
+    seconds: float,
+) -> dict[str, Any]:
+    """The JSON card stored with a trained projection: what it was trained on, how, and how well."""
+    from mmtui import __version__
+
+    parts = {k: v for k, v in stack.identity.items() if k.startswith(("lm", "encoder"))}
+    return {
+        "format": CARD_FORMAT,
+        "mmtui": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "stack": {
+            **parts,
+            "prompt": stack.prompt,
+            "d_in": stack.encoder.dim,
+            "d_out": stack.lm.get_input_embeddings().weight.shape[1],
+            "n_patches": stack.encoder.n_patches,
+            "device": str(stack.device),
+            "amp": bool(config.amp and stack.device.type == "cuda"),
+            "torch": torch.__version__,
+        },
+        "data": data.sources,
+        "unreadable_images": len(data.problems),
+        "config": dataclasses.asdict(config),
+        "training": facts,
+        "heldout": losses,
+        "examples": examples,
+        "seconds": round(seconds, 1),
+    }
