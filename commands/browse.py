@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -40,4 +42,13 @@ def browse(
 
     from mmtui.tui import make_app
 
-    make_app(db_path(db), run_id=run, graphics=graphics, device=device).run()
+    app = make_app(db_path(db), run_id=run, graphics=graphics, device=device)
+    app.run()
+    code = int(app.return_code or 0)
+    if threading.active_count() > 1:
+        # a worker may still be loading a model (minutes for GPT-J) or finishing an ablation batch; quitting
+        # should not wait for it, and what finished is already in the store (one transaction per write)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code)

@@ -296,13 +296,15 @@ class BrowseScreen(Screen[None]):
 
         self.app.push_screen(AblationScreen(self.run, None, "the run's images"))
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "runs":  # only a store of several runs has others to choose
+            return len(self.app.runs) > 1  # type: ignore[attr-defined]
+        return True
+
     def action_runs(self) -> None:
         from mmtui.tui.screens.runs import RunsScreen
 
-        runs = self.app.runs  # type: ignore[attr-defined]
-        if len(runs) < 2:
-            self.notify("This store holds one run.", timeout=3)
-        elif self.chooser_below():
+        if self.chooser_below():
             self.app.pop_screen()
         else:
-            self.app.switch_screen(RunsScreen(runs))
+            self.app.switch_screen(RunsScreen(self.app.runs))  # type: ignore[attr-defined]
