@@ -198,3 +198,28 @@ def test_python_api(pil_images):
     assert out[0].unit_max.shape == (stack.n_layers, stack.d_mlp)
     assert out[0].target.token_id == stack.tokenize(" dog")[0]
     assert stack.lm.__class__.__name__ == "GPTJForCausalLM"
+
+
+def test_verify_decodes_named_units_like_decode_layer(tmp_path):
+    from mmtui.verify import load_lm_only, verify_units
+
+    paths = save_tiny_limber(tmp_path)
+    lm = load_lm_only(str(paths["lm"]), None, str(paths["tokenizer"]))
+    ids, _ = decode_layer(load_stack("tiny", device="cpu"), 1)
+    tokens = [lm.tokenizer.decode([i]) for i in ids[5].tolist()]
+    rows = verify_units(lm, [(1, 5, [tokens[0].strip(), "zzz"]), (14, 2019, ["horses"])])
+    assert rows[0]["tokens"] == tokens and rows[0]["matched"] == 1
+    assert rows[1]["matched"] is None and "not in this LM" in rows[1]["note"]
+
+
+def test_verify_command_on_a_local_lm(tmp_path):
+    from typer.testing import CliRunner
+
+    from commands import app
+
+    paths = save_tiny_limber(tmp_path)
+    result = CliRunner().invoke(
+        app, ["verify", "--lm", str(paths["lm"]), "--revision", "", "--tokenizer", str(paths["tokenizer"]), "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 8
