@@ -138,7 +138,7 @@ def build_store(path: Path, n_images: int, seed: int = 0, progress: Callable[[st
 
 # -- measuring ------------------------------------------------------------------------------------------------
 STARTUP_SCRIPT = """
-import json, sys, time
+import json, resource, sys, time
 started = float(sys.argv[2])
 import commands  # what `mmtui browse` imports before the app: typer, the command modules
 from mmtui.tui import make_app
@@ -151,8 +151,10 @@ async def main():
         while not (isinstance(app.screen, BrowseScreen) and app.screen.shown is not None):
             await pilot.pause(0.001)
         ready = time.time()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         heavy = [m for m in ("torch", "transformers", "timm") if m in sys.modules]
-        print(json.dumps({"imports": imported - started, "interactive": ready - started, "heavy": heavy}))
+        print(json.dumps({"imports": imported - started, "interactive": ready - started,
+                          "cpu": usage.ru_utime + usage.ru_stime, "heavy": heavy}))
 
 import asyncio
 asyncio.run(main())
@@ -175,8 +177,11 @@ def measure_startup(db: Path, repeats: int) -> list[dict[str, Any]]:
     return out
 
 
+FRAMES: list[float] = []  # when the app wrote each frame (App._display wrapped in measure_actions)
+
+
 async def _answer(pilot: Any, act: Callable[[], Any], want: Callable[[Any], bool]) -> tuple[float, float]:
-    """Seconds from an action to (the neuron table holding the rows it asked for, the app idle again: painted)."""
+    """Seconds from an action to (the neuron table holding the rows it asked for, the next frame drawn)."""
     screen = pilot.app.screen
     start = time.perf_counter()
     act()
@@ -184,15 +189,16 @@ async def _answer(pilot: Any, act: Callable[[], Any], want: Callable[[Any], bool
         if time.perf_counter() - start > 30:
             raise RuntimeError("the table did not answer within 30 s")
         await asyncio.sleep(0)
-    rows = time.perf_counter() - start
-    await pilot.pause()  # until the app is idle: the screen repainted
-    return rows, time.perf_counter() - start
+    rows = time.perf_counter()
+    while not (FRAMES and FRAMES[-1] > rows):
+        await asyncio.sleep(0.001)
+    return rows - start, FRAMES[-1] - start
 
 
-async def measure_actions(db: Path, tokens: list[str]) -> list[tuple[str, float, float, float]]:
-    """(action, seconds to the rows in the table, to the screen painted, the store query) in one session.
-
-    Actions are called as the keys call them (no simulated key events, whose Pilot waits for idle time)."""
+async def measure_actions(db: Path, tokens: list[str], rounds: int) -> dict[str, list[tuple[float, float, float]]]:
+    """Per kind of action: (seconds to the rows in the table, to the next frame, the store query), `rounds`
+    times over in one session. Actions are called as their keys call them (a simulated key press would add
+    the Pilot's wait for an idle CPU)."""
     from textual.widgets import Input
 
     from mmtui.tui import make_app
@@ -200,48 +206,53 @@ async def measure_actions(db: Path, tokens: list[str]) -> list[tuple[str, float,
     from mmtui.tui.state import COLUMNS
     from mmtui.tui.widgets.layers import LayerBars
 
-    results: list[tuple[str, float, float, float]] = []
+    results: dict[str, list[tuple[float, float, float]]] = {}
     app = make_app(db, graphics="halfblock")
+    display = app._display
+
+    def record(screen: Any, renderable: Any) -> None:
+        FRAMES.append(time.perf_counter())
+        display(screen, renderable)
+
+    app._display = record  # type: ignore[method-assign]
     async with app.run_test(size=(160, 45)) as pilot:
         while not (isinstance(app.screen, BrowseScreen) and app.screen.shown is not None):
             await pilot.pause(0.001)
         screen = app.screen
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        box = screen.query_one("#filter", Input)
+        layers = screen.query_one(LayerBars)
 
         async def run(name: str, act: Callable[[], Any], want: Callable[[Any], bool]) -> None:
+            await app.workers.wait_for_complete()  # counts of the previous query included
+            await pilot.pause(0.05)
             rows, painted = await _answer(pilot, act, want)
-            results.append((name, rows, painted, screen.shown.seconds))
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+            results.setdefault(name, []).append((rows, painted, screen.shown.seconds))
 
-        for key, header, _ in COLUMNS:
-            for direction in ("first", "again (reversed)"):
-                was = screen.query_state
+        for _ in range(rounds):
+            for key, _header, _ in COLUMNS:
+                for _direction in range(2):
+                    was = screen.query_state
+                    await run(
+                        "re-sort (7 columns, both ways)",
+                        lambda key=key: screen.action_sort_column(key),
+                        lambda q, key=key, was=was: q.sort == key and q != was,
+                    )
+            screen.action_sort_column("max")
+            screen.action_filter()
+            for token in tokens:
                 await run(
-                    f"sort by {header} ({direction})",
-                    lambda key=key: screen.action_sort_column(key),
-                    lambda q, key=key, was=was: q.sort == key and q != was,
+                    f"filter {token!r}",
+                    lambda token=token: setattr(box, "value", token),
+                    lambda q, token=token: q.token == token,
                 )
-        screen.action_sort_column("max")
-        await app.workers.wait_for_complete()
-        box = screen.query_one("#filter", Input)
-        screen.action_filter()
-        for token in tokens:
-            await run(
-                f"filter {token!r}",
-                lambda token=token: setattr(box, "value", token),
-                lambda q, token=token: q.token == token,
-            )
-        screen.action_clear_filter()
-        await app.workers.wait_for_complete()
-        layers = screen.query_one(LayerBars)
-        for layer in (0, 7, 27):
-            await run(
-                f"layer {layer}",
-                lambda layer=layer: setattr(layers, "highlighted", layer + 1),
-                lambda q, layer=layer: q.layer == layer,
-            )
+            screen.action_clear_filter()
+            for layer in (0, 7, 27):
+                await run(
+                    "layer (0, 7, 27)",
+                    lambda layer=layer: setattr(layers, "highlighted", layer + 1),
+                    lambda q, layer=layer: q.layer == layer,
+                )
+            layers.highlighted = 0
     return results
 
 
@@ -251,6 +262,7 @@ def main() -> None:
     parser.add_argument("--db", type=Path, default=None, help="cached store (default /tmp/mmtui-bench/browse-N.db)")
     parser.add_argument("--rebuild", action="store_true", help="build the store again")
     parser.add_argument("--repeats", type=int, default=5, help="start-ups measured")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the actions measured")
     args = parser.parse_args()
     db = args.db or DEFAULT_DB / f"browse-{args.images}.db"
     if args.rebuild or not db.exists():
@@ -270,24 +282,30 @@ def main() -> None:
 
     startups = measure_startup(db, args.repeats)
     assert not any(s["heavy"] for s in startups), startups
-    actions = asyncio.run(measure_actions(db, ["horse", "ing", "zebra", "qq"]))
+    actions = asyncio.run(measure_actions(db, ["horse", "zebra", "ing", "qq"], args.rounds))
 
-    print("| what | median | worst | target |")
-    print("| --- | ---: | ---: | ---: |")
-    for key, label in (
-        ("imports", "start-up: imports (process start -> app importable)"),
-        ("interactive", "start-up: process start -> neuron table filled"),
-    ):
-        values = [s[key] for s in startups]
-        print(
-            f"| {label} | {statistics.median(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms |"
-            f" {'< 500 ms' if key == 'interactive' else ''} |"
-        )
-    print()
-    print("| action (one session) | to rows in the table | to screen painted | store query | target |")
+    def ms(values: list[float]) -> str:
+        return f"{statistics.median(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms"
+
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (the CPUs are shared: medians matter)\n")
+    print("| start-up (a fresh process each time) | runs | median | worst | target |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, rows, painted, query in actions:
-        print(f"| {name} | {rows * 1000:.1f} ms | {painted * 1000:.1f} ms | {query * 1000:.1f} ms | < 100 ms |")
+    print(f"| imports (process start -> app importable) | {len(startups)} | {ms([s['imports'] for s in startups])} | |")
+    print(
+        f"| process start -> neuron table filled | {len(startups)} | {ms([s['interactive'] for s in startups])} | < 500 ms |"
+    )
+    print(
+        f"| CPU time of that, user + system (what it needs of an idle core) | {len(startups)} | {ms([s['cpu'] for s in startups])} | |"
+    )
+    print()
+    print(
+        "| action (one session) | runs | to rows in the table: median | worst | to the next frame: median | worst "
+        "| store query: median | worst | target |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, values in actions.items():
+        rows, frames, queries = (list(v) for v in zip(*values, strict=True))
+        print(f"| {name} | {len(values)} | {ms(rows)} | {ms(frames)} | {ms(queries)} | < 100 ms |")
 
 
 if __name__ == "__main__":

@@ -6,20 +6,21 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Center, Middle, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, LoadingIndicator, Static
+from textual.widgets import Footer, Header, Static
 
 
 class LoadingScreen(Screen[None]):
+    """While the store opens (usually a few ms; the first open after an upgrade migrates it). No animation:
+    it would cost start-up time for a screen that is gone at once."""
+
     def __init__(self, message: str) -> None:
         super().__init__()
         self.message = message
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        # no Header: it finishes mounting after a fast store has already replaced this screen (a Textual race)
         with Middle(), Center():
             yield Static(self.message, id="loading-message")
-        yield LoadingIndicator()
-        yield Footer()
 
 
 class ProblemScreen(Screen[None]):
