@@ -59,7 +59,7 @@ def test_smol_attributes_two_sample_photos(smol):
 
     assert (smol.n_layers, smol.d_mlp, smol.grid, smol.projection.d_out) == (30, 1536, (7, 7), 576)
     images = [Image.open(p).convert("RGB") for p in sample_images()[:2]]
-    results = smol.attribute(images, top=100, full=True)
+    results = smol.attribute(images, top=100, full=True, max_new_tokens=8)
     for result in results:
         assert result.scores.shape == (30, 49, 1536)  # layers x patches x units
         assert torch.allclose(result.unit_max, result.scores.amax(dim=1))

@@ -16,6 +16,7 @@ from commands import app
 from commands._app import ExitCode
 from mmtui import caption_data as cd
 from mmtui import training as tr
+from mmtui.caption_loss import caption_nll
 from mmtui.images import read_image_bytes
 from mmtui.stacks.projection import load_projection, read_card
 
@@ -146,7 +147,7 @@ def test_caption_nll_equals_plain_cross_entropy(tiny_stack):
     proj = tr.new_projection(tiny_stack, tr.TrainConfig(norm=None))
     feats = torch.randn(2, tiny_stack.n_patches, tiny_stack.encoder.dim)
     caps = [tr.caption_tokens(tiny_stack, "A dog runs.", 40), tr.caption_tokens(tiny_stack, "A man on a horse", 40)]
-    nll, count = tr.caption_nll(tiny_stack, proj, feats, caps)
+    nll, count = caption_nll(tiny_stack, proj, feats, caps)
     prompt = tiny_stack.tokenize(tiny_stack.prompt)
     expected, n = 0.0, 0
     for i, cap in enumerate(caps):  # one sequence at a time, through the full LM with its own head
