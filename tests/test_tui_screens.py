@@ -212,6 +212,18 @@ def _unseen_units(db: Path) -> int:
 
 
 @pytest.mark.anyio
+async def test_quick_starts_and_quits_never_crash(synthetic_db: Path) -> None:
+    """Open, wait for the table, quit at once, ten times: screens replaced or torn down while their widgets
+    still mount must not raise (a race, so a smoke test: it caught a crash on this path once in three runs
+    on a loaded machine, not on every run)."""
+    for _ in range(10):
+        app = make_app(synthetic_db, graphics="halfblock")
+        async with app.run_test(size=SIZE) as pilot:  # re-raises anything the app raised
+            while not (isinstance(app.screen, BrowseScreen) and app.screen.shown is not None):
+                await pilot.pause(0.001)
+
+
+@pytest.mark.anyio
 async def test_several_runs_open_the_chooser_then_a_run(two_runs_db: Path) -> None:
     app = make_app(two_runs_db, graphics="halfblock")
     async with app.run_test(size=SIZE) as pilot:
