@@ -49,6 +49,14 @@ def _plt():
     return plt
 
 
+def _suptitle(fig: Any, text: str) -> None:
+    """The figure's caption line(s): wrapped to the figure's width so that nothing is cut off."""
+    import textwrap
+
+    width = int(fig.get_figwidth() * 17)  # characters of 8 pt text per inch, roughly
+    fig.suptitle(textwrap.fill(text, width), fontsize=8)
+
+
 def printable(text: str) -> str:
     """Text safe for a figure title: control and unprintable characters shown as their escapes."""
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
@@ -64,7 +72,7 @@ def _stack_line(run: dict[str, Any]) -> str:
 
 
 # -- figures -------------------------------------------------------------------------------------------
-def dose_response_figure(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
+def dose_response_figure(rows: list[dict[str, Any]], out: Path, title: str, bert_model: str | None = None) -> Path:
     """Mean relative drop of P(target) vs k per condition with its interval band; caption BERTScore beside."""
     plt = _plt()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -98,8 +106,8 @@ def dose_response_figure(rows: list[dict[str, Any]], out: Path, title: str) -> P
     ax.set_title("P(target) under ablation")
     ax.legend()
     bx.set_ylabel("BERTScore F1, ablated vs original caption")
-    bx.set_title("Regenerated captions")
-    fig.suptitle(title, fontsize=8)
+    bx.set_title(f"Regenerated captions\n(BERTScore: {bert_model or 'identical captions only'})", fontsize=9)
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -119,7 +127,7 @@ def layer_figure(hist: dict[str, Any], out: Path, title: str) -> Path:
     ax.set_ylabel(f"unique units in each image's top {hist['top']}, summed")
     ax.legend()
     ax.set_title(f"{hist['n_images']} images; interpretable rate {hist['interpretable_rate']:.0%}", fontsize=9)
-    fig.suptitle(title, fontsize=8)
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -150,7 +158,7 @@ def ks_figure(texts: list[dict[str, Any]], tests: list[dict[str, Any]], out: Pat
         ax.set_ylabel("fraction <= x")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=8)
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -177,7 +185,7 @@ def specificity_figure(summary: dict[str, Any], out: Path, title: str) -> Path:
     ax.set_ylabel("IoU with the COCO mask (> 0.95 quantile)")
     ax.set_title(f"top beats random in {summary['wins']} of {summary['n_categories']} categories", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=8)
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -268,7 +276,8 @@ def build_report(
         rows = summarize_ablation(points, shape=run["shape"])
         name = f"dose_response_{mode}_{unit_mode}"
         title = f"{mode} ablation of {unit_mode}; baseline: random units of the same layers at the same patches; {n} images; {stack_line}"
-        report.figures[name] = dose_response_figure(rows, out / f"{name}.png", title)
+        models = sorted({p["bertscore_model"] for p in points} - {None, "identical"})
+        report.figures[name] = dose_response_figure(rows, out / f"{name}.png", title, ", ".join(models) or None)
         report.numbers[name] = rows
         cols = [
             ("condition", "condition"),
