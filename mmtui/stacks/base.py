@@ -156,26 +156,32 @@ class Stack:
         return embeds, [prefix.shape[1] + len(r) for r in rows]
 
     # -- running the LM --------------------------------------------------------------------------------
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a caption: EOS and every other special token (SmolLM2 ends a greedy caption with
+        <|im_start|>, whose embedding is nearly <|im_end|>'s)."""
+        ids = [self.eos_token_id, *getattr(self.tokenizer, "all_special_ids", [])]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[list[int]]:
-        """Greedy (temperature 0) continuation of [prefix] + prompt, with the KV cache; stops at EOS."""
+        """Greedy (temperature 0) continuation of [prefix] + prompt, with the KV cache; stops at a special token."""
         embeds, _ = self.build_inputs(prefix, [[] for _ in range(prefix.shape[0])])
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        eos = self.eos_token_id
+        stops = self.stop_token_ids
         out = self.lm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
-            eos_token_id=eos,
-            pad_token_id=eos if eos is not None else 0,
+            eos_token_id=stops or None,
+            pad_token_id=stops[0] if stops else 0,
         )
         rows: list[list[int]] = []
         for row in out.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            rows.append(row)
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            rows.append(row[:cut])
         return rows
 
     def caption_text(self, ids: Sequence[int]) -> str:
