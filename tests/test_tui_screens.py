@@ -244,6 +244,24 @@ async def test_pictures_through_textual_image(synthetic_db: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_an_unexpected_error_in_a_worker_is_shown(synthetic_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers report the errors they expect as messages; anything else still reaches the screen as a
+    notification instead of dying quietly in its thread."""
+    import mmtui.tui.screens.browse as browse
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the page query broke")
+
+    monkeypatch.setattr(browse, "neuron_page", broken)
+    app = make_app(synthetic_db, graphics="halfblock")
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await settle(pilot)
+        assert isinstance(app.screen, BrowseScreen)
+        messages = [n.message for n in app._notifications]
+        assert "RuntimeError: the page query broke" in messages
+
+
+@pytest.mark.anyio
 async def test_several_runs_open_the_chooser_then_a_run(two_runs_db: Path) -> None:
     app = make_app(two_runs_db, graphics="halfblock")
     async with app.run_test(size=SIZE) as pilot:

@@ -14,6 +14,7 @@ from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 
+from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import StoreFailed, StoreOpened
 from mmtui.tui.screens.browse import BrowseScreen
 from mmtui.tui.screens.problem import LoadingScreen, ProblemScreen
@@ -24,7 +25,7 @@ from mmtui.tui.state import PAGE
 GRAPHICS = ("auto", "pixels", "halfblock")
 
 
-class BrowseApp(App[None]):
+class BrowseApp(ShowsWorkerErrors, App[None]):
     """Browse a store's runs, layers, neurons and images; run ablations."""
 
     CSS_PATH = "app.tcss"

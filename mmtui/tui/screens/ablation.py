@@ -25,6 +25,7 @@ from textual_plotext import PlotextPlot
 
 from mmtui.errors import MmtuiError
 from mmtui.store import Store
+from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import (
     AblationFailed,
     AblationFinished,
@@ -50,7 +51,7 @@ def percent(value: float | None) -> str:
     return f"{100 * value + 0.0:.1f}%" if abs(value) >= 0.0005 else "0.0%"
 
 
-class AblationScreen(Screen[None]):
+class AblationScreen(ShowsWorkerErrors, Screen[None]):
     BINDINGS = [
         Binding("escape", "leave", "Back"),
         Binding("ctrl+r", "start", "Run"),
@@ -257,6 +258,9 @@ class AblationScreen(Screen[None]):
                 summary = summarize(points, shape=self.run["shape"]) if points else []
         except MmtuiError as error:
             self.post_message(AblationFailed(str(error), points))
+            return
+        except Exception as error:  # a model error (CUDA out of memory, ...) ends the run on screen, not silently
+            self.post_message(AblationFailed(f"{type(error).__name__}: {error}", points))
             return
         for line in skipped:
             self.app.call_from_thread(self.notify, line, title="Image skipped", severity="warning", timeout=8)

@@ -17,6 +17,7 @@ from textual.worker import get_current_worker
 from mmtui.errors import MmtuiError
 from mmtui.queries import count_neurons, layer_counts, neuron_page
 from mmtui.store import Store
+from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import LayersLoaded, NeuronRequested, NeuronsCounted, NeuronsLoaded, QueryFailed
 from mmtui.tui.screens.runs import run_shape
 from mmtui.tui.session import Interrupted
@@ -29,7 +30,7 @@ def run_title(run: dict[str, Any]) -> str:
     return f"run {run['id']} · {run['stack']} · {run['n_images']:,} images · {run_shape(run)}"
 
 
-class BrowseScreen(Screen[None]):
+class BrowseScreen(ShowsWorkerErrors, Screen[None]):
     BINDINGS = [
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("s", "sort(1)", "Sort"),

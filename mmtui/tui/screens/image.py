@@ -15,6 +15,7 @@ from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
 from mmtui.queries import image_summary
+from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageSummaryLoaded, NeuronRequested, QueryFailed
 from mmtui.tui.text import image_name, printable, prob, score, token
 from mmtui.tui.widgets.heatmap_pane import HeatmapPane
@@ -23,7 +24,7 @@ from mmtui.tui.widgets.neuron_table import neuron_label
 TOP_TRIPLES = 100  # the paper studies each image's top 100
 
 
-class ImageScreen(Screen[None]):
+class ImageScreen(ShowsWorkerErrors, Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("h", "heatmap", "Heatmap"),

@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header
 
 from mmtui.errors import MmtuiError
+from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageRequested, ImagesListed, QueryFailed
 from mmtui.tui.text import image_name, printable, prob
 
@@ -20,7 +21,7 @@ def _results(store: Any, run_id: str) -> list[dict[str, Any]]:
     return list(store.results(run_id))
 
 
-class ImagesScreen(Screen[None]):
+class ImagesScreen(ShowsWorkerErrors, Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("a", "ablate", "Ablate"),
@@ -64,7 +65,7 @@ class ImagesScreen(Screen[None]):
                 Text(printable(r["caption"]), no_wrap=True, overflow="ellipsis"),
                 key=str(r["id"]),
             )
-        table.border_title = f"{len(message.rows):,} images"
+        self.sub_title = f"run {self.run['id']} · {len(message.rows):,} images · enter opens one, a ablates it"
 
     @on(QueryFailed)
     def show_failure(self, message: QueryFailed) -> None:

@@ -18,6 +18,7 @@ from textual.worker import get_current_worker
 from mmtui.defaults import CONVENTIONS
 from mmtui.errors import MmtuiError
 from mmtui.queries import neuron_detail
+from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageRequested, NeuronDetailLoaded, QueryFailed
 from mmtui.tui.text import image_name, printable, prob, score, token
 from mmtui.tui.widgets.heatmap_pane import HeatmapPane
@@ -28,7 +29,7 @@ TOP_IMAGES = 20
 CONVENTION_NAMES = {"raw": "raw (paper)", "ln_f": "ln_f gain"}
 
 
-class NeuronScreen(Screen[None]):
+class NeuronScreen(ShowsWorkerErrors, Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("h", "heatmap", "Heatmap"),

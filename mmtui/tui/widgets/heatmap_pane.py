@@ -19,13 +19,14 @@ from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
 from mmtui.tui.compute import heatmap_picture, read_picture
+from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import HeatmapComputed, HeatmapFailed, PictureLoaded, StackLoading
 from mmtui.tui.text import image_name
 from mmtui.tui.widgets.neuron_table import neuron_label
 from mmtui.tui.widgets.picture import Picture, colorbar
 
 
-class HeatmapPane(Vertical):
+class HeatmapPane(ShowsWorkerErrors, Vertical):
     DEFAULT_CSS = """
     HeatmapPane { height: 1fr; }
     HeatmapPane > #picture-caption { height: auto; max-height: 3; }
@@ -133,6 +134,9 @@ class HeatmapPane(Vertical):
             drawn, peak, grid = heatmap_picture(stack, picture, unit[0], unit[1], self.run["site"])
         except MmtuiError as error:
             self.post_message(HeatmapFailed(str(error)))
+            return
+        except Exception as error:  # a model error (CUDA out of memory, ...) is shown, not lost in the worker
+            self.post_message(HeatmapFailed(f"{type(error).__name__}: {error}"))
             return
         if not get_current_worker().is_cancelled:
             self.post_message(HeatmapComputed(result_id, unit[0], unit[1], drawn, peak, grid))
