@@ -382,7 +382,7 @@ async def test_ablation_can_be_cancelled_and_keeps_its_points(db: Path) -> None:
     app = make_app(db, graphics="halfblock", device="cpu")
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
         await _open_ablation(pilot, hook)
-        await _set(pilot, "#ks", ",".join(str(k) for k in range(0, 2048, 8)))
+        await _set(pilot, "#ks", ",".join(str(k) for k in range(0, 2048, 32)))
         await _set(pilot, "#seeds", "3")
         await pilot.press("ctrl+r")
         await hook.wait_for(pilot, AblationProgressed, timeout=90)
