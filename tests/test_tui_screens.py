@@ -341,3 +341,22 @@ def test_tui_import_contract(tmp_path: Path) -> None:
     out = subprocess.run([str(lint), "--config", str(config)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 kept, 0 broken" in out.stdout
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["browse"], "mmtui browse needs a terminal"),
+        (["browse", "--graphics", "sixels"], "--graphics 'sixels': use one of auto, pixels, halfblock"),
+    ],
+)
+def test_browse_command_errors(args: list[str], message: str) -> None:
+    """Outside a terminal (a pipe, a script) or with a bad option: one line on stderr, exit 2, no UI."""
+    from typer.testing import CliRunner
+
+    from commands import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
