@@ -89,11 +89,9 @@ def attribute(
         fail(f"--batch-size {batch_size!r}: use a positive number or auto")
     with core_errors():
         if samples:
-            from mmtui.samples import sample_captions, sample_dir
+            from mmtui.samples import sample_dir
 
             image_dir = sample_dir()
-            if captions is None and target is None:
-                captions = sample_captions()
         assert image_dir is not None
         scan = find_images(image_dir)
         for problem in scan.problems:

@@ -7,8 +7,11 @@ vocabulary (ids below stack.real_vocab) takes part.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmtui.defaults import CONVENTIONS
@@ -56,6 +59,54 @@ def decode_layer(
     return torch.cat(ids), torch.cat(vals)
 
 
+SHIPPED = Path(__file__).resolve().parent / "data" / "decodings"
+
+
+def cache_dir() -> Path:
+    """Where decodings computed on this machine are kept ($MMTUI_CACHE, else ~/.cache/mmtui)."""
+    return Path(os.environ.get("MMTUI_CACHE", Path.home() / ".cache" / "mmtui")) / "decodings"
+
+
+def decoding_name(stack: Stack, convention: str, k: int) -> str:
+    return f"{stack.lm_fingerprint_id}-{convention}-k{k}.npz"
+
+
+def decoded_layers(
+    stack: Stack, convention: str = "raw", k: int = DEFAULT_K
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(layer, token ids [d_mlp, k], logits [d_mlp, k]) for every layer: from a file made earlier for this LM
+    (shipped with mmtui, or computed once on this machine), else computed and then saved for next time."""
+    name = decoding_name(stack, convention, k)
+    want = (stack.n_layers, stack.d_mlp, k)
+    for path in (SHIPPED / name, cache_dir() / name):
+        if path.is_file():
+            with np.load(path) as data:
+                ids, logits = data["ids"], data["logits"]
+            if ids.shape == want and logits.shape == want:
+                for layer in range(stack.n_layers):
+                    yield layer, ids[layer].astype(np.int64), logits[layer].astype(np.float32)
+                return
+    all_ids = np.zeros(want, dtype=np.int32)
+    all_logits = np.zeros(want, dtype=np.float32)
+    for layer in range(stack.n_layers):
+        ids, vals = decode_layer(stack, layer, convention, k)
+        all_ids[layer], all_logits[layer] = ids.numpy(), vals.numpy()
+        yield layer, all_ids[layer], all_logits[layer]
+    save_decodings(cache_dir() / name, all_ids, all_logits)
+
+
+def save_decodings(path: Path, ids: np.ndarray, logits: np.ndarray) -> None:
+    """Write atomically (a rename), so that a run interrupted mid-write leaves no half file behind."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        small = ids.max(initial=0) < np.iinfo(np.uint16).max
+        np.savez_compressed(tmp, ids=ids.astype(np.uint16 if small else np.int32), logits=logits.astype(np.float16))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs recomputing next time
+
+
 def decode_units(
     stack: Stack,
     convention: str = "raw",
@@ -64,8 +115,7 @@ def decode_units(
 ) -> Iterator[list[dict]]:
     """For each layer in turn, the rows of every unit: layer, unit, tokens, token_ids, logits, interpretable."""
     vocab = vocab_strings(stack)
-    for layer in range(stack.n_layers):
-        ids, vals = decode_layer(stack, layer, convention, k)
+    for layer, ids, vals in decoded_layers(stack, convention, k):
         rows = []
         for unit, (row_ids, row_vals) in enumerate(zip(ids.tolist(), vals.tolist(), strict=True)):
             tokens = [vocab[i] for i in row_ids]

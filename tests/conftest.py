@@ -17,9 +17,10 @@ COCO = SHARED / "coco-mini" / "train2017"
 
 @pytest.fixture(autouse=True)
 def isolated_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own MMTUI_DB, so nothing touches the user's cache."""
+    """Every test gets its own MMTUI_DB and MMTUI_CACHE, so nothing touches the user's files."""
     path = tmp_path / "mmtui.db"
     monkeypatch.setenv("MMTUI_DB", str(path))
+    monkeypatch.setenv("MMTUI_CACHE", str(tmp_path / "user-cache"))
     return path
 
 

@@ -94,7 +94,8 @@ class Stack:
     @property
     def lm_fingerprint_id(self) -> str:
         """Identity of the LM alone (neuron decodings depend on nothing else)."""
-        blob = json.dumps({"lm": self.identity.get("lm"), "real_vocab": self.real_vocab}, sort_keys=True).encode()
+        lm = {k: v for k, v in self.identity.items() if k.startswith("lm") or k == "image_token"}
+        blob = json.dumps({**lm, "real_vocab": self.real_vocab}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def shape(self) -> dict[str, Any]:
