@@ -138,7 +138,7 @@ def build_store(path: Path, n_images: int, seed: int = 0, progress: Callable[[st
 
 # -- measuring ------------------------------------------------------------------------------------------------
 STARTUP_SCRIPT = """
-import json, resource, sys, time
+import asyncio, json, resource, sys, time
 started = float(sys.argv[2])
 import commands  # what `mmtui browse` imports before the app: typer, the command modules
 from mmtui.tui import make_app
@@ -147,16 +147,24 @@ imported = time.time()
 
 async def main():
     app = make_app(sys.argv[1], graphics="halfblock")
-    async with app.run_test(size=(160, 45)) as pilot:
+    frames = []
+    display = app._display
+    def record(screen, renderable):
+        frames.append(time.time())
+        display(screen, renderable)
+    app._display = record
+    async with app.run_test(size=(160, 45)):
         while not (isinstance(app.screen, BrowseScreen) and app.screen.shown is not None):
-            await pilot.pause(0.001)
-        ready = time.time()
+            await asyncio.sleep(0.001)
+        filled = time.time()
+        while not (frames and frames[-1] > filled):
+            await asyncio.sleep(0.001)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         heavy = [m for m in ("torch", "transformers", "timm") if m in sys.modules]
-        print(json.dumps({"imports": imported - started, "interactive": ready - started,
-                          "cpu": usage.ru_utime + usage.ru_stime, "heavy": heavy}))
+        print(json.dumps({"imports": imported - started, "filled": filled - started,
+                          "interactive": frames[-1] - started, "cpu": usage.ru_utime + usage.ru_stime,
+                          "heavy": heavy}))
 
-import asyncio
 asyncio.run(main())
 """
 
@@ -292,10 +300,13 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     print(f"| imports (process start -> app importable) | {len(startups)} | {ms([s['imports'] for s in startups])} | |")
     print(
-        f"| process start -> neuron table filled | {len(startups)} | {ms([s['interactive'] for s in startups])} | < 500 ms |"
+        f"| process start -> first page of the table loaded | {len(startups)} | {ms([s['filled'] for s in startups])} | |"
     )
     print(
-        f"| CPU time of that, user + system (what it needs of an idle core) | {len(startups)} | {ms([s['cpu'] for s in startups])} | |"
+        f"| process start -> table drawn on screen (interactive) | {len(startups)} | {ms([s['interactive'] for s in startups])} | < 500 ms |"
+    )
+    print(
+        f"| CPU time to that point, user + system (what it takes of an idle core) | {len(startups)} | {ms([s['cpu'] for s in startups])} | |"
     )
     print()
     print(

@@ -381,8 +381,12 @@ async def test_ablation_can_be_cancelled_and_keeps_its_points(db: Path) -> None:
     hook = Recorder()
     app = make_app(db, graphics="halfblock", device="cpu")
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
-        await _open_ablation(pilot, hook)
-        await _set(pilot, "#ks", ",".join(str(k) for k in range(0, 2048, 32)))
+        await settle(pilot)
+        await pilot.press("a")  # from the neuron table: the run's first images (all 3 here)
+        await settle(pilot)
+        assert app.screen.query_one("#n-images", Input).value == "3"
+        # enough work (~1,500 points in ~100 batches) that the cancel lands long before the end
+        await _set(pilot, "#ks", ",".join(str(k) for k in range(0, 2048, 16)))
         await _set(pilot, "#seeds", "3")
         await pilot.press("ctrl+r")
         await hook.wait_for(pilot, AblationProgressed, timeout=90)

@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
+from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, ProgressBar, Select, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
@@ -36,6 +36,7 @@ from mmtui.tui.messages import (
 )
 from mmtui.tui.state import DEFAULT_KS, AblationSpec, parse_ks
 from mmtui.tui.text import image_name, printable, prob
+from mmtui.tui.widgets.title import TitleBar
 
 DEFAULT_RUN_IMAGES = 10  # ablation from the main screen: the first N images of the run
 COLORS = {"top": "red", "interpretable": "orange", "random": "blue"}
@@ -79,7 +80,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
         return tuple(ks if most in ks else [*ks, most])
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar(f"ablation · {self.label} · run {self.run['id']}")
         with Vertical(id="ablation-form"):
             with Horizontal(classes="form-row"):
                 yield Label("images", classes="form-label")
@@ -131,7 +132,6 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"ablation · {self.label} · run {self.run['id']}"
         self.query_one("#ablation-form").border_title = "Dose-response: ablate each image's top-k, measure P(target)"
         self.query_one("#summary-pane").border_title = "Mean relative drop of P(target) (95% interval over images)"
         self.query_one("#plot").border_title = "Dose-response"

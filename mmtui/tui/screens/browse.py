@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, OptionList, Static
+from textual.widgets import DataTable, Footer, Input, OptionList, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
@@ -24,6 +24,7 @@ from mmtui.tui.session import Interrupted
 from mmtui.tui.state import COLUMNS, NeuronQuery
 from mmtui.tui.widgets.layers import LayerBars
 from mmtui.tui.widgets.neuron_table import NeuronTable
+from mmtui.tui.widgets.title import TitleBar
 
 
 def run_title(run: dict[str, Any]) -> str:
@@ -60,7 +61,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
         return self.app.session  # type: ignore[attr-defined]
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar(run_title(self.run))
         with Horizontal(id="browse-body"):
             with Vertical(id="layers-pane"):
                 yield LayerBars(id="layers")
@@ -72,7 +73,6 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
 
     def on_mount(self) -> None:
         self.query_state = NeuronQuery(limit=self.app.page)  # type: ignore[attr-defined]
-        self.sub_title = run_title(self.run)
         self.query_one("#layers-pane").border_title = "Layers · top-100 units"
         self.query_one("#neurons-pane").border_title = "Neurons"
         self.query_one("#filter", Input).display = False

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
@@ -20,6 +20,7 @@ from mmtui.tui.messages import ImageSummaryLoaded, NeuronRequested, QueryFailed
 from mmtui.tui.text import image_name, printable, prob, score, token
 from mmtui.tui.widgets.heatmap_pane import HeatmapPane
 from mmtui.tui.widgets.neuron_table import neuron_label
+from mmtui.tui.widgets.title import TitleBar
 
 TOP_TRIPLES = 100  # the paper studies each image's top 100
 
@@ -38,7 +39,7 @@ class ImageScreen(ShowsWorkerErrors, Screen[None]):
         self.summary: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar(f"image · run {self.run['id']}")
         with Horizontal(id="image-body"):
             yield HeatmapPane(self.run, self.app.graphics, id="image-picture")  # type: ignore[attr-defined]
             with Vertical(id="image-side"):
@@ -48,7 +49,6 @@ class ImageScreen(ShowsWorkerErrors, Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"image · run {self.run['id']}"
         self.query_one("#image-neurons-pane").border_title = f"Top {TOP_TRIPLES} (layer, unit, patch) triples"
         table = self.query_one("#image-neurons", DataTable)
         for header in ("rank", "neuron", "patch", "score", "decoded tokens"):

@@ -9,12 +9,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header
+from textual.widgets import DataTable, Footer
 
 from mmtui.errors import MmtuiError
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageRequested, ImagesListed, QueryFailed
 from mmtui.tui.text import image_name, printable, prob
+from mmtui.tui.widgets.title import TitleBar
 
 
 def _results(store: Any, run_id: str) -> list[dict[str, Any]]:
@@ -32,12 +33,11 @@ class ImagesScreen(ShowsWorkerErrors, Screen[None]):
         self.run = run
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar(f"run {self.run['id']} · images")
         yield DataTable(id="images", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"run {self.run['id']} · images"
         table = self.query_one("#images", DataTable)
         for header in ("image", "target", "P(target)", "caption"):
             table.add_column(header, key=header)
@@ -65,7 +65,7 @@ class ImagesScreen(ShowsWorkerErrors, Screen[None]):
                 Text(printable(r["caption"]), no_wrap=True, overflow="ellipsis"),
                 key=str(r["id"]),
             )
-        self.sub_title = f"run {self.run['id']} · {len(message.rows):,} images · enter opens one, a ablates it"
+        self.query_one(TitleBar).show(f"run {self.run['id']} · {len(message.rows):,} images")
 
     @on(QueryFailed)
     def show_failure(self, message: QueryFailed) -> None:

@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from mmtui.defaults import CONVENTIONS
@@ -23,6 +23,7 @@ from mmtui.tui.messages import ImageRequested, NeuronDetailLoaded, QueryFailed
 from mmtui.tui.text import image_name, printable, prob, score, token
 from mmtui.tui.widgets.heatmap_pane import HeatmapPane
 from mmtui.tui.widgets.neuron_table import neuron_label
+from mmtui.tui.widgets.title import TitleBar
 from mmtui.words import is_word
 
 TOP_IMAGES = 20
@@ -43,7 +44,7 @@ class NeuronScreen(ShowsWorkerErrors, Screen[None]):
         self.detail: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar(f"{neuron_label(*self.neuron)} · run {self.run['id']}")
         yield Static("", id="neuron-stats")
         with Horizontal(id="neuron-top"):
             with Vertical(id="tokens-pane"):
@@ -55,8 +56,6 @@ class NeuronScreen(ShowsWorkerErrors, Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        label = neuron_label(*self.neuron)
-        self.sub_title = f"{label} · run {self.run['id']}"
         self.query_one("#tokens-pane").border_title = "Decoded tokens (logit)"
         self.query_one("#top-images-pane").border_title = "Images where it ranks highest"
         tokens = self.query_one("#tokens", DataTable)

@@ -6,7 +6,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Center, Middle, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Footer, Static
+
+from mmtui.tui.widgets.title import TitleBar
 
 
 class LoadingScreen(Screen[None]):
@@ -18,7 +20,7 @@ class LoadingScreen(Screen[None]):
         self.message = message
 
     def compose(self) -> ComposeResult:
-        # no Header: it finishes mounting after a fast store has already replaced this screen (a Textual race)
+        yield TitleBar()
         with Middle(), Center():
             yield Static(self.message, id="loading-message")
 
@@ -34,7 +36,7 @@ class ProblemScreen(Screen[None]):
         self.message = message
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar()
         with Middle(), Center(), Vertical(id="problem"):
             yield Static(self.problem_title, id="problem-title")
             yield Static(self.message, id="problem-message", markup=False)

@@ -9,9 +9,10 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Static
 
 from mmtui.tui.text import printable
+from mmtui.tui.widgets.title import TitleBar
 
 
 def run_shape(run: dict[str, Any]) -> str:
@@ -27,13 +28,12 @@ class RunsScreen(Screen[None]):
         self.runs = runs
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar("choose a run")
         yield Static(f"This store holds {len(self.runs)} runs. Choose one to browse.", id="runs-intro")
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "choose a run"
         table = self.query_one("#runs", DataTable)
         for header in ("run", "stack", "images", "shape", "prompt", "site", "y", "last write"):
             table.add_column(header, key=header)
