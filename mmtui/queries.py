@@ -215,16 +215,18 @@ def _neuron_query(
     run: dict[str, Any],
     select: str,
     *,
+    tokens_select: str = "",
     layer: int | None,
     token: str | None,
     interpretable: bool | None,
     convention: str,
     by_text: bool = False,
-) -> tuple[str, list[Any]]:
+) -> tuple[str, list[Any], bool]:
     """SELECT `select` FROM ... WHERE ... over the units of a run with these filters, planned for the filter:
     a token with few text-index hits -> the hits joined to neuron_stats; a commoner token, or a sort by text
     -> neuron_stats (or the tokens, by text) walked in sort order with each unit's tokens looked up.
-    CROSS JOIN fixes SQLite's loop order to that plan."""
+    CROSS JOIN fixes SQLite's loop order to that plan. `tokens_select` is added to `select` when the plan joins
+    the tokens (t); they are left out when nothing filters or sorts by them. Also says whether it joined them."""
     where, args = ["s.run_id = ?"], [run["id"]]
     if layer is not None:
         where.append("s.layer = ?")
@@ -239,21 +241,26 @@ def _neuron_query(
         source = (
             "json_each(?) hits CROSS JOIN neuron_stats s"
             f" ON s.layer = (hits.value >> 20) & {_LOW_BITS} AND s.unit = hits.value & {_LOW_BITS}"
-            f" LEFT JOIN neuron_tokens t ON {on_tokens}"
         )
-        return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [json.dumps(hits), *tokens_args, *args]
+        if interpretable is None and not by_text:
+            return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [json.dumps(hits), *args], False
+        source += f" LEFT JOIN neuron_tokens t ON {on_tokens}"
+        return (
+            f"SELECT {select}{tokens_select} FROM {source} WHERE {' AND '.join(where)}",
+            [json.dumps(hits), *tokens_args, *args],
+            True,
+        )
     if token:
         where.append("t.text LIKE ? ESCAPE '\\'")
         args.append(_like(token))
     if by_text:
         source = "neuron_tokens t CROSS JOIN neuron_stats s ON s.layer = t.layer AND s.unit = t.unit"
         where += ["t.lm_id = ?", "t.convention = ?"]
-        return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [*args, *tokens_args]
-    if not token and interpretable is None and select == "count(*)":
-        return f"SELECT count(*) FROM neuron_stats s WHERE {' AND '.join(where)}", args
-    join = "CROSS JOIN" if token or interpretable is not None else "LEFT JOIN"
-    source = f"neuron_stats s {join} neuron_tokens t ON {on_tokens}"
-    return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [*tokens_args, *args]
+        return f"SELECT {select}{tokens_select} FROM {source} WHERE {' AND '.join(where)}", [*args, *tokens_args], True
+    if not token and interpretable is None:
+        return f"SELECT {select} FROM neuron_stats s WHERE {' AND '.join(where)}", args, False
+    source = f"neuron_stats s CROSS JOIN neuron_tokens t ON {on_tokens}"
+    return f"SELECT {select}{tokens_select} FROM {source} WHERE {' AND '.join(where)}", [*tokens_args, *args], True
 
 
 def neuron_page(
@@ -277,21 +284,31 @@ def neuron_page(
     """
     if sort not in NEURON_COLUMNS:
         raise NotFoundError(f"unknown sort column {sort!r}; use one of {', '.join(NEURON_COLUMNS)}")
-    select = "s.layer, s.unit, s.max_score, s.mean_score, s.n_top, s.n_images, t.text, t.interpretable"
-    sql, args = _neuron_query(
+    stats = "s.layer, s.unit, s.max_score, s.mean_score, s.n_top, s.n_images"
+    order = "DESC" if descending else "ASC"
+    ties = {"layer": f", s.unit {order}", "neuron": f", s.layer {order}"}.get(sort, ", s.layer, s.unit")
+    order_by = f" ORDER BY {NEURON_COLUMNS[sort]} {order}{ties}"
+    sql, args, joined = _neuron_query(
         store,
         run,
-        select,
+        stats,
+        tokens_select=", t.text, t.interpretable",
         layer=layer,
         token=token,
         interpretable=interpretable,
         convention=convention,
         by_text=sort == "tokens",
     )
-    order = "DESC" if descending else "ASC"
-    ties = {"layer": f", s.unit {order}", "neuron": f", s.layer {order}"}.get(sort, ", s.layer, s.unit")
-    sql += f" ORDER BY {NEURON_COLUMNS[sort]} {order}{ties} LIMIT ? OFFSET ?"
-    rows = store.db.execute(sql, [*args, int(limit), int(offset)]).fetchall()
+    page = f"{sql}{order_by} LIMIT ? OFFSET ?"
+    if not joined:  # cut the page first, then look up the tokens of its rows only
+        page = (
+            f"SELECT {stats}, t.text, t.interpretable FROM ({page}) s LEFT JOIN neuron_tokens t"
+            f" ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit{order_by}"
+        )
+        args = [*args, int(limit), int(offset), run["lm_id"], convention]
+    else:
+        args = [*args, int(limit), int(offset)]
+    rows = store.db.execute(page, args).fetchall()
     keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable")
     out = [dict(zip(keys, row, strict=True)) for row in rows]
     for row in out:
@@ -310,7 +327,7 @@ def count_neurons(
 ) -> int:
     """How many units `neuron_page` pages through with these filters. A token common to most units takes a
     few hundred ms at GPT-J scale (the browser counts in the background, after showing the page)."""
-    sql, args = _neuron_query(
+    sql, args, _ = _neuron_query(
         store, run, "count(*)", layer=layer, token=token, interpretable=interpretable, convention=convention
     )
     return int(store.db.execute(sql, args).fetchone()[0])
