@@ -209,7 +209,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
 
     @on(OptionList.OptionSelected, "#layers")
     def layer_selected(self, event: OptionList.OptionSelected) -> None:
-        self.query_one("#neurons", NeuronTable).focus()
+        self.set_focus(self.query_one("#neurons", NeuronTable))
 
     @on(DataTable.HeaderSelected, "#neurons")
     def header_clicked(self, event: DataTable.HeaderSelected) -> None:
@@ -247,7 +247,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
     def filter_submitted(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             event.input.display = False
-        self.query_one("#neurons", NeuronTable).focus()
+        self.set_focus(self.query_one("#neurons", NeuronTable))
 
     # -- actions -----------------------------------------------------------------------------------------
     def action_filter(self) -> None:
@@ -262,7 +262,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
             box.value = ""
             box.display = False
             self.ask(replace(self.query_state, token=""))
-            self.query_one("#neurons", NeuronTable).focus()
+            self.set_focus(self.query_one("#neurons", NeuronTable))
         elif self.chooser_below():
             self.app.pop_screen()
 

@@ -6,6 +6,7 @@ The table never sorts itself: 458,752 units do not fit in a widget, so every re-
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.text import Text
@@ -35,6 +36,7 @@ class NeuronTable(DataTable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.rows_shown: list[dict[str, Any]] = []
+        self.match: re.Pattern[str] | None = None  # the filter's text, picked out in the tokens column
 
     def on_mount(self) -> None:
         for key, header, _ in COLUMNS:
@@ -65,6 +67,7 @@ class NeuronTable(DataTable):
     def show(self, rows: list[dict[str, Any]], query: NeuronQuery) -> None:
         """Replace the rows, keeping the cursor on the same unit when it is still shown."""
         keep = self.current_key()
+        self.match = re.compile(re.escape(query.token), re.IGNORECASE) if query.token else None
         self.set_headers(query)
         self.clear()
         self.rows_shown = []
@@ -87,9 +90,16 @@ class NeuronTable(DataTable):
                 Text(score(r["mean_score"]), justify="right"),
                 Text(f"{r['n_top']:,}", justify="right"),
                 Text(f"{r['n_images']:,}", justify="right"),
-                mark + Text(tokens, no_wrap=True, overflow="ellipsis"),
+                mark + self.tokens_cell(tokens),
                 key=f"{r['layer']}.{r['neuron']}",
             )
+
+    def tokens_cell(self, tokens: str) -> Text:
+        """The decoded tokens, with the filter's text picked out."""
+        text = Text(tokens, no_wrap=True, overflow="ellipsis")
+        if self.match is not None:
+            text.highlight_regex(self.match, style="bold underline")
+        return text
 
     def current_key(self) -> str | None:
         if not self.rows or self.cursor_row < 0:
