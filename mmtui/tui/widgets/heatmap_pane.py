@@ -153,10 +153,10 @@ class HeatmapPane(ShowsWorkerErrors, Vertical):
         if message.result_id != self.result_id or unit != self.unit or not self.heatmaps_on:
             return
         self.drawn = (message.result_id, unit)
-        self.border_title = f"Heatmap · {neuron_label(*unit)} over {image_name(self.path)}"
+        self.border_title = f"Heatmap · {neuron_label(*unit)} over {image_name(self.path)} (as the encoder sees it)"
         self.query_one(Picture).show(message.picture)
         grid = f"{message.grid[0]}×{message.grid[1]}"
-        line = Text(f"peak {message.peak:.3g} · {grid} patches, as the encoder sees them · cyan: top 5%  ")
+        line = Text(f"peak {message.peak:.3g} · {grid} grid · cyan: top 5%  ")
         self.caption(line + colorbar(12))
 
     @on(HeatmapFailed)
