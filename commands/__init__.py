@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-from commands._app import ExitCode, app
+from commands._app import INTERRUPTED, ExitCode, app
 
 # each module registers its commands on `app` when imported
-from commands import ablate, attribute, browse, caption, heatmap, layers, neurons, prompts, report, runs, specificity, train_projection  # noqa: E402,F401  isort: skip
+from commands import ablate, attribute, browse, caption, heatmap, layers, merge, neurons, prompts, report, runs, specificity, train_projection, verify  # noqa: E402,F401  isort: skip
 
 __all__ = ["ExitCode", "app", "main"]
 
@@ -22,5 +22,5 @@ def main() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(int(ExitCode.OK))
     except KeyboardInterrupt:
-        sys.stderr.write("Interrupted; finished items are kept in the cache. Run the same command again to resume.\n")
+        sys.stderr.write(INTERRUPTED + "\n")
         sys.exit(130)
