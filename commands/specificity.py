@@ -85,7 +85,7 @@ def specificity(
         )
     else:
         table = Table(title=f"IoU of receptive fields with COCO masks, run {chosen['id']} ({chosen['stack']})")
-        for name in ("category", "n", "top", "random", "top - random [95% CI]", "avg top", "avg rnd"):
+        for name in ("category", "n", "top", "random", "diff [95% CI]", "avg top", "avg rnd"):
             table.add_column(name, justify="left" if name == "category" else "right")
         for c in [*summary["categories"], {"category": "all", **summary["overall"]}]:
             table.add_row(
@@ -99,7 +99,7 @@ def specificity(
             )
         table.caption = (
             f"top units beat random same-layer units in {summary['wins']} of {summary['n_categories']} categories; "
-            "mean IoU over images; top - random: mean per-image difference with its 95% t interval; avg: the mask of "
+            "mean IoU over images; diff: mean per-image difference top - random with its 95% t interval; avg: the mask of "
             "the mean heatmap of the top (or random) units"
         )
         out.print(table)

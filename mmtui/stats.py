@@ -16,7 +16,8 @@ CI_METHODS = ("t", "bootstrap")
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean with its two-sided interval at `level`; lo = hi = mean when n < 2 (no spread to estimate)."""
+    """A mean with its two-sided interval at `level`: NaN bounds for a single value (no spread to estimate),
+    lo = hi = mean when every value is the same."""
 
     mean: float
     lo: float
@@ -48,7 +49,9 @@ def mean_interval(
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0, level, method)
     mean = float(x.mean())
-    if n == 1 or float(x.std()) == 0.0:
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, n, level, method)
+    if float(x.std()) == 0.0:
         return Interval(mean, mean, mean, n, level, method)
     if method == "t":
         from scipy import stats

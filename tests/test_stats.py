@@ -19,7 +19,8 @@ def test_t_interval_by_hand():
 
 
 def test_interval_edge_cases():
-    assert mean_interval([2.0]).lo == mean_interval([2.0]).hi == 2.0
+    single = mean_interval([2.0])
+    assert single.mean == 2.0 and math.isnan(single.lo) and math.isnan(single.hi)  # one value: no interval
     assert mean_interval([4.0, 4.0, 4.0]).hi == 4.0  # no spread, no width
     empty = mean_interval([])
     assert empty.n == 0 and math.isnan(empty.mean)
