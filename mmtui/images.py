@@ -136,6 +136,8 @@ def read_image_bytes(path: Path | str) -> tuple[bytes, str]:
     path = Path(path)
     try:
         data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ImageError(str(path), "file not found (moved, deleted, or a broken link); check the path") from err
     except OSError as err:
         raise ImageError(str(path), f"cannot read this file ({err.strerror or err}); check its permissions") from err
     return data, hashlib.sha256(data).hexdigest()

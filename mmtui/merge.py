@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mmtui.arrays import unpack_array
 from mmtui.errors import MmtuiError
-from mmtui.store import ResultRecord, Store, unpack_array
+from mmtui.store import ResultRecord, Store
 
 
 @dataclass

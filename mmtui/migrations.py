@@ -13,7 +13,7 @@ Tables
 
 from __future__ import annotations
 
-from sqlite_utils import Database, Migrations
+from mmtui._sqlite_utils import Database, Migrations
 
 MIGRATION_SET = "mmtui"
 migrations = Migrations(MIGRATION_SET)

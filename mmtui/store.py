@@ -7,18 +7,18 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from sqlite_utils import Database
-
+from mmtui._sqlite_utils import Database
 from mmtui.errors import NotFoundError, StoreError, StoreLockedError, StoreTooNewError
 from mmtui.migrations import migrations
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_TIMEOUT_S = 30.0
 COUNT_TOP = 100  # a unit "ranks among the top" of an image when it is in its first 100 triples (the paper's)
@@ -26,46 +26,6 @@ COUNT_TOP = 100  # a unit "ranks among the top" of an image when it is in its fi
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-LOSSLESS_MAX_VALUES = 1 << 18  # arrays up to this size (smol: 46,080 units) keep float16; larger ones, 8 bits
-LOG8 = b"L8"
-LOG8_STEPS = 8  # codes per octave: a code is within 2**(1/16) - 1 = 4.4% of the value it stands for
-
-
-def pack_array(array: np.ndarray) -> bytes:
-    """A [rows, cols] float array -> compact bytes.
-
-    Up to LOSSLESS_MAX_VALUES values: float16, bytes shuffled (high bytes together: they compress well),
-    zlib. Larger (GPT-J: 458,752 units): 8-bit log codes per row scale, within 4.4% of each value, values
-    below 2**-15.75 of their row's largest magnitude stored as 0, zlib level 1 (fast).
-    """
-    array = np.asarray(array, dtype=np.float32)
-    if array.size <= LOSSLESS_MAX_VALUES:
-        half = np.ascontiguousarray(array, dtype=np.float16).view(np.uint8).reshape(-1, 2)
-        return zlib.compress(np.ascontiguousarray(half.T).tobytes(), 6)
-    rows = array.reshape(array.shape[0], -1)
-    scale = np.abs(rows).max(axis=1).astype(np.float32)  # [rows]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        level = np.rint(127 + LOG8_STEPS * np.log2(np.abs(rows) / scale[:, None]))
-    level = np.where(np.isfinite(level) & (level >= 1), level, 0).astype(np.uint8)
-    codes = level | (np.signbit(rows) & (level > 0)).astype(np.uint8) << 7
-    header = LOG8 + np.uint32(rows.shape[0]).tobytes() + scale.tobytes()
-    return header + zlib.compress(codes.tobytes(), 1)
-
-
-def unpack_array(blob: bytes, shape: Sequence[int]) -> np.ndarray:
-    """Inverse of pack_array: a float32 array of `shape`."""
-    if not blob.startswith(LOG8):
-        raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(2, -1)
-        return np.ascontiguousarray(raw.T).view(np.float16).reshape(shape).astype(np.float32)
-    n_rows = int(np.frombuffer(blob, dtype=np.uint32, count=1, offset=2)[0])
-    scale = np.frombuffer(blob, dtype=np.float32, count=n_rows, offset=6)
-    codes = np.frombuffer(zlib.decompress(blob[6 + 4 * n_rows :]), dtype=np.uint8).reshape(n_rows, -1)
-    level = (codes & 0x7F).astype(np.float32)
-    values = scale[:, None] * np.exp2((level - 127) / LOG8_STEPS)
-    values = np.where(level > 0, np.where(codes & 0x80, -values, values), 0.0)
-    return values.astype(np.float32).reshape(shape)
 
 
 def run_id_for(stack_id: str, prompt: str, site: str, y_kind: str) -> str:
@@ -283,6 +243,8 @@ class Store:
         stats=True also folds it into neuron_stats at once; stats=False leaves that to `refresh_stats`, which
         does it for many results in one statement (the fast path of a long run).
         """
+        from mmtui.arrays import pack_array
+
         with self._write():
             self.db["images"].upsert(
                 {
@@ -441,6 +403,8 @@ class Store:
 
     def unit_scores(self, result_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(max, sum) of g over the image positions for every unit: two [n_layers, d_mlp] arrays."""
+        from mmtui.arrays import unpack_array
+
         row = self.db.execute(
             """SELECT results.unit_max, results.unit_sum, stacks.shape FROM results
                JOIN runs ON runs.id = results.run_id JOIN stacks ON stacks.id = runs.stack_id

@@ -64,7 +64,7 @@ def test_truncated_image(tmp_path):
 def test_unreadable_file(tmp_path):
     path = tmp_path / "gone.jpg"
     path.symlink_to(tmp_path / "does-not-exist.jpg")  # a dangling link: listed, but cannot be read
-    with pytest.raises(ImageError, match="cannot read"):
+    with pytest.raises(ImageError, match="file not found"):
         load_image(path)
 
 
