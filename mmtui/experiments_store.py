@@ -46,17 +46,7 @@ def unpack_f32(blob: bytes, shape: Sequence[int]) -> np.ndarray:
 def ensure_stack(store: Store, *, stack_id: str, name: str, fingerprint: dict, shape: dict, lm_id: str) -> None:
     """Record a stack (as Store.ensure_run does) so that rows keyed by stack id have their parent."""
     with store._write():
-        store.db["stacks"].insert(
-            {
-                "id": stack_id,
-                "name": name,
-                "fingerprint": json.dumps(fingerprint, sort_keys=True),
-                "shape": json.dumps(shape),
-                "lm_id": lm_id,
-                "created": _now(),
-            },
-            ignore=True,
-        )
+        store.ensure_stack(stack_id=stack_id, name=name, fingerprint=fingerprint, shape=shape, lm_id=lm_id)
 
 
 def ensure_image(store: Store, *, sha256: str, path: str, width: int, height: int) -> None:

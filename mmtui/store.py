@@ -159,17 +159,7 @@ class Store:
         """Record the stack and run if new; returns the run id."""
         run_id = run_id_for(stack_id, prompt, site, y_kind)
         with self._write():
-            self.db["stacks"].insert(
-                {
-                    "id": stack_id,
-                    "name": stack_name,
-                    "fingerprint": json.dumps(fingerprint, sort_keys=True),
-                    "shape": json.dumps(shape),
-                    "lm_id": lm_id,
-                    "created": _now(),
-                },
-                ignore=True,
-            )
+            self.ensure_stack(stack_id=stack_id, name=stack_name, fingerprint=fingerprint, shape=shape, lm_id=lm_id)
             self.db["runs"].insert(
                 {
                     "id": run_id,
@@ -183,6 +173,21 @@ class Store:
                 ignore=True,
             )
         return run_id
+
+    def ensure_stack(self, *, stack_id: str, name: str, fingerprint: dict, shape: dict, lm_id: str) -> None:
+        """Record a stack if new (inside the caller's write transaction, or in its own)."""
+        with self.db.atomic():
+            self.db["stacks"].insert(
+                {
+                    "id": stack_id,
+                    "name": name,
+                    "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                    "shape": json.dumps(shape),
+                    "lm_id": lm_id,
+                    "created": _now(),
+                },
+                ignore=True,
+            )
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run with its stack and counts, newest first."""

