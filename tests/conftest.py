@@ -13,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO = SHARED / "coco-mini" / "train2017"
+# COCO annotations: the shared coco-mini ones, else those of the 8 bundled sample photos (CI has no ../shared)
+ANNOTATIONS = SHARED / "coco-mini" / "annotations"
+if not ANNOTATIONS.is_dir():
+    ANNOTATIONS = Path(__file__).resolve().parent / "data" / "coco-annotations"
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED, coco_files
+from conftest import ANNOTATIONS, coco_files
 
 # The toy models gain nothing from a second thread, and on a busy 2-core machine OpenMP's waiting for a
 # descheduled thread costs ~0.8 s per forward pass (measured: MiniLM 0.8 s with 2 threads, 0.02 s with 1).
 torch.set_num_threads(1)
 
-ANNOTATIONS = SHARED / "coco-mini" / "annotations"
 CAPTIONS = ANNOTATIONS / "captions_train2017.json"
 INSTANCES = ANNOTATIONS / "instances_train2017.json"
 __all__ = ["attributed_db", "attributed_master", "bert_scorer", "store_run"]

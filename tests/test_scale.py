@@ -44,10 +44,16 @@ def assert_same(a: dict, b: dict) -> None:
         exact = {k for k in ra if k not in ("y_c", "p_target", "unit_max", "unit_sum")}
         assert {k: ra[k] for k in exact} == {k: rb[k] for k in exact}
         assert (ra["y_c"], ra["p_target"]) == pytest.approx((rb["y_c"], rb["p_target"]), rel=1e-5)
-    # the same triples in the same order; scores equal up to float32 rounding (a Ray worker runs torch with its
-    # own thread count, which changes the order of additions inside matrix products)
-    assert [t[:5] for t in a["triples"]] == [t[:5] for t in b["triples"]]
-    assert [t[5] for t in a["triples"]] == pytest.approx([t[5] for t in b["triples"]], rel=1e-5, abs=1e-12)
+    # scores equal rank by rank up to float32 rounding (a Ray worker runs torch with its own thread count, and a
+    # batch of other images pads differently: both change the order of additions inside matrix products), so
+    # near-ties may swap places; the same triples, bar those tied with the last kept score
+    for sha in {t[0] for t in a["triples"]}:
+        ta = [t[1:] for t in a["triples"] if t[0] == sha]
+        tb = [t[1:] for t in b["triples"] if t[0] == sha]
+        assert [t[4] for t in ta] == pytest.approx([t[4] for t in tb], rel=1e-5, abs=1e-12)
+        edge = max(ta[-1][4], tb[-1][4])
+        edge += 1e-5 * abs(edge) + 1e-12
+        assert {t[1:4] for t in ta if t[4] > edge} == {t[1:4] for t in tb if t[4] > edge}
     assert a["tokens"] == b["tokens"]
     assert a["stats"].keys() == b["stats"].keys()
     for key, sa in a["stats"].items():
