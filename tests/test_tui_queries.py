@@ -25,7 +25,7 @@ KEYS |= {"images": "n_images", "tokens": "text"}
 
 # -- a small synthetic store (also the snapshots' store: see test_tui_screens) -----------------------------
 ROOT = Path(__file__).resolve().parents[1]
-COCO = ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
+COCO = ROOT / "mmtui" / "data" / "samples"  # bundled with mmtui: the same photos on every machine
 N_LAYERS, D_MLP, GRID = 4, 32, 2
 WORDS = [
     "horse", "horses", "racing", "pony", "stable", "saddle", "swimming", "water", "fishes", "pool",
