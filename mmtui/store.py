@@ -230,13 +230,6 @@ class Store:
             self.refresh_stats(run_id)
 
     # -- results -----------------------------------------------------------------------------------------
-    def has_result(self, run_id: str, image_sha256: str, target_spec: str) -> bool:
-        row = self.db.execute(
-            "SELECT 1 FROM results WHERE run_id = ? AND image_sha256 = ? AND target_spec = ?",
-            [run_id, image_sha256, target_spec],
-        ).fetchone()
-        return row is not None
-
     def done_keys(self, run_id: str) -> set[tuple[str, str]]:
         """(image sha256, target spec) of every result of a run: what a resumed run skips."""
         rows = self.db.execute("SELECT image_sha256, target_spec FROM results WHERE run_id = ?", [run_id])
