@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out
+from mmtui.defaults import NEURON_IMAGES
 
 RunOption = Annotated[
     str | None, typer.Option("--run", help="Run id (prefix); default the most recent. See `mmtui runs`.")
@@ -86,7 +87,9 @@ def neuron(
     layer: Annotated[int, typer.Argument(help="Layer, 0-based.")],
     index: Annotated[int, typer.Argument(help="Unit index within the layer's MLP, 0-based.")],
     run: RunOption = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="How many top images.")] = 10,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=NEURON_IMAGES, help="How many top images (the cache keeps 20).")
+    ] = 10,
     db: DbOption = None,
     json_out: JsonOption = False,
 ) -> None:

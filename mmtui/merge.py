@@ -16,7 +16,7 @@ import numpy as np
 
 from mmtui.arrays import unpack_array
 from mmtui.errors import MmtuiError
-from mmtui.store import ResultRecord, Store
+from mmtui.store import STATS_EVERY, ResultRecord, Store
 
 
 @dataclass
@@ -107,14 +107,23 @@ def merge_stores(target: Store, sources: Sequence[Path]) -> Iterator[MergeEvent]
                 )
                 _copy_tokens(target, source, run["lm_id"])
                 done = target.done_keys(run_id)
-                for record in _records(source, run["id"]):
-                    key = (record.image_sha256, record.target_spec)
-                    if key in done:
-                        yield MergeEvent("skipped", str(source.path), record.image_path)
-                        continue
-                    done.add(key)
-                    target.add_result(run_id, record)
-                    yield MergeEvent("added", str(source.path), record.image_path)
+                added = 0
+                try:
+                    for record in _records(source, run["id"]):
+                        key = (record.image_sha256, record.target_spec)
+                        if key in done:
+                            yield MergeEvent("skipped", str(source.path), record.image_path)
+                            continue
+                        done.add(key)
+                        target.add_result(run_id, record, stats=False)
+                        added += 1
+                        if added % STATS_EVERY == 0:
+                            target.refresh_stats(run_id)
+                        yield MergeEvent("added", str(source.path), record.image_path)
+                finally:  # also when interrupted: what was added is counted
+                    if added:
+                        target.refresh_stats(run_id)
+                        target.prune_neuron_images(run_id)
     finally:
         for store in opened:
             store.close()

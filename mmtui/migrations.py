@@ -7,13 +7,15 @@ Tables
 - results: one row per (run, image, target spec): the target, caption, y_c, P(target), and every unit's
   max and sum of g over the image positions as compressed float16 arrays [n_layers, d_mlp].
 - top_neurons: the top (layer, unit, patch) triples of each result, by rank.
-- neuron_stats: per (run, layer, unit) aggregates over the results, kept up to date on every write.
+- neuron_stats: per (run, layer, unit) aggregates over the results, folded in many results at a time.
+- neuron_images: per (run, layer, unit) the unit's best NEURON_IMAGES results (m005).
 - neuron_tokens: each unit's decoded top tokens, per LM and decoding convention.
 """
 
 from __future__ import annotations
 
 from mmtui._sqlite_utils import Database, Migrations
+from mmtui.defaults import NEURON_IMAGES
 
 MIGRATION_SET = "mmtui"
 migrations = Migrations(MIGRATION_SET)
@@ -343,3 +345,41 @@ def m004_track_results_in_stats(db: Database) -> None:
     without touching neuron_stats and folds them in, many at a time, with `Store.refresh_stats`."""
     db["results"].add_column("in_stats", int, not_null_default=1)
     db["results"].create_index(["run_id", "in_stats"])
+
+
+@migrations()
+def m005_neuron_images(db: Database) -> None:
+    """neuron_images replaces the (layer, unit, score) index on top_neurons.
+
+    That index took a random insert for each of an image's 6,400 triples: at GPT-J scale it made every
+    write dirty thousands of pages (160 ms an image, growing with the cache) and cost 165 kB an image.
+    neuron_images keeps, per (run, unit), the unit's best NEURON_IMAGES results: its best score there, the
+    rank and patch of that triple. `Store.refresh_stats` maintains it with neuron_stats, many results at a
+    time. Filled here from the results already counted in neuron_stats.
+    """
+    db.execute(
+        """
+        CREATE TABLE neuron_images (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            layer INTEGER NOT NULL,
+            unit INTEGER NOT NULL,
+            result_id INTEGER NOT NULL REFERENCES results(id),
+            score REAL NOT NULL,
+            rank INTEGER NOT NULL,
+            patch INTEGER NOT NULL,
+            PRIMARY KEY (run_id, layer, unit, result_id)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        f"""INSERT INTO neuron_images (run_id, layer, unit, result_id, score, rank, patch)
+            SELECT run_id, layer, unit, result_id, score, rank, patch FROM (
+                SELECT r.run_id, t.layer, t.unit, t.result_id, t.score, t.rank, t.patch,
+                       row_number() OVER (PARTITION BY r.run_id, t.layer, t.unit
+                                          ORDER BY t.score DESC, t.result_id) AS k
+                FROM (SELECT result_id, min(rank) AS rank FROM top_neurons GROUP BY result_id, layer, unit) b
+                JOIN top_neurons t ON t.result_id = b.result_id AND t.rank = b.rank
+                JOIN results r ON r.id = b.result_id AND r.in_stats = 1)
+            WHERE k <= {NEURON_IMAGES}"""
+    )
+    db.execute("DROP INDEX IF EXISTS idx_top_neurons_layer_unit_score")

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError
 from mmtui.store import Store
 
@@ -122,7 +123,8 @@ def list_neurons(
 
 
 def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, top_images: int = 10) -> dict[str, Any]:
-    """One unit: decoded tokens (every stored convention), aggregates, and the images where it ranks highest."""
+    """One unit: decoded tokens (every stored convention), aggregates, and the images where it ranks highest
+    (at most NEURON_IMAGES = 20: the cache keeps each unit's best 20 results)."""
     shape = run["shape"]
     if not (0 <= layer < shape["n_layers"] and 0 <= unit < shape["d_mlp"]):
         raise NotFoundError(
@@ -136,15 +138,13 @@ def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, t
     images = list(
         store.db.query(
             """SELECT images.path AS image, results.image_sha256 AS sha256, results.id AS result_id, results.target,
-                      results.caption, results.p_target, max(tn.score) AS score, min(tn.rank) AS rank,
-                      (SELECT patch FROM top_neurons p WHERE p.result_id = tn.result_id AND p.layer = tn.layer
-                         AND p.unit = tn.unit ORDER BY p.rank LIMIT 1) AS patch
-               FROM top_neurons tn
-               JOIN results ON results.id = tn.result_id
+                      results.caption, results.p_target, n.score, n.rank, n.patch
+               FROM neuron_images n
+               JOIN results ON results.id = n.result_id
                JOIN images ON images.sha256 = results.image_sha256
-               WHERE tn.layer = ? AND tn.unit = ? AND results.run_id = ?
-               GROUP BY tn.result_id ORDER BY score DESC LIMIT ?""",
-            [layer, unit, run["id"], top_images],
+               WHERE n.run_id = ? AND n.layer = ? AND n.unit = ?
+               ORDER BY n.score DESC, n.result_id LIMIT ?""",
+            [run["id"], layer, unit, min(top_images, NEURON_IMAGES)],
         )
     )
     keys = ("n_top", "n_images", "max_score", "mean_score")

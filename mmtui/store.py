@@ -5,6 +5,7 @@ and the queries the commands and the TUI share. Never imports torch: arrays are 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmtui._sqlite_utils import Database
+from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError, StoreError, StoreLockedError, StoreTooNewError
 from mmtui.migrations import migrations
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT_S = 30.0
 COUNT_TOP = 100  # a unit "ranks among the top" of an image when it is in its first 100 triples (the paper's)
+STATS_EVERY = 64  # results a long write folds into neuron_stats at a time (Store.refresh_stats)
+PRUNE_EVERY = 1024  # results between prunes of neuron_images (Store.prune_neuron_images)
 
 
 def _now() -> str:
@@ -235,14 +239,25 @@ class Store:
         rows = self.db.execute("SELECT image_sha256, target_spec FROM results WHERE run_id = ?", [run_id])
         return {(r[0], r[1]) for r in rows}
 
-    def add_result(self, run_id: str, rec: ResultRecord, count_top: int = COUNT_TOP, stats: bool = True) -> int:
+    def add_result(
+        self,
+        run_id: str,
+        rec: ResultRecord,
+        count_top: int = COUNT_TOP,
+        stats: bool = True,
+        packed: tuple[bytes, bytes] | None = None,
+    ) -> int:
         """Write one image's result and its top triples in one transaction.
 
-        stats=True also folds it into neuron_stats at once; stats=False leaves that to `refresh_stats`, which
-        does it for many results in one statement (the fast path of a long run).
+        stats=True then folds it into neuron_stats and neuron_images (`refresh_stats`, a second transaction;
+        an interruption between the two leaves it for the next refresh). stats=False leaves that to a later
+        `refresh_stats`, which does it for many results at once (the fast path of a long run).
+        `packed`: (unit_max, unit_sum) already packed with `pack_array` (the writer packs on worker threads).
         """
-        from mmtui.arrays import pack_array
+        if packed is None:
+            from mmtui.arrays import pack_array
 
+            packed = (pack_array(rec.unit_max), pack_array(rec.unit_sum))
         with self._write():
             self.db["images"].upsert(
                 {
@@ -258,7 +273,7 @@ class Store:
                 """INSERT INTO results (run_id, image_sha256, target_spec, target, target_token_id, target_token,
                        target_source, target_split, caption, context, context_ids, human_caption, y_c, p_target,
                        n_top, unit_max, unit_sum, seconds, created, in_stats)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)""",
                 [
                     run_id,
                     rec.image_sha256,
@@ -275,46 +290,26 @@ class Store:
                     rec.y_c,
                     rec.p_target,
                     len(rec.top_score),
-                    pack_array(rec.unit_max),
-                    pack_array(rec.unit_sum),
+                    *packed,
                     rec.seconds,
                     _now(),
-                    int(stats),
                 ],
             )
             result_id = int(cur.lastrowid)
-            layers, units = rec.top_layer.astype(int), rec.top_unit.astype(int)
             self.db.conn.executemany(
                 "INSERT INTO top_neurons (result_id, rank, layer, unit, patch, score) VALUES (?, ?, ?, ?, ?, ?)",
                 zip(
-                    [result_id] * len(layers),
-                    range(len(layers)),
-                    layers.tolist(),
-                    units.tolist(),
-                    rec.top_patch.astype(int).tolist(),
-                    rec.top_score.astype(float).tolist(),
-                    strict=True,
+                    itertools.repeat(result_id),
+                    itertools.count(),
+                    rec.top_layer.tolist(),
+                    rec.top_unit.tolist(),
+                    rec.top_patch.tolist(),
+                    rec.top_score.tolist(),
                 ),
             )
-            if not stats:
-                return result_id
-            self.db.conn.executemany(
-                """INSERT INTO neuron_stats
-                       (run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
-                   VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)
-                   ON CONFLICT (run_id, layer, unit) DO UPDATE SET
-                       n_top = n_top + excluded.n_top,
-                       n_images = n_images + 1,
-                       best_result_id = CASE WHEN excluded.max_score > max_score
-                                             THEN excluded.best_result_id ELSE best_result_id END,
-                       max_score = max(max_score, excluded.max_score),
-                       sum_score = sum_score + excluded.sum_score,
-                       mean_score = (sum_score + excluded.sum_score) / (n_images + 1)""",
-                [
-                    (run_id, layer, unit, int(in_top), score, score, score, result_id)
-                    for (layer, unit), (score, in_top) in _best_per_unit(rec, count_top).items()
-                ],
-            )
+        if stats:
+            self.refresh_stats(run_id, count_top)
+            self.prune_neuron_images(run_id)
         return result_id
 
     def pending_stats(self, run_id: str) -> bool:
@@ -326,7 +321,7 @@ class Store:
 
         Gives the same aggregates as adding them one by one: per unit, n_top (results where it is among the
         first `count_top` triples), n_images, max and sum of its best score per result, and the result of the
-        max.
+        max. Also adds the results to neuron_images (see `prune_neuron_images`).
         """
         with self._write():
             pending = [
@@ -337,7 +332,8 @@ class Store:
             self.db.execute("DROP TABLE IF EXISTS temp.pending_units")
             self.db.execute(
                 f"""CREATE TEMP TABLE pending_units AS
-                    SELECT t.layer, t.unit, t.result_id, max(t.score) AS best, min(t.rank) < {int(count_top)} AS in_top
+                    SELECT t.layer, t.unit, t.result_id, max(t.score) AS best, min(t.rank) AS best_rank,
+                           min(t.rank) < {int(count_top)} AS in_top
                     FROM top_neurons t WHERE t.result_id IN (SELECT value FROM json_each(?))
                     GROUP BY t.result_id, t.layer, t.unit""",
                 [json.dumps(pending)],
@@ -362,11 +358,37 @@ class Store:
                        n_images = n_images + excluded.n_images""",
                 [run_id],
             )
+            self._fold_neuron_images(run_id)
             self.db.execute("DROP TABLE temp.pending_units")
             self.db.execute(
                 "UPDATE results SET in_stats = 1 WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(pending)]
             )
         return len(pending)
+
+    def _fold_neuron_images(self, run_id: str) -> None:
+        """Add each pending (result, unit)'s best triple to neuron_images, in key order (the B-tree fills page by
+        page). Readers take a unit's best NEURON_IMAGES by score, so rows beyond those are dead weight until
+        `prune_neuron_images` drops them, not an error."""
+        self.db.execute(
+            """INSERT INTO neuron_images (run_id, layer, unit, result_id, score, rank, patch)
+               SELECT ?, p.layer, p.unit, p.result_id, p.best, p.best_rank, t.patch
+               FROM pending_units p JOIN top_neurons t ON t.result_id = p.result_id AND t.rank = p.best_rank
+               ORDER BY p.layer, p.unit, p.result_id""",
+            [run_id],
+        )
+
+    def prune_neuron_images(self, run_id: str) -> None:
+        """Keep each unit's best NEURON_IMAGES rows of neuron_images (one pass over the run's rows)."""
+        with self._write():
+            self.db.execute(
+                f"""DELETE FROM neuron_images WHERE run_id = ?1 AND (layer, unit, result_id) IN (
+                        SELECT layer, unit, result_id FROM (
+                            SELECT layer, unit, result_id,
+                                   row_number() OVER (PARTITION BY layer, unit ORDER BY score DESC, result_id) AS k
+                            FROM neuron_images WHERE run_id = ?1)
+                        WHERE k > {NEURON_IMAGES})""",
+                [run_id],
+            )
 
     def result(self, run_id: str, image: str, target_spec: str | None = None) -> dict[str, Any]:
         """A result by image sha256 (or its prefix) or by path (newest first when several targets)."""
@@ -467,18 +489,6 @@ class Store:
     def conventions(self, lm_id: str) -> list[str]:
         rows = self.db.execute("SELECT DISTINCT convention FROM neuron_tokens WHERE lm_id = ?", [lm_id])
         return [r[0] for r in rows]
-
-
-def _best_per_unit(rec: ResultRecord, count_top: int) -> dict[tuple[int, int], tuple[float, bool]]:
-    """Each unit of the stored triples -> (its best score, whether it is in the first `count_top`)."""
-    best: dict[tuple[int, int], tuple[float, bool]] = {}
-    for rank, (layer, unit, score) in enumerate(
-        zip(rec.top_layer.tolist(), rec.top_unit.tolist(), rec.top_score.tolist(), strict=True)
-    ):
-        key = (int(layer), int(unit))
-        if key not in best:  # triples come sorted by score, so the first sighting is the best
-            best[key] = (float(score), rank < count_top)
-    return best
 
 
 class _WriteTxn:

@@ -1,22 +1,29 @@
 """The cache writer of an attribute run: its own thread and SQLite connection, so the model never waits.
 
 Each result is still one transaction (an interruption keeps every finished image); the per-unit aggregates
-are folded in many results at a time (`Store.refresh_stats`), every `refresh_every` results and at the end.
+are folded in many results at a time (`Store.refresh_stats`), every `refresh_every` results and at the end,
+and neuron_images is pruned every `prune_every` results and at the end. The score arrays are packed on a
+small thread pool (numpy and zstd release the GIL), so the writer thread only talks to SQLite.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import TYPE_CHECKING
 
+from mmtui.arrays import pack_array
 from mmtui.errors import StoreError
-from mmtui.store import Store
+from mmtui.store import PRUNE_EVERY, STATS_EVERY, Store
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from mmtui.pipeline import Event
 
 _STOP = object()
@@ -26,12 +33,20 @@ class StoreWriter:
     """Write `done` Events' records in the background; `ready()` hands them back with their result ids."""
 
     def __init__(
-        self, path: Path, run_id: str, *, timeout: float, refresh_every: int = 64, refresh_seconds: float = 5.0
+        self,
+        path: Path,
+        run_id: str,
+        *,
+        timeout: float,
+        refresh_every: int = STATS_EVERY,
+        refresh_seconds: float = 5.0,
+        prune_every: int = PRUNE_EVERY,
     ):
         self.run_id = run_id
         self.inbox: Queue = Queue(maxsize=256)  # bounded: a slow disk slows the run down instead of filling memory
         self.outbox: Queue = Queue()
-        self.refresh_every, self.refresh_seconds = refresh_every, refresh_seconds
+        self.refresh_every, self.refresh_seconds, self.prune_every = refresh_every, refresh_seconds, prune_every
+        self._packers = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="mmtui-pack")
         self._thread = threading.Thread(target=self._work, args=(path, timeout), name="mmtui-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -39,29 +54,37 @@ class StoreWriter:
     def _work(self, path: Path, timeout: float) -> None:
         try:
             with Store.open(path, timeout=timeout) as store:
-                unrefreshed, last = 0, time.monotonic()
+                unrefreshed, unpruned, last = 0, 0, time.monotonic()
                 while True:
-                    event = self.inbox.get()
-                    if event is _STOP:
+                    item = self.inbox.get()
+                    if item is _STOP:
                         break
-                    assert event.record is not None
-                    event.result_id = store.add_result(self.run_id, event.record, stats=False)
+                    event, packed = item
+                    event.result_id = store.add_result(self.run_id, event.record, stats=False, packed=packed.result())
                     self.outbox.put(event)
-                    unrefreshed += 1
+                    unrefreshed, unpruned = unrefreshed + 1, unpruned + 1
                     if unrefreshed >= self.refresh_every or time.monotonic() - last > self.refresh_seconds:
                         store.refresh_stats(self.run_id)
                         unrefreshed, last = 0, time.monotonic()
+                    if unpruned >= self.prune_every:
+                        store.prune_neuron_images(self.run_id)
+                        unpruned = 0
                 store.refresh_stats(self.run_id)
+                if unpruned:
+                    store.prune_neuron_images(self.run_id)
         except BaseException as err:  # handed to the run, which re-raises it
             self.outbox.put(err)
 
     def put(self, event: Event) -> None:
         """Queue a `done` Event's record; re-raises the writer's failure if it has stopped."""
+        record = event.record
+        assert record is not None
+        packed = self._packers.submit(_pack, record.unit_max, record.unit_sum)
         while True:
             if not self._thread.is_alive():
                 self._raise_failure()
             try:
-                self.inbox.put(event, timeout=0.5)
+                self.inbox.put((event, packed), timeout=0.5)
                 return
             except Full:
                 continue
@@ -100,3 +123,8 @@ class StoreWriter:
         if self._thread.is_alive():
             self.inbox.put(_STOP)
             self._thread.join()
+        self._packers.shutdown(wait=True)
+
+
+def _pack(unit_max: np.ndarray, unit_sum: np.ndarray) -> tuple[bytes, bytes]:
+    return pack_array(unit_max), pack_array(unit_sum)

@@ -1,0 +1,192 @@
+"""The cache at scale: the array formats (and reading what earlier versions wrote), and neuron_images (each
+unit's best results, kept by the writer and the m005 migration) against a brute-force reading."""
+
+from __future__ import annotations
+
+import sqlite3
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mmtui.arrays import LOG8_STEPS, pack_array, unpack_array
+from mmtui.defaults import NEURON_IMAGES
+from mmtui.migrations import migrations
+from mmtui.queries import neuron_detail
+from mmtui.store import ResultRecord, Store
+from mmtui.writer import StoreWriter
+
+N_LAYERS, D_MLP, N_PATCHES, KEEP = 2, 6, 9, 24
+
+
+# -- arrays ---------------------------------------------------------------------------------------------------
+def _old_float16_blob(a: np.ndarray) -> bytes:
+    """As mmtui 0.1 packed small arrays: shuffled float16, zlib."""
+    half = np.ascontiguousarray(a, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+    return zlib.compress(np.ascontiguousarray(half.T).tobytes(), 6)
+
+
+def _old_log8_blob(a: np.ndarray) -> bytes:
+    """As mmtui 0.1 packed large arrays: b"L8", 8-bit log codes, zlib."""
+    scale = np.abs(a).max(axis=1).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.rint(127 + LOG8_STEPS * np.log2(np.abs(a) / scale[:, None]))
+    level = np.where(np.isfinite(level) & (level >= 1), level, 0).astype(np.uint8)
+    codes = level | (np.signbit(a) & (level > 0)).astype(np.uint8) << 7
+    return b"L8" + np.uint32(a.shape[0]).tobytes() + scale.tobytes() + zlib.compress(codes.tobytes(), 1)
+
+
+def test_arrays_written_by_earlier_versions_still_read():
+    rng = np.random.default_rng(3)
+    small = rng.normal(0, 1e-3, (4, 9)).astype(np.float32)
+    np.testing.assert_array_equal(
+        unpack_array(_old_float16_blob(small), small.shape), unpack_array(pack_array(small), small.shape)
+    )
+    large = rng.normal(0, 1e-4, (28, 16384)).astype(np.float32)
+    new, old = pack_array(large), _old_log8_blob(large)
+    assert new[:2] == b"Z8" and old[:2] == b"L8"
+    np.testing.assert_array_equal(unpack_array(old, large.shape), unpack_array(new, large.shape))
+
+
+def test_packing_a_packed_array_again_changes_nothing():
+    """`mmtui merge` unpacks and packs again: the 8-bit codes must survive that unchanged."""
+    large = np.random.default_rng(4).normal(0, 1e-4, (28, 16384)).astype(np.float32)
+    once = unpack_array(pack_array(large), large.shape)
+    np.testing.assert_array_equal(unpack_array(pack_array(once), large.shape), once)
+
+
+# -- neuron_images --------------------------------------------------------------------------------------------
+def _records(n: int, seed: int = 0) -> list[ResultRecord]:
+    """Synthetic results over few units, so each unit is in many more than NEURON_IMAGES results; some scores
+    tie across results (the tie-break is the result id)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        score = np.sort(np.round(rng.uniform(0, 1, KEEP), 2))[::-1].astype(np.float32)
+        unit_max = rng.uniform(0, 1, (N_LAYERS, D_MLP)).astype(np.float32)
+        out.append(
+            ResultRecord(
+                image_sha256=f"{i:064x}",
+                image_path=f"/photos/{i}.jpg",
+                width=64,
+                height=48,
+                target_spec="auto",
+                target="dog",
+                target_token_id=5,
+                target_token=" dog",
+                target_source="caption-noun",
+                target_split=False,
+                caption="a dog",
+                context="A picture of a",
+                context_ids=[1, 2],
+                y_c=0.5,
+                p_target=0.5,
+                top_layer=rng.integers(0, N_LAYERS, KEEP).astype(np.int16),
+                top_unit=rng.integers(0, D_MLP, KEEP).astype(np.int32),
+                top_patch=rng.integers(0, N_PATCHES, KEEP).astype(np.int16),
+                top_score=score,
+                unit_max=unit_max,
+                unit_sum=unit_max * 3,
+            )
+        )
+    return out
+
+
+def _new_run(store: Store) -> str:
+    return store.ensure_run(
+        stack_id="s",
+        stack_name="synthetic",
+        fingerprint={},
+        shape={"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES},
+        lm_id="lm",
+        prompt="A picture of",
+        site="post",
+        y_kind="prob",
+    )
+
+
+def _brute(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
+    """Each unit's best NEURON_IMAGES results, read from every stored triple: (result, score, rank, patch)."""
+    best: dict[tuple[int, int, int], tuple[float, int, int]] = {}
+    rows = db.execute(
+        """SELECT t.result_id, t.rank, t.layer, t.unit, t.patch, t.score FROM top_neurons t
+           JOIN results r ON r.id = t.result_id WHERE r.run_id = ? ORDER BY t.result_id, t.rank""",
+        [run_id],
+    )
+    for result_id, rank, layer, unit, patch, score in rows:
+        best.setdefault((layer, unit, result_id), (score, rank, patch))  # ranks ascend: the first is the best
+    per_unit: dict[tuple[int, int], list[tuple[int, float, int, int]]] = {}
+    for (layer, unit, result_id), (score, rank, patch) in best.items():
+        per_unit.setdefault((layer, unit), []).append((result_id, score, rank, patch))
+    return {k: sorted(v, key=lambda r: (-r[1], r[0]))[:NEURON_IMAGES] for k, v in per_unit.items()}
+
+
+def _stored(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
+    out: dict[tuple[int, int], list[tuple[int, float, int, int]]] = {}
+    rows = db.execute(
+        "SELECT layer, unit, result_id, score, rank, patch FROM neuron_images WHERE run_id = ? "
+        "ORDER BY layer, unit, score DESC, result_id",
+        [run_id],
+    )
+    for layer, unit, result_id, score, rank, patch in rows:
+        out.setdefault((layer, unit), []).append((result_id, score, rank, patch))
+    return out
+
+
+@pytest.mark.parametrize("refresh_every, prune_every", [(7, 10), (1, 1), (64, 1024)])
+def test_the_writer_keeps_each_units_best_results(tmp_path: Path, refresh_every: int, prune_every: int) -> None:
+    path = tmp_path / "c.db"
+    with Store.open(path) as store:
+        run_id = _new_run(store)
+    writer = StoreWriter(path, run_id, timeout=5.0, refresh_every=refresh_every, prune_every=prune_every)
+    for rec in _records(45):
+        writer.put(SimpleNamespace(record=rec, result_id=None))  # type: ignore[arg-type]
+    assert len(list(writer.finish())) == 45
+    with Store.open(path) as store:
+        expected = _brute(store.db.conn, run_id)
+        assert _stored(store.db.conn, run_id) == expected  # pruned to the best 20 at the end, exactly
+        assert max(len(v) for v in expected.values()) == NEURON_IMAGES  # the cap was reached (test is meaningful)
+        layer, unit = next(iter(expected))
+        detail = neuron_detail(store, store.run(run_id), layer, unit, top_images=NEURON_IMAGES)
+        assert [(d["result_id"], d["score"], d["rank"], d["patch"]) for d in detail["images"]] == expected[
+            (layer, unit)
+        ]
+        few = neuron_detail(store, store.run(run_id), layer, unit, top_images=3)
+        assert few["images"] == detail["images"][:3]
+
+
+def test_unpruned_rows_do_not_change_what_readers_see(tmp_path: Path) -> None:
+    """Between prunes neuron_images holds more than 20 rows a unit; a reader still gets the best 20."""
+    with Store.open(tmp_path / "c.db") as store:
+        run_id = _new_run(store)
+        for rec in _records(45, seed=1):
+            store.add_result(run_id, rec, stats=False)
+        store.refresh_stats(run_id)
+        expected = _brute(store.db.conn, run_id)
+        unpruned = store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0]
+        assert unpruned > sum(len(v) for v in expected.values())
+        for layer, unit in expected:
+            images = neuron_detail(store, store.run(run_id), layer, unit, top_images=NEURON_IMAGES)["images"]
+            assert [(d["result_id"], d["score"], d["rank"], d["patch"]) for d in images] == expected[(layer, unit)]
+        store.prune_neuron_images(run_id)
+        assert _stored(store.db.conn, run_id) == expected
+
+
+def test_m005_fills_neuron_images_in_a_cache_written_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with Store.open(path) as store:
+        run_id = _new_run(store)
+        for rec in _records(30, seed=2):
+            store.add_result(run_id, rec, stats=True)
+        expected = _brute(store.db.conn, run_id)
+        # back to the schema of m004, which mmtui 0.1 wrote: no neuron_images, an index on every triple
+        store.db.execute("DROP TABLE neuron_images")
+        store.db.execute("CREATE INDEX idx_top_neurons_layer_unit_score ON top_neurons (layer, unit, score)")
+        store.db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm005_neuron_images'")
+        store.db.conn.commit()
+    with Store.open(path) as store:  # applies m005
+        assert _stored(store.db.conn, run_id) == expected
+        assert [ix.columns for ix in store.db["top_neurons"].indexes] == [["result_id", "rank"]]  # the PK only
+        assert "m005_neuron_images" in {m.name for m in migrations.applied(store.db)}
