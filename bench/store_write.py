@@ -1,0 +1,192 @@
+"""How fast the cache takes results, and how big they are, at the paper's scale (GPT-J: 28 x 16,384 units,
+14 x 14 patches, 6,400 top triples per image).
+
+    python bench/store_write.py --from /tmp/smol.db [--images 1000] [--run ID]
+
+The records are real scores, resampled: each GPT-J-scale record takes one stored result of a real run
+(any stack; the embedded default's is the one we have offline), maps every GPT-J layer to the source layer at
+the same relative depth and fills its 16,384 units with that layer's units drawn at random (max and sum
+together), and maps the source's top triples onto GPT-J units through one fixed random map per layer (so units
+recur across images as the real ones do) and onto the 196 patches. Size and speed depend on how the values
+are distributed, which this keeps; the numbers themselves are not GPT-J's.
+
+Writes them twice. First step by step in this thread, timing each: packing the arrays, Store.add_result
+(one transaction per image), Store.refresh_stats (every 64) and Store.prune_neuron_images (every 1,024 and
+at the end). Then through the real StoreWriter (`mmtui attribute`'s writer thread with its packing pool) as
+fast as it takes them: its throughput is the most images per second a run can write. Prints milliseconds per
+image for each, and bytes per image in the file (after a WAL checkpoint) by table and index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mmtui.arrays import pack_array  # noqa: E402
+from mmtui.store import PRUNE_EVERY, STATS_EVERY, ResultRecord, Store  # noqa: E402
+from mmtui.writer import StoreWriter  # noqa: E402
+
+N_LAYERS, D_MLP, N_PATCHES = 28, 16_384, 196
+
+
+def sources(db: Path, run_id: str | None) -> list[ResultRecord]:
+    """The stored results of a real run, as records (arrays unpacked)."""
+    with Store.open(db, create=False) as store:
+        run = store.run(run_id)
+        out = []
+        for row in store.results(run["id"]):
+            full = store.db.execute("SELECT * FROM results WHERE id = ?", [row["id"]]).fetchone()
+            cols = [d[0] for d in store.db.execute("SELECT * FROM results LIMIT 0").description]
+            res = dict(zip(cols, full, strict=True))
+            unit_max, unit_sum = store.unit_scores(row["id"])
+            t = np.array([[r["layer"], r["unit"], r["patch"], r["score"]] for r in store.top_triples(row["id"])])
+            out.append(
+                ResultRecord(
+                    image_sha256=res["image_sha256"],
+                    image_path=row["path"],
+                    width=640,
+                    height=480,
+                    target_spec=res["target_spec"],
+                    target=res["target"],
+                    target_token_id=res["target_token_id"],
+                    target_token=res["target_token"],
+                    target_source=res["target_source"],
+                    target_split=bool(res["target_split"]),
+                    caption=res["caption"],
+                    context=res["context"],
+                    context_ids=[int(x) for x in res["context_ids"].strip("[]").split(",") if x],
+                    y_c=res["y_c"],
+                    p_target=res["p_target"],
+                    top_layer=t[:, 0].astype(np.int16),
+                    top_unit=t[:, 1].astype(np.int32),
+                    top_patch=t[:, 2].astype(np.int16),
+                    top_score=t[:, 3].astype(np.float32),
+                    unit_max=unit_max,
+                    unit_sum=unit_sum,
+                    human_caption=res["human_caption"],
+                )
+            )
+    return out
+
+
+def scaled(
+    src: ResultRecord, i: int, unit_maps: np.ndarray, src_patches: int, rng: np.random.Generator
+) -> ResultRecord:
+    """A GPT-J-scale record resampled from a real one (see the module docstring)."""
+    n_src, d_src = src.unit_max.shape
+    layer_of = np.rint(np.arange(N_LAYERS) * (n_src - 1) / (N_LAYERS - 1)).astype(int)
+    pick = rng.integers(0, d_src, (N_LAYERS, D_MLP))
+    unit_max = src.unit_max[layer_of[:, None], pick].astype(np.float32)
+    unit_sum = src.unit_sum[layer_of[:, None], pick].astype(np.float32)
+    layer = np.rint(src.top_layer * (N_LAYERS - 1) / (n_src - 1)).astype(np.int16)
+    unit = unit_maps[layer, src.top_unit].astype(np.int32)
+    per = max(1, N_PATCHES // src_patches)
+    patch = np.minimum(src.top_patch.astype(np.int32) * per + rng.integers(0, per, len(layer)), N_PATCHES - 1)
+    rec = ResultRecord(**{**src.__dict__})
+    rec.image_sha256 = f"{i:064x}"
+    rec.image_path = f"/data/coco/val2014/COCO_val2014_{i:012d}.jpg"
+    rec.top_layer, rec.top_unit, rec.top_patch = layer, unit, patch.astype(np.int16)
+    rec.unit_max, rec.unit_sum = unit_max, unit_sum
+    return rec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", type=Path, required=True, help="a store with a real run")
+    parser.add_argument("--run", default=None, help="the run to resample (default: the newest)")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--src-patches", type=int, default=49, help="patches of the source stack (smol: 49)")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    srcs = sources(args.source, args.run)
+    d_src = max(int(s.top_unit.max()) for s in srcs) + 1
+    unit_maps = np.stack([rng.permutation(D_MLP)[: max(d_src, 1)] for _ in range(N_LAYERS)])
+    records = [scaled(srcs[i % len(srcs)], i, unit_maps, args.src_patches, rng) for i in range(args.images)]
+    shape = {"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES}
+
+    steps = dict.fromkeys(("pack", "add_result", "refresh_stats", "prune_neuron_images"), 0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.db"
+        with Store.open(path) as store:
+            run = store.ensure_run(
+                stack_id="bench",
+                stack_name="gptj-scale",
+                fingerprint={},
+                shape=shape,
+                lm_id="bench",
+                prompt="",
+                site="post",
+                y_kind="prob",
+            )
+            for i, rec in enumerate(records):
+                t0 = time.perf_counter()
+                packed = pack_array(rec.unit_max), pack_array(rec.unit_sum)
+                t1 = time.perf_counter()
+                store.add_result(run, rec, stats=False, packed=packed)
+                t2 = time.perf_counter()
+                if (i + 1) % STATS_EVERY == 0 or i + 1 == len(records):
+                    store.refresh_stats(run)
+                t3 = time.perf_counter()
+                if (i + 1) % PRUNE_EVERY == 0 or i + 1 == len(records):
+                    store.prune_neuron_images(run)
+                t4 = time.perf_counter()
+                for step, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    steps[step] += dt
+            store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            sizes = dict(store.db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall())
+        total = path.stat().st_size
+
+        path = Path(tmp) / "writer.db"
+        with Store.open(path) as store:
+            run = store.ensure_run(
+                stack_id="bench",
+                stack_name="gptj-scale",
+                fingerprint={},
+                shape=shape,
+                lm_id="bench",
+                prompt="",
+                site="post",
+                y_kind="prob",
+            )
+        t0 = time.perf_counter()
+        writer = StoreWriter(path, run, timeout=30.0, refresh_seconds=1e9)  # by count, as the bench's first pass
+        for rec in records:
+            writer.put(SimpleNamespace(record=rec, result_id=None))  # type: ignore[arg-type]
+        written = sum(1 for _ in writer.finish())
+        writer_s = time.perf_counter() - t0
+        assert written == len(records)
+
+    n = args.images
+    table = Table(title=f"cache writes at GPT-J scale: {n} images resampled from {len(srcs)} real results")
+    table.add_column("step")
+    table.add_column("ms / image", justify="right")
+    for step, seconds in steps.items():
+        table.add_row(step, f"{1e3 * seconds / n:.1f}")
+    table.add_row("sum of the steps (one thread)", f"{1e3 * sum(steps.values()) / n:.1f}")
+    table.add_row("StoreWriter, wall time (packing on a pool)", f"{1e3 * writer_s / n:.1f}")
+    console = Console()
+    console.print(table)
+    sizes_table = Table(title=f"bytes per image in the file ({total / 1e6:.0f} MB in all)")
+    sizes_table.add_column("table or index")
+    sizes_table.add_column("kB / image", justify="right")
+    for name, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
+        if size / n >= 100:
+            sizes_table.add_row(name, f"{size / n / 1e3:.1f}")
+    sizes_table.add_row("file", f"{total / n / 1e3:.1f}")
+    console.print(sizes_table)
+
+
+if __name__ == "__main__":
+    main()
