@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
-from mmtui.defaults import CONVENTIONS
+from mmtui.defaults import CONVENTIONS, NEURON_IMAGES
 from mmtui.errors import MmtuiError
 from mmtui.queries import neuron_detail
 from mmtui.tui.failures import ShowsWorkerErrors
@@ -26,7 +26,7 @@ from mmtui.tui.widgets.neuron_table import neuron_label
 from mmtui.tui.widgets.title import TitleBar
 from mmtui.words import is_word
 
-TOP_IMAGES = 20
+TOP_IMAGES = NEURON_IMAGES  # all the cache keeps per unit
 CONVENTION_NAMES = {"raw": "raw (paper)", "ln_f": "ln_f gain"}
 
 
