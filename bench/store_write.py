@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mmtui.arrays import pack_array  # noqa: E402
+from mmtui.merge import stored_records  # noqa: E402
 from mmtui.store import PRUNE_EVERY, STATS_EVERY, ResultRecord, Store  # noqa: E402
 from mmtui.writer import StoreWriter  # noqa: E402
 
@@ -43,41 +44,21 @@ N_LAYERS, D_MLP, N_PATCHES = 28, 16_384, 196
 def sources(db: Path, run_id: str | None) -> list[ResultRecord]:
     """The stored results of a real run, as records (arrays unpacked)."""
     with Store.open(db, create=False) as store:
-        run = store.run(run_id)
-        out = []
-        for row in store.results(run["id"]):
-            full = store.db.execute("SELECT * FROM results WHERE id = ?", [row["id"]]).fetchone()
-            cols = [d[0] for d in store.db.execute("SELECT * FROM results LIMIT 0").description]
-            res = dict(zip(cols, full, strict=True))
-            unit_max, unit_sum = store.unit_scores(row["id"])
-            t = np.array([[r["layer"], r["unit"], r["patch"], r["score"]] for r in store.top_triples(row["id"])])
-            out.append(
-                ResultRecord(
-                    image_sha256=res["image_sha256"],
-                    image_path=row["path"],
-                    width=640,
-                    height=480,
-                    target_spec=res["target_spec"],
-                    target=res["target"],
-                    target_token_id=res["target_token_id"],
-                    target_token=res["target_token"],
-                    target_source=res["target_source"],
-                    target_split=bool(res["target_split"]),
-                    caption=res["caption"],
-                    context=res["context"],
-                    context_ids=[int(x) for x in res["context_ids"].strip("[]").split(",") if x],
-                    y_c=res["y_c"],
-                    p_target=res["p_target"],
-                    top_layer=t[:, 0].astype(np.int16),
-                    top_unit=t[:, 1].astype(np.int32),
-                    top_patch=t[:, 2].astype(np.int16),
-                    top_score=t[:, 3].astype(np.float32),
-                    unit_max=unit_max,
-                    unit_sum=unit_sum,
-                    human_caption=res["human_caption"],
-                )
-            )
-    return out
+        return [r for r in stored_records(store, store.run(run_id)["id"]) if len(r.top_score)]
+
+
+def new_run(store: Store) -> str:
+    shape = {"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES}
+    return store.ensure_run(
+        stack_id="bench",
+        stack_name="gptj-scale",
+        fingerprint={},
+        shape=shape,
+        lm_id="bench",
+        prompt="",
+        site="post",
+        y_kind="prob",
+    )
 
 
 def scaled(
@@ -116,22 +97,12 @@ def main() -> None:
     d_src = max(int(s.top_unit.max()) for s in srcs) + 1
     unit_maps = np.stack([rng.permutation(D_MLP)[: max(d_src, 1)] for _ in range(N_LAYERS)])
     records = [scaled(srcs[i % len(srcs)], i, unit_maps, args.src_patches, rng) for i in range(args.images)]
-    shape = {"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES}
 
     steps = dict.fromkeys(("pack", "add_result", "refresh_stats", "prune_neuron_images"), 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
         with Store.open(path) as store:
-            run = store.ensure_run(
-                stack_id="bench",
-                stack_name="gptj-scale",
-                fingerprint={},
-                shape=shape,
-                lm_id="bench",
-                prompt="",
-                site="post",
-                y_kind="prob",
-            )
+            run = new_run(store)
             for i, rec in enumerate(records):
                 t0 = time.perf_counter()
                 packed = pack_array(rec.unit_max), pack_array(rec.unit_sum)
@@ -152,16 +123,7 @@ def main() -> None:
 
         path = Path(tmp) / "writer.db"
         with Store.open(path) as store:
-            run = store.ensure_run(
-                stack_id="bench",
-                stack_name="gptj-scale",
-                fingerprint={},
-                shape=shape,
-                lm_id="bench",
-                prompt="",
-                site="post",
-                y_kind="prob",
-            )
+            run = new_run(store)
         t0 = time.perf_counter()
         writer = StoreWriter(
             path, run, timeout=30.0, refresh_every=args.refresh_every, refresh_seconds=1e9, prune_every=args.prune_every

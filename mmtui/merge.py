@@ -41,7 +41,8 @@ def check_same_stack(target: Store, sources: Sequence[Store]) -> None:
         )
 
 
-def _records(source: Store, run_id: str) -> Iterator[ResultRecord]:
+def stored_records(source: Store, run_id: str) -> Iterator[ResultRecord]:
+    """Every result of a run as a ResultRecord (arrays unpacked), in the order they were written."""
     shape = json.loads(
         source.db.execute(
             "SELECT stacks.shape FROM runs JOIN stacks ON stacks.id = runs.stack_id WHERE runs.id = ?", [run_id]
@@ -109,7 +110,7 @@ def merge_stores(target: Store, sources: Sequence[Path]) -> Iterator[MergeEvent]
                 done = target.done_keys(run_id)
                 added = 0
                 try:
-                    for record in _records(source, run["id"]):
+                    for record in stored_records(source, run["id"]):
                         key = (record.image_sha256, record.target_spec)
                         if key in done:
                             yield MergeEvent("skipped", str(source.path), record.image_path)

@@ -39,7 +39,7 @@ class StoreWriter:
         *,
         timeout: float,
         refresh_every: int = STATS_EVERY,
-        refresh_seconds: float = 5.0,
+        refresh_seconds: float = 30.0,
         prune_every: int = PRUNE_EVERY,
     ):
         self.run_id = run_id
