@@ -251,7 +251,8 @@ class Store:
 
         stats=True then folds it into neuron_stats and neuron_images (`refresh_stats`, a second transaction;
         an interruption between the two leaves it for the next refresh). stats=False leaves that to a later
-        `refresh_stats`, which does it for many results at once (the fast path of a long run).
+        `refresh_stats`, which does it for many results at once (the fast path of a long run). Either way,
+        call `prune_neuron_images` now and then (it is one pass over the run: not once per result).
         `packed`: (unit_max, unit_sum) already packed with `pack_array` (the writer packs on worker threads).
         """
         if packed is None:
@@ -309,7 +310,6 @@ class Store:
             )
         if stats:
             self.refresh_stats(run_id, count_top)
-            self.prune_neuron_images(run_id)
         return result_id
 
     def pending_stats(self, run_id: str) -> bool:
