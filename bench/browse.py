@@ -211,6 +211,7 @@ async def measure_actions(db: Path, tokens: list[str], rounds: int) -> dict[str,
     times over in one session. Actions are called as their keys call them (a simulated key press would add
     the Pilot's wait for an idle CPU)."""
     from textual.widgets import Input
+    from textual.worker import WorkerCancelled
 
     from mmtui.tui import make_app
     from mmtui.tui.screens.browse import BrowseScreen
@@ -234,7 +235,12 @@ async def measure_actions(db: Path, tokens: list[str], rounds: int) -> dict[str,
         layers = screen.query_one(LayerBars)
 
         async def run(name: str, act: Callable[[], Any], want: Callable[[Any], bool]) -> None:
-            await app.workers.wait_for_complete()  # counts of the previous query included
+            while True:  # counts of the previous query included; a query superseded by the next is cancelled
+                try:
+                    await app.workers.wait_for_complete()
+                    break
+                except WorkerCancelled:
+                    continue
             await pilot.pause(0.05)
             rows, painted = await _answer(pilot, act, want)
             results.setdefault(name, []).append((rows, painted, screen.shown.seconds))
