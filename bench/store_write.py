@@ -7,7 +7,8 @@ The records are real scores, resampled: each GPT-J-scale record takes one stored
 (any stack; the embedded default's is the one we have offline), maps every GPT-J layer to the source layer at
 the same relative depth and fills its 16,384 units with that layer's units drawn at random (max and sum
 together), and maps the source's top triples onto GPT-J units through one fixed random map per layer (so units
-recur across images as the real ones do) and onto the 196 patches. Size and speed depend on how the values
+recur across images as the real ones do; `--spread`: a new map per image, so they seldom recur, which is the
+costly end for folding the per-unit stats) and onto the 196 patches. Size and speed depend on how the values
 are distributed, which this keeps; the numbers themselves are not GPT-J's.
 
 Writes them twice. First step by step in this thread, timing each: packing the arrays, Store.add_result
@@ -89,14 +90,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--refresh-every", type=int, default=STATS_EVERY)
     parser.add_argument("--prune-every", type=int, default=PRUNE_EVERY)
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="a new unit map per image: units seldom recur across images (the costly end for the stats fold)",
+    )
     parser.add_argument("--src-patches", type=int, default=49, help="patches of the source stack (smol: 49)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
     srcs = sources(args.source, args.run)
     d_src = max(int(s.top_unit.max()) for s in srcs) + 1
-    unit_maps = np.stack([rng.permutation(D_MLP)[: max(d_src, 1)] for _ in range(N_LAYERS)])
-    records = [scaled(srcs[i % len(srcs)], i, unit_maps, args.src_patches, rng) for i in range(args.images)]
+
+    def unit_maps() -> np.ndarray:
+        return np.stack([rng.permutation(D_MLP)[: max(d_src, 1)] for _ in range(N_LAYERS)])
+
+    fixed = unit_maps()
+    records = [
+        scaled(srcs[i % len(srcs)], i, unit_maps() if args.spread else fixed, args.src_patches, rng)
+        for i in range(args.images)
+    ]
 
     steps = dict.fromkeys(("pack", "add_result", "refresh_stats", "prune_neuron_images"), 0.0)
     with tempfile.TemporaryDirectory() as tmp:
