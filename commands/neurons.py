@@ -88,7 +88,10 @@ def neuron(
     index: Annotated[int, typer.Argument(help="Unit index within the layer's MLP, 0-based.")],
     run: RunOption = None,
     limit: Annotated[
-        int, typer.Option("--limit", min=1, max=NEURON_IMAGES, help="How many top images (the cache keeps 20).")
+        int,
+        typer.Option(
+            "--limit", min=1, max=NEURON_IMAGES, help=f"How many top images (the cache keeps {NEURON_IMAGES})."
+        ),
     ] = 10,
     db: DbOption = None,
     json_out: JsonOption = False,

@@ -5,7 +5,7 @@ Tables
 - runs: a stack + the attribution settings (prompt, site, y kind); results of different runs never mix.
 - images: one row per distinct image (sha256 of its bytes), with the last path it was seen at.
 - results: one row per (run, image, target spec): the target, caption, y_c, P(target), and every unit's
-  max and sum of g over the image positions as compressed float16 arrays [n_layers, d_mlp].
+  max and sum of g over the image positions as compact arrays [n_layers, d_mlp] (formats: mmtui.arrays).
 - top_neurons: the top (layer, unit, patch) triples of each result, by rank.
 - neuron_stats: per (run, layer, unit) aggregates over the results, folded in many results at a time.
 - neuron_images: per (run, layer, unit) the unit's best NEURON_IMAGES results (m005).
