@@ -11,7 +11,7 @@ recur across images as the real ones do; `--spread`: a new map per image, so the
 costly end for folding the per-unit stats) and onto the 196 patches. Size and speed depend on how the values
 are distributed, which this keeps; the numbers themselves are not GPT-J's.
 
-Writes them twice. First step by step in this thread, timing each: packing the arrays, Store.add_result
+Writes them twice. First step by step in this thread, timing each: packing the arrays and triples, Store.add_result
 (one transaction per image), Store.refresh_stats and Store.prune_neuron_images (every 256 results each, and
 at the end). Then through the real StoreWriter (`mmtui attribute`'s writer thread with its packing pool) as
 fast as it takes them: its throughput is the most images per second a run can write. Prints milliseconds per
@@ -34,9 +34,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmtui.arrays import pack_array  # noqa: E402
 from mmtui.merge import stored_records  # noqa: E402
-from mmtui.store import PRUNE_EVERY, STATS_EVERY, ResultRecord, Store  # noqa: E402
+from mmtui.store import PRUNE_EVERY, STATS_EVERY, ResultRecord, Store, pack_result  # noqa: E402
 from mmtui.writer import StoreWriter  # noqa: E402
 
 N_LAYERS, D_MLP, N_PATCHES = 28, 16_384, 196
@@ -118,7 +117,7 @@ def main() -> None:
             run = new_run(store)
             for i, rec in enumerate(records):
                 t0 = time.perf_counter()
-                packed = pack_array(rec.unit_max), pack_array(rec.unit_sum)
+                packed = pack_result(rec)
                 t1 = time.perf_counter()
                 store.add_result(run, rec, stats=False, packed=packed)
                 t2 = time.perf_counter()

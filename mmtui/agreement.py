@@ -9,6 +9,7 @@ Reported: the mean over images of each.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,13 @@ def unit_texts(
     store: Store, run: dict[str, Any], result_id: int, top: int, convention: str, interpretable_only: bool
 ) -> list[str]:
     """Decoded token lists of the distinct units among a result's first `top` triples, in rank order."""
+    units = [u[:2] for u in store.top_units(result_id, int(top))]  # in rank order
     rows = store.db.execute(
-        """SELECT t.text, t.interpretable FROM top_neurons tn
-           JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = tn.layer AND t.unit = tn.unit
-           WHERE tn.result_id = ? AND tn.rank < ? GROUP BY tn.layer, tn.unit ORDER BY min(tn.rank)""",
-        [run["lm_id"], convention, result_id, int(top)],
+        """SELECT t.text, t.interpretable FROM json_each(?) tn
+           JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = json_extract(tn.value, '$[0]')
+                                AND t.unit = json_extract(tn.value, '$[1]')
+           ORDER BY tn.key""",
+        [json.dumps(units), run["lm_id"], convention],
     ).fetchall()
     return [text for text, good in rows if good or not interpretable_only]
 

@@ -6,6 +6,10 @@ Formats (the first bytes tell them apart, so caches written by earlier versions 
 - b"L8" + rows + scale + zlib stream: the same codes, as mmtui 0.1 wrote them (read only).
 - a zlib stream: shuffled float16, as mmtui 0.1 wrote them (read only).
 zstd level 3 packs as tightly as zlib level 1 did at a tenth of the time (bench/store_write.py).
+
+A result's top (layer, unit, patch, score) triples are one blob too (`pack_triples`): b"T1" + count + zstd frame
+of the four columns (uint16, uint32, uint16, float32), each byte-shuffled. Lossless; ~7 bytes a triple against
+~30 as rows of a table with its key.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import zstandard
 
 LOSSLESS_MAX_VALUES = 1 << 18  # arrays up to this size (smol: 46,080 units) keep float16; larger ones, 8 bits
 LOG8, LOG8_ZLIB = b"Z8", b"L8"
+TRIPLES = b"T1"
+_TRIPLE_COLUMNS = (np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u2"), np.dtype("<f4"))  # layer, unit, patch, score
 LOG8_STEPS = 8  # codes per octave: a code is within 2**(1/16) - 1 = 4.4% of the value it stands for
 ZSTD_LEVEL = 3
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -60,3 +66,38 @@ def unpack_array(blob: bytes, shape: Sequence[int]) -> np.ndarray:
     raw = zstandard.decompress(blob) if blob[:4] == _ZSTD_MAGIC else zlib.decompress(blob)
     halves = np.frombuffer(raw, dtype=np.uint8).reshape(2, -1)
     return np.ascontiguousarray(halves.T).view(np.float16).reshape(shape).astype(np.float32)
+
+
+def _shuffled(column: np.ndarray) -> bytes:
+    return np.ascontiguousarray(column.view(np.uint8).reshape(len(column), column.itemsize).T).tobytes()
+
+
+def pack_triples(layer: np.ndarray, unit: np.ndarray, patch: np.ndarray, score: np.ndarray) -> bytes:
+    """A result's top triples, in rank order, -> compact bytes (lossless: scores stay float32)."""
+    columns = []
+    for values, dtype in zip((layer, unit, patch, score), _TRIPLE_COLUMNS, strict=True):
+        values = np.asarray(values)
+        if dtype.kind == "u" and len(values) and (values.min() < 0 or values.max() > np.iinfo(dtype).max):
+            raise ValueError(f"triple index out of range for {dtype}: {values.min()}..{values.max()}")
+        columns.append(_shuffled(np.ascontiguousarray(values, dtype=dtype)))
+    n = len(columns[0]) // _TRIPLE_COLUMNS[0].itemsize
+    body = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(b"".join(columns))
+    return TRIPLES + np.uint32(n).tobytes() + body
+
+
+def unpack_triples(blob: bytes | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of pack_triples: (layer, unit, patch, score) arrays (int64, int64, int64, float32), by rank."""
+    if not blob:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, np.zeros(0, dtype=np.float32)
+    if blob[:2] != TRIPLES:
+        raise ValueError("not a packed triples blob")
+    n = int(np.frombuffer(blob, dtype=np.uint32, count=1, offset=2)[0])
+    raw = np.frombuffer(zstandard.decompress(blob[6:]), dtype=np.uint8)
+    out, offset = [], 0
+    for dtype in _TRIPLE_COLUMNS:
+        size = n * dtype.itemsize
+        column = np.ascontiguousarray(raw[offset : offset + size].reshape(dtype.itemsize, n).T).view(dtype).ravel()
+        out.append(column.astype(np.float32 if dtype.kind == "f" else np.int64))
+        offset += size
+    return out[0], out[1], out[2], out[3]

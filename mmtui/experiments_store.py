@@ -97,11 +97,8 @@ def interpretable_units(store: Store, lm_id: str, convention: str = "raw") -> se
 
 def top_triples_array(store: Store, result_id: int, limit: int | None = None) -> np.ndarray:
     """The stored top triples of a result as an int array [N, 3] of (layer, unit, patch), by rank."""
-    sql = "SELECT layer, unit, patch FROM top_neurons WHERE result_id = ? ORDER BY rank"
-    if limit is not None:
-        sql += f" LIMIT {int(limit)}"
-    rows = store.db.execute(sql, [result_id]).fetchall()
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+    layer, unit, patch, _score = store.triples(result_id)
+    return np.stack([layer, unit, patch], axis=1)[:limit]
 
 
 # -- ablation ------------------------------------------------------------------------------------------

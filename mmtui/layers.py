@@ -4,6 +4,8 @@ in each image's top triples, all and interpretable only. Reads the store only; n
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
 from mmtui.store import COUNT_TOP, Store
@@ -17,13 +19,14 @@ def layer_histogram(
 
     Also the totals, the interpretable rate (method.md asks to report it; the paper keeps ~50%) and n_images.
     """
+    counts: Counter[tuple[int, int]] = Counter()
+    for (result_id,) in store.db.execute("SELECT id FROM results WHERE run_id = ?", [run["id"]]).fetchall():
+        counts.update(u[:2] for u in store.top_units(result_id, int(top)))
     rows = store.db.execute(
-        """SELECT tn.layer, tn.unit, count(DISTINCT tn.result_id), coalesce(t.interpretable, 0)
-            FROM (SELECT DISTINCT result_id, layer, unit FROM top_neurons
-                  WHERE rank < ? AND result_id IN (SELECT id FROM results WHERE run_id = ?)) tn
-            LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = tn.layer AND t.unit = tn.unit
-            GROUP BY tn.layer, tn.unit""",
-        [int(top), run["id"], run["lm_id"], convention],
+        """SELECT json_extract(tn.value, '$[0]'), json_extract(tn.value, '$[1]'), json_extract(tn.value, '$[2]'), coalesce(t.interpretable, 0) FROM json_each(?) tn
+            LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = json_extract(tn.value, '$[0]')
+                                     AND t.unit = json_extract(tn.value, '$[1]')""",
+        [json.dumps([[layer, unit, n] for (layer, unit), n in counts.items()]), run["lm_id"], convention],
     ).fetchall()
     n_layers = run["shape"]["n_layers"]
     per = [

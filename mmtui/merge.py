@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtui.arrays import unpack_array
+from mmtui.arrays import unpack_array, unpack_triples
 from mmtui.errors import MmtuiError
 from mmtui.store import STATS_EVERY, ResultRecord, Store
 
@@ -55,12 +55,7 @@ def stored_records(source: Store, run_id: str) -> Iterator[ResultRecord]:
         [run_id],
     )
     for row in rows:
-        triples = np.array(
-            source.db.execute(
-                "SELECT layer, unit, patch, score FROM top_neurons WHERE result_id = ? ORDER BY rank", [row["id"]]
-            ).fetchall(),
-            dtype=np.float64,
-        ).reshape(-1, 4)
+        layer, unit, patch, score = unpack_triples(row["top"])
         yield ResultRecord(
             image_sha256=row["image_sha256"],
             image_path=row["path"],
@@ -77,10 +72,10 @@ def stored_records(source: Store, run_id: str) -> Iterator[ResultRecord]:
             context_ids=json.loads(row["context_ids"] or "[]"),
             y_c=row["y_c"],
             p_target=row["p_target"],
-            top_layer=triples[:, 0].astype(np.int16),
-            top_unit=triples[:, 1].astype(np.int32),
-            top_patch=triples[:, 2].astype(np.int16),
-            top_score=triples[:, 3],
+            top_layer=layer.astype(np.int16),
+            top_unit=unit.astype(np.int32),
+            top_patch=patch.astype(np.int16),
+            top_score=score,
             unit_max=unpack_array(row["unit_max"], dims),
             unit_sum=unpack_array(row["unit_sum"], dims),
             human_caption=row["human_caption"],

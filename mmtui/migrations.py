@@ -4,9 +4,9 @@ Tables
 - stacks: one row per stack fingerprint (what makes results comparable), with its shape.
 - runs: a stack + the attribution settings (prompt, site, y kind); results of different runs never mix.
 - images: one row per distinct image (sha256 of its bytes), with the last path it was seen at.
-- results: one row per (run, image, target spec): the target, caption, y_c, P(target), and every unit's
-  max and sum of g over the image positions as compact arrays [n_layers, d_mlp] (formats: mmtui.arrays).
-- top_neurons: the top (layer, unit, patch) triples of each result, by rank.
+- results: one row per (run, image, target spec): the target, caption, y_c, P(target), every unit's
+  max and sum of g over the image positions as compact arrays [n_layers, d_mlp], and the top (layer, unit,
+  patch, score) triples by rank as one blob (`top`, m006; formats: mmtui.arrays).
 - neuron_stats: per (run, layer, unit) aggregates over the results, folded in many results at a time.
 - neuron_images: per (run, layer, unit) the unit's best NEURON_IMAGES results (m005).
 - neuron_tokens: each unit's decoded top tokens, per LM and decoding convention.
@@ -383,3 +383,39 @@ def m005_neuron_images(db: Database) -> None:
             WHERE k <= {NEURON_IMAGES}"""
     )
     db.execute("DROP INDEX IF EXISTS idx_top_neurons_layer_unit_score")
+
+
+@migrations()
+def m006_pack_top_triples(db: Database) -> None:
+    """results.top: a result's top triples as one blob (mmtui.arrays.pack_triples) replace the top_neurons table.
+
+    As rows, 6,400 triples an image took ~190 kB and 6,400 inserts (a fifth of the cache at GPT-J scale, and
+    the slowest part of a write); packed they take ~40 kB and one. Nothing reads them by unit any more
+    (neuron_images does that), so rows bought nothing. Converted here result by result; the freed pages are
+    reused by later writes (`VACUUM` gives them back to the disk).
+    """
+    import numpy as np
+
+    from mmtui.arrays import pack_triples
+
+    db["results"].add_column("top", bytes)
+    if "top_neurons" not in db.table_names():  # not written by mmtui; nothing to convert
+        return
+    ids = [r[0] for r in db.execute("SELECT id FROM results ORDER BY id")]
+    for result_id in ids:
+        rows = db.execute(
+            "SELECT layer, unit, patch, score FROM top_neurons WHERE result_id = ? ORDER BY rank", [result_id]
+        ).fetchall()
+        layer, unit, patch = (np.array([r[i] for r in rows], dtype=np.int64) for i in range(3))
+        score = np.array([r[3] for r in rows], dtype=np.float32)
+        db.execute("UPDATE results SET top = ? WHERE id = ?", [pack_triples(layer, unit, patch, score), result_id])
+    db.execute("DROP TABLE top_neurons")
+
+
+@migrations()
+def m007_neuron_images_floor(db: Database) -> None:
+    """neuron_stats.images_floor: the score of the unit's NEURON_IMAGES-th best result in neuron_images, set by
+    `Store.prune_neuron_images` (NULL: not known yet, or fewer kept). A result scoring at or below it can't enter
+    the unit's best (new results have higher ids, which lose ties), so `Store.refresh_stats` skips it: in a long
+    run most (result, unit) pairs, where neuron_images took most of the write time."""
+    db["neuron_stats"].add_column("images_floor", float)

@@ -67,6 +67,132 @@ class ResultRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+Packed = tuple[bytes, bytes, bytes]  # a result's unit_max, unit_sum and top triples, packed
+
+
+def pack_result(rec: ResultRecord) -> Packed:
+    """The blobs of a result: its two unit arrays and its top triples (mmtui.arrays; thread-safe)."""
+    from mmtui.arrays import pack_array, pack_triples
+
+    return (
+        pack_array(rec.unit_max),
+        pack_array(rec.unit_sum),
+        pack_triples(rec.top_layer, rec.top_unit, rec.top_patch, rec.top_score),
+    )
+
+
+UNIT_BITS, LAYER_BITS = 20, 12  # a (layer, unit) folds into one int (as in neuron_text's rowid: units < 2**20)
+
+
+def _unit_key(layer: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    if len(layer) and (layer.max() >= 1 << LAYER_BITS or unit.max() >= 1 << UNIT_BITS):
+        raise ValueError(f"layers must be below 2**{LAYER_BITS} and units below 2**{UNIT_BITS}")
+    return layer.astype(np.int64) << UNIT_BITS | unit.astype(np.int64)
+
+
+def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    if not len(sorted_keys):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+
+
+def _best_per_unit_of(
+    layer: np.ndarray, unit: np.ndarray, patch: np.ndarray, score: np.ndarray, result_id: int = 0
+) -> dict[str, np.ndarray]:
+    """One row per unit among one result's triples (in rank order, so scores descending): the unit's best
+    score there, its min rank and the patch of that triple. Rows come by (layer, unit)."""
+    import numpy as np
+
+    _key, first = np.unique(_unit_key(layer, unit), return_index=True)  # the first occurrence: the best rank
+    return {
+        "result_id": np.full(len(first), result_id, dtype=np.int64),
+        "layer": layer[first].astype(np.int64),
+        "unit": unit[first].astype(np.int64),
+        "rank": first.astype(np.int64),
+        "patch": patch[first].astype(np.int64),
+        "score": score[first].astype(np.float64),
+    }
+
+
+def _best_per_unit(pending: Sequence[tuple[int, bytes | None]], count_top: int) -> dict[str, np.ndarray]:
+    """_best_per_unit_of over many results' blobs, one result after another, plus in_top (rank < count_top)."""
+    import numpy as np
+
+    from mmtui.arrays import unpack_triples
+
+    parts = [_best_per_unit_of(*unpack_triples(blob), result_id=result_id) for result_id, blob in pending]
+    best = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    best["in_top"] = (best["rank"] < count_top).astype(np.int64)
+    return best
+
+
+def _by_unit(best: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(result, unit) rows ordered by unit, then score descending, then result; and where each unit starts."""
+    import numpy as np
+
+    n = len(best["score"])
+    by_score = np.argsort(-best["score"], kind="stable")  # rows come by result: equal scores keep result order
+    place = np.empty(n, dtype=np.int64)
+    place[by_score] = np.arange(n, dtype=np.int64)
+    key = _unit_key(best["layer"], best["unit"])
+    order = np.argsort(key << (63 - UNIT_BITS - LAYER_BITS) | place)  # distinct keys: any sort will do
+    return order, _group_starts(key[order])
+
+
+def _fold_units(best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per unit over (result, unit) rows (in `_by_unit` order): n_top, n_images, max, sum and mean score, and
+    the result of the max (the first result among equal maxima)."""
+    import numpy as np
+
+    if not len(order):
+        return {k: order for k in ("layer", "unit", "n_top", "n_images", "max", "sum", "mean", "best")}
+    n_images = np.diff(np.r_[starts, len(order)])
+    total = np.add.reduceat(best["score"][order], starts)
+    first = order[starts]
+    return {
+        "layer": best["layer"][first],
+        "unit": best["unit"][first],
+        "n_top": np.add.reduceat(best["in_top"][order], starts),
+        "n_images": n_images,
+        "max": best["score"][first],
+        "sum": total,
+        "mean": total / n_images,
+        "best": best["result_id"][first],
+    }
+
+
+def _above(best: dict[str, np.ndarray], floors: Sequence[tuple[int, int, float]]) -> np.ndarray:
+    """Whether each (result, unit) row scores above its unit's images_floor (True where it has none)."""
+    import numpy as np
+
+    if not floors:
+        return np.ones(len(best["score"]), dtype=bool)
+    layer, unit, floor = (np.array(c) for c in zip(*floors, strict=True))
+    keys = _unit_key(layer, unit)
+    by_key = np.argsort(keys)
+    keys, floor = keys[by_key], floor[by_key].astype(np.float64)
+    row_keys = _unit_key(best["layer"], best["unit"])
+    at = np.minimum(np.searchsorted(keys, row_keys), len(keys) - 1)
+    return np.where(keys[at] == row_keys, best["score"] > floor[at], True)
+
+
+def _best_images(
+    best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarray, keep: int, eligible: np.ndarray
+) -> np.ndarray:
+    """Of (result, unit) rows, given in `_by_unit` order, the indices of each unit's best `keep` among the
+    `eligible` ones, in (unit, result) order (the B-tree of neuron_images fills page by page). A unit's
+    eligible rows (above its floor) lead its rows in that order, so ranking all of them ranks those."""
+    import numpy as np
+
+    within = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    chosen = np.sort(order[(within < keep) & eligible[order]])  # by (result, unit), as the rows come
+    return chosen[np.argsort(_unit_key(best["layer"][chosen], best["unit"][chosen]), kind="stable")]
+
+
 def _translate(error: sqlite3.OperationalError, path: Path, timeout: float) -> StoreError:
     text = str(error)
     if "locked" in text or "busy" in text:
@@ -245,20 +371,18 @@ class Store:
         rec: ResultRecord,
         count_top: int = COUNT_TOP,
         stats: bool = True,
-        packed: tuple[bytes, bytes] | None = None,
+        packed: Packed | None = None,
     ) -> int:
-        """Write one image's result and its top triples in one transaction.
+        """Write one image's result (its arrays and top triples as blobs) in one transaction.
 
         stats=True then folds it into neuron_stats and neuron_images (`refresh_stats`, a second transaction;
         an interruption between the two leaves it for the next refresh). stats=False leaves that to a later
         `refresh_stats`, which does it for many results at once (the fast path of a long run). Either way,
         call `prune_neuron_images` now and then (it is one pass over the run: not once per result).
-        `packed`: (unit_max, unit_sum) already packed with `pack_array` (the writer packs on worker threads).
+        `packed`: `pack_result(rec)` done already (the writer packs on worker threads).
         """
         if packed is None:
-            from mmtui.arrays import pack_array
-
-            packed = (pack_array(rec.unit_max), pack_array(rec.unit_sum))
+            packed = pack_result(rec)
         with self._write():
             self.db["images"].upsert(
                 {
@@ -273,8 +397,8 @@ class Store:
             cur = self.db.execute(
                 """INSERT INTO results (run_id, image_sha256, target_spec, target, target_token_id, target_token,
                        target_source, target_split, caption, context, context_ids, human_caption, y_c, p_target,
-                       n_top, unit_max, unit_sum, seconds, created, in_stats)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)""",
+                       n_top, unit_max, unit_sum, top, seconds, created, in_stats)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)""",
                 [
                     run_id,
                     rec.image_sha256,
@@ -297,17 +421,6 @@ class Store:
                 ],
             )
             result_id = int(cur.lastrowid)
-            self.db.conn.executemany(
-                "INSERT INTO top_neurons (result_id, rank, layer, unit, patch, score) VALUES (?, ?, ?, ?, ?, ?)",
-                zip(
-                    itertools.repeat(result_id),
-                    itertools.count(),
-                    rec.top_layer.tolist(),
-                    rec.top_unit.tolist(),
-                    rec.top_patch.tolist(),
-                    rec.top_score.tolist(),
-                ),
-            )
         if stats:
             self.refresh_stats(run_id, count_top)
         return result_id
@@ -321,33 +434,22 @@ class Store:
 
         Gives the same aggregates as adding them one by one: per unit, n_top (results where it is among the
         first `count_top` triples), n_images, max and sum of its best score per result, and the result of the
-        max. Also adds the results to neuron_images (see `prune_neuron_images`).
+        max. Also adds each pending (result, unit)'s best triple to neuron_images, at most NEURON_IMAGES per
+        unit from one refresh (see `prune_neuron_images`). The folding is numpy; SQLite only takes the rows.
         """
         with self._write():
-            pending = [
-                r[0] for r in self.db.execute("SELECT id FROM results WHERE run_id = ? AND in_stats = 0", [run_id])
-            ]
+            pending = self.db.execute(
+                "SELECT id, top FROM results WHERE run_id = ? AND in_stats = 0 ORDER BY id", [run_id]
+            ).fetchall()
             if not pending:
                 return 0
-            self.db.execute("DROP TABLE IF EXISTS temp.pending_units")
-            self.db.execute(
-                f"""CREATE TEMP TABLE pending_units AS
-                    SELECT t.layer, t.unit, t.result_id, max(t.score) AS best, min(t.rank) AS best_rank,
-                           min(t.rank) < {int(count_top)} AS in_top
-                    FROM top_neurons t WHERE t.result_id IN (SELECT value FROM json_each(?))
-                    GROUP BY t.result_id, t.layer, t.unit""",
-                [json.dumps(pending)],
-            )
-            # SQLite: with a single max() aggregate, the bare column result_id comes from the row of the max
-            self.db.execute(
+            best = _best_per_unit(pending, count_top)
+            order, starts = _by_unit(best)
+            stats = _fold_units(best, order, starts)
+            self.db.conn.executemany(
                 """INSERT INTO neuron_stats
                        (run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
-                   SELECT ?, a.layer, a.unit, a.n_top, a.n_images, b.best, a.total, a.total / a.n_images, b.result_id
-                   FROM (SELECT layer, unit, sum(in_top) AS n_top, count(*) AS n_images, sum(best) AS total
-                         FROM pending_units GROUP BY layer, unit) a
-                   JOIN (SELECT layer, unit, max(best) AS best, result_id FROM pending_units GROUP BY layer, unit) b
-                     USING (layer, unit)
-                   WHERE true
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (run_id, layer, unit) DO UPDATE SET
                        n_top = n_top + excluded.n_top,
                        best_result_id = CASE WHEN excluded.max_score > max_score
@@ -356,29 +458,33 @@ class Store:
                        sum_score = sum_score + excluded.sum_score,
                        mean_score = (sum_score + excluded.sum_score) / (n_images + excluded.n_images),
                        n_images = n_images + excluded.n_images""",
-                [run_id],
+                zip(
+                    itertools.repeat(run_id),
+                    *(stats[k].tolist() for k in ("layer", "unit", "n_top", "n_images", "max", "sum", "mean", "best")),
+                ),
             )
-            self._fold_neuron_images(run_id)
-            self.db.execute("DROP TABLE temp.pending_units")
+            floors = self.db.execute(
+                "SELECT layer, unit, images_floor FROM neuron_stats WHERE run_id = ? AND images_floor IS NOT NULL",
+                [run_id],
+            ).fetchall()
+            keep = _best_images(best, order, starts, NEURON_IMAGES, _above(best, floors))
+            self.db.conn.executemany(
+                """INSERT INTO neuron_images (run_id, layer, unit, result_id, score, rank, patch)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                zip(
+                    itertools.repeat(run_id),
+                    *(best[k][keep].tolist() for k in ("layer", "unit", "result_id", "score", "rank", "patch")),
+                ),
+            )
             self.db.execute(
-                "UPDATE results SET in_stats = 1 WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(pending)]
+                "UPDATE results SET in_stats = 1 WHERE id IN (SELECT value FROM json_each(?))",
+                [json.dumps([r[0] for r in pending])],
             )
         return len(pending)
 
-    def _fold_neuron_images(self, run_id: str) -> None:
-        """Add each pending (result, unit)'s best triple to neuron_images, in key order (the B-tree fills page by
-        page). Readers take a unit's best NEURON_IMAGES by score, so rows beyond those are dead weight until
-        `prune_neuron_images` drops them, not an error."""
-        self.db.execute(
-            """INSERT INTO neuron_images (run_id, layer, unit, result_id, score, rank, patch)
-               SELECT ?, p.layer, p.unit, p.result_id, p.best, p.best_rank, t.patch
-               FROM pending_units p JOIN top_neurons t ON t.result_id = p.result_id AND t.rank = p.best_rank
-               ORDER BY p.layer, p.unit, p.result_id""",
-            [run_id],
-        )
-
     def prune_neuron_images(self, run_id: str) -> None:
-        """Keep each unit's best NEURON_IMAGES rows of neuron_images (one pass over the run's rows)."""
+        """Keep each unit's best NEURON_IMAGES rows of neuron_images, and note the score of the last of them as
+        the unit's images_floor where it has that many (two passes over the run's rows)."""
         with self._write():
             self.db.execute(
                 f"""DELETE FROM neuron_images WHERE run_id = ?1 AND (layer, unit, result_id) IN (
@@ -387,6 +493,15 @@ class Store:
                                    row_number() OVER (PARTITION BY layer, unit ORDER BY score DESC, result_id) AS k
                             FROM neuron_images WHERE run_id = ?1)
                         WHERE k > {NEURON_IMAGES})""",
+                [run_id],
+            )
+            self.db.execute(  # no UPDATE ... FROM: it needs SQLite 3.33
+                f"""UPDATE neuron_stats SET images_floor = (
+                        SELECT min(score) FROM neuron_images i
+                        WHERE i.run_id = ?1 AND i.layer = neuron_stats.layer AND i.unit = neuron_stats.unit)
+                    WHERE run_id = ?1 AND (layer, unit) IN (
+                        SELECT layer, unit FROM neuron_images WHERE run_id = ?1
+                        GROUP BY layer, unit HAVING count(*) >= {NEURON_IMAGES})""",
                 [run_id],
             )
 
@@ -415,11 +530,33 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         yield from self.db.query(sql, [run_id])
 
+    def triples(self, result_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A result's top triples by rank: (layer, unit, patch, score) arrays."""
+        from mmtui.arrays import unpack_triples
+
+        row = self.db.execute("SELECT top FROM results WHERE id = ?", [result_id]).fetchone()
+        if row is None:
+            raise NotFoundError(f"no result with id {result_id}")
+        return unpack_triples(row[0])
+
     def top_triples(self, result_id: int, limit: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT rank, layer, unit, patch, score FROM top_neurons WHERE result_id = ? ORDER BY rank"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return list(self.db.query(sql, [result_id]))
+        layer, unit, patch, score = (a[:limit] for a in self.triples(result_id))
+        return [
+            {"rank": i, "layer": la, "unit": u, "patch": p, "score": sc}
+            for i, (la, u, p, sc) in enumerate(
+                zip(layer.tolist(), unit.tolist(), patch.tolist(), score.tolist(), strict=True)
+            )
+        ]
+
+    def top_units(self, result_id: int, limit: int | None = None) -> list[tuple[int, int, float, int, int]]:
+        """The distinct units among a result's first `limit` triples (all by default), in the order they first
+        appear: (layer, unit, best score, best rank, patch of that triple)."""
+        import numpy as np
+
+        layer, unit, patch, score = (a[:limit] for a in self.triples(result_id))
+        best = _best_per_unit_of(layer, unit, patch, score)
+        order = np.argsort(best["rank"], kind="stable")
+        return list(zip(*(best[k][order].tolist() for k in ("layer", "unit", "score", "rank", "patch")), strict=True))
 
     def unit_scores(self, result_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(max, sum) of g over the image positions for every unit: two [n_layers, d_mlp] arrays."""

@@ -2,8 +2,8 @@
 
 Each result is still one transaction (an interruption keeps every finished image); the per-unit aggregates
 are folded in many results at a time (`Store.refresh_stats`), every `refresh_every` results and at the end,
-and neuron_images is pruned every `prune_every` results and at the end. The score arrays are packed on a
-small thread pool (numpy and zstd release the GIL), so the writer thread only talks to SQLite.
+and neuron_images is pruned every `prune_every` results and at the end. The score arrays and top triples are
+packed on a small thread pool (numpy and zstd release the GIL), so the writer thread only talks to SQLite.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import TYPE_CHECKING
 
-from mmtui.arrays import pack_array
 from mmtui.errors import StoreError
-from mmtui.store import PRUNE_EVERY, STATS_EVERY, Store
+from mmtui.store import PRUNE_EVERY, STATS_EVERY, Store, pack_result
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from mmtui.pipeline import Event
 
 _STOP = object()
@@ -79,7 +76,7 @@ class StoreWriter:
         """Queue a `done` Event's record; re-raises the writer's failure if it has stopped."""
         record = event.record
         assert record is not None
-        packed = self._packers.submit(_pack, record.unit_max, record.unit_sum)
+        packed = self._packers.submit(pack_result, record)
         while True:
             if not self._thread.is_alive():
                 self._raise_failure()
@@ -124,7 +121,3 @@ class StoreWriter:
             self.inbox.put(_STOP)
             self._thread.join()
         self._packers.shutdown(wait=True)
-
-
-def _pack(unit_max: np.ndarray, unit_sum: np.ndarray) -> tuple[bytes, bytes]:
-    return pack_array(unit_max), pack_array(unit_sum)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mmtui.arrays import LOG8_STEPS, pack_array, unpack_array
+from mmtui.arrays import LOG8_STEPS, pack_array, pack_triples, unpack_array, unpack_triples
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.migrations import migrations
 from mmtui.queries import neuron_detail
@@ -55,6 +55,26 @@ def test_packing_a_packed_array_again_changes_nothing():
     large = np.random.default_rng(4).normal(0, 1e-4, (28, 16384)).astype(np.float32)
     once = unpack_array(pack_array(large), large.shape)
     np.testing.assert_array_equal(unpack_array(pack_array(once), large.shape), once)
+
+
+def test_top_triples_pack_losslessly_and_small():
+    rng = np.random.default_rng(5)
+    n = 6400
+    layer, unit, patch = rng.integers(0, 28, n), rng.integers(0, 16384, n), rng.integers(0, 196, n)
+    score = np.sort(rng.lognormal(-9, 1, n).astype(np.float32))[::-1]
+    score[-1] = -score[-1]  # negative scores survive (site pre, logit y)
+    blob = pack_triples(layer, unit, patch, score)
+    back = unpack_triples(blob)
+    for got, want in zip(back, (layer, unit, patch, score), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert back[3].dtype == np.float32
+    assert len(blob) < 8 * n  # ~30 bytes a triple as table rows
+    assert all(len(a) == 0 for a in unpack_triples(pack_triples([], [], [], [])))
+    assert all(len(a) == 0 for a in unpack_triples(None))  # a result row without triples
+    with pytest.raises(ValueError, match="out of range"):
+        pack_triples([0], [-1], [0], [1.0])
+    with pytest.raises(ValueError, match="out of range"):
+        pack_triples([70_000], [0], [0], [1.0])
 
 
 # -- neuron_images --------------------------------------------------------------------------------------------
@@ -110,10 +130,12 @@ def _new_run(store: Store) -> str:
 def _brute(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
     """Each unit's best NEURON_IMAGES results, read from every stored triple: (result, score, rank, patch)."""
     best: dict[tuple[int, int, int], tuple[float, int, int]] = {}
-    rows = db.execute(
-        """SELECT t.result_id, t.rank, t.layer, t.unit, t.patch, t.score FROM top_neurons t
-           JOIN results r ON r.id = t.result_id WHERE r.run_id = ? ORDER BY t.result_id, t.rank""",
-        [run_id],
+    rows = (
+        (result_id, rank, layer, unit, patch, score)
+        for result_id, blob in db.execute("SELECT id, top FROM results WHERE run_id = ? ORDER BY id", [run_id])
+        for rank, (layer, unit, patch, score) in enumerate(
+            zip(*(a.tolist() for a in unpack_triples(blob)), strict=True)
+        )
     )
     for result_id, rank, layer, unit, patch, score in rows:
         best.setdefault((layer, unit, result_id), (score, rank, patch))  # ranks ascend: the first is the best
@@ -161,9 +183,10 @@ def test_unpruned_rows_do_not_change_what_readers_see(tmp_path: Path) -> None:
     """Between prunes neuron_images holds more than 20 rows a unit; a reader still gets the best 20."""
     with Store.open(tmp_path / "c.db") as store:
         run_id = _new_run(store)
-        for rec in _records(45, seed=1):
+        for i, rec in enumerate(_records(45, seed=1)):
             store.add_result(run_id, rec, stats=False)
-        store.refresh_stats(run_id)
+            if i % 15 == 14:  # a refresh adds at most 20 rows a unit; three add more
+                store.refresh_stats(run_id)
         expected = _brute(store.db.conn, run_id)
         unpruned = store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0]
         assert unpruned > sum(len(v) for v in expected.values())
@@ -174,19 +197,68 @@ def test_unpruned_rows_do_not_change_what_readers_see(tmp_path: Path) -> None:
         assert _stored(store.db.conn, run_id) == expected
 
 
-def test_m005_fills_neuron_images_in_a_cache_written_before_it(tmp_path: Path) -> None:
+def test_results_below_a_units_floor_skip_neuron_images(tmp_path: Path) -> None:
+    """After a prune each full unit has a floor (its 20th best score); a later result scoring at or below it
+    adds no neuron_images row for that unit, but still counts in its aggregates."""
+    with Store.open(tmp_path / "c.db") as store:
+        run_id = _new_run(store)
+        records = _records(46, seed=3)
+        for rec in records[:45]:
+            store.add_result(run_id, rec, stats=False)
+        store.refresh_stats(run_id)
+        store.prune_neuron_images(run_id)
+        floors = dict(
+            ((layer, unit), floor)
+            for layer, unit, floor in store.db.execute(
+                "SELECT layer, unit, images_floor FROM neuron_stats WHERE images_floor IS NOT NULL"
+            )
+        )
+        expected = _brute(store.db.conn, run_id)
+        assert floors == {k: v[-1][1] for k, v in expected.items() if len(v) == NEURON_IMAGES} and floors
+        rows = store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0]
+        low = records[45]
+        low.top_score = low.top_score * 0.0  # scores of 0: below every floor
+        store.add_result(run_id, low, stats=True)
+        units = set(zip(low.top_layer.tolist(), low.top_unit.tolist(), strict=True))
+        added = store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0] - rows
+        assert added == len(units - floors.keys()) and added < len(units)
+        assert store.db.execute("SELECT sum(n_images) FROM neuron_stats").fetchone()[0] == (
+            sum(len(set(zip(r.top_layer.tolist(), r.top_unit.tolist(), strict=True))) for r in records)
+        )
+        store.prune_neuron_images(run_id)
+        assert _stored(store.db.conn, run_id) == _brute(store.db.conn, run_id)
+
+
+def test_m005_and_m006_convert_a_cache_written_before_them(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with Store.open(path) as store:
         run_id = _new_run(store)
         for rec in _records(30, seed=2):
             store.add_result(run_id, rec, stats=True)
         expected = _brute(store.db.conn, run_id)
-        # back to the schema of m004, which mmtui 0.1 wrote: no neuron_images, an index on every triple
-        store.db.execute("DROP TABLE neuron_images")
+        triples = {r["id"]: store.top_triples(r["id"]) for r in store.results(run_id)}
+        # back to the schema of m004, which mmtui 0.1 wrote: a row per triple with an index on every triple,
+        # no neuron_images, no results.top
+        store.db.execute(
+            """CREATE TABLE top_neurons (result_id INTEGER NOT NULL REFERENCES results(id), rank INTEGER NOT NULL,
+                   layer INTEGER NOT NULL, unit INTEGER NOT NULL, patch INTEGER NOT NULL, score REAL NOT NULL,
+                   PRIMARY KEY (result_id, rank)) WITHOUT ROWID"""
+        )
+        store.db.conn.executemany(
+            "INSERT INTO top_neurons VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (rid, t["rank"], t["layer"], t["unit"], t["patch"], t["score"])
+                for rid, ts in triples.items()
+                for t in ts
+            ],
+        )
         store.db.execute("CREATE INDEX idx_top_neurons_layer_unit_score ON top_neurons (layer, unit, score)")
-        store.db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm005_neuron_images'")
+        store.db.execute("ALTER TABLE results DROP COLUMN top")
+        store.db.execute("DROP TABLE neuron_images")
+        store.db.execute("DELETE FROM _sqlite_migrations WHERE name IN ('m005_neuron_images', 'm006_pack_top_triples')")
         store.db.conn.commit()
-    with Store.open(path) as store:  # applies m005
+    with Store.open(path) as store:  # applies m005, then m006
         assert _stored(store.db.conn, run_id) == expected
-        assert [ix.columns for ix in store.db["top_neurons"].indexes] == [["result_id", "rank"]]  # the PK only
-        assert "m005_neuron_images" in {m.name for m in migrations.applied(store.db)}
+        assert {rid: store.top_triples(rid) for rid in triples} == triples
+        assert "top_neurons" not in store.db.table_names()
+        assert {"m005_neuron_images", "m006_pack_top_triples"} <= {m.name for m in migrations.applied(store.db)}

@@ -21,6 +21,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 from textual.worker import WorkerFailed
 
+from mmtui.arrays import unpack_triples
 from mmtui.store import Store
 from mmtui.tui import make_app
 from mmtui.tui.screens.browse import BrowseScreen
@@ -192,6 +193,20 @@ async def test_store_from_the_first_release_is_migrated_and_browsed(tmp_path: Pa
     with sqlite3.connect(db) as conn:
         full_schema = _schema(conn)
         later = {(kind, name) for kind, name in full_schema - first_schema if "_sqlite_migrations" not in name}
+        # what later steps dropped: the first release kept the top triples as rows (m006 packs them)
+        for (sql,) in first.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'top_neurons' AND sql IS NOT NULL ORDER BY type DESC"
+        ):
+            conn.execute(sql)
+        for result_id, blob in conn.execute("SELECT id, top FROM results").fetchall():
+            layer, unit, patch, score = unpack_triples(blob)
+            conn.executemany(
+                "INSERT INTO top_neurons VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (result_id, i, *t)
+                    for i, t in enumerate(zip(*(a.tolist() for a in (layer, unit, patch, score)), strict=True))
+                ],
+            )
         for kind, name in sorted(later):
             conn.execute(f"DROP {kind.upper()} IF EXISTS [{name}]")
         for table in first.table_names():  # and the columns later steps added
