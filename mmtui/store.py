@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT_S = 30.0
 COUNT_TOP = 100  # a unit "ranks among the top" of an image when it is in its first 100 triples (the paper's)
-STATS_EVERY = 256  # results a long write folds into neuron_stats at a time (Store.refresh_stats)
-PRUNE_EVERY = 256  # results between prunes of neuron_images (Store.prune_neuron_images)
+STATS_EVERY = 512  # results a long write folds into neuron_stats at a time (Store.refresh_stats; 256: 15% slower)
+PRUNE_EVERY = 512  # results between prunes of neuron_images (Store.prune_neuron_images)
 
 
 def _now() -> str:
