@@ -39,8 +39,7 @@ def pack_array(array: np.ndarray) -> bytes:
     array = np.asarray(array, dtype=np.float32)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     if array.size <= LOSSLESS_MAX_VALUES:
-        half = np.ascontiguousarray(array, dtype=np.float16).view(np.uint8).reshape(-1, 2)
-        return compressor.compress(np.ascontiguousarray(half.T).tobytes())
+        return compressor.compress(_shuffled(np.ascontiguousarray(array, dtype=np.float16).ravel()))
     rows = array.reshape(array.shape[0], -1)
     scale = np.abs(rows).max(axis=1).astype(np.float32)  # [rows]
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -23,7 +23,9 @@ def layer_histogram(
     for (result_id,) in store.db.execute("SELECT id FROM results WHERE run_id = ?", [run["id"]]).fetchall():
         counts.update(u[:2] for u in store.top_units(result_id, int(top)))
     rows = store.db.execute(
-        """SELECT json_extract(tn.value, '$[0]'), json_extract(tn.value, '$[1]'), json_extract(tn.value, '$[2]'), coalesce(t.interpretable, 0) FROM json_each(?) tn
+        """SELECT json_extract(tn.value, '$[0]'), json_extract(tn.value, '$[1]'), json_extract(tn.value, '$[2]'),
+                  coalesce(t.interpretable, 0)
+            FROM json_each(?) tn
             LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = json_extract(tn.value, '$[0]')
                                      AND t.unit = json_extract(tn.value, '$[1]')""",
         [json.dumps([[layer, unit, n] for (layer, unit), n in counts.items()]), run["lm_id"], convention],

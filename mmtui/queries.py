@@ -98,10 +98,12 @@ def list_neurons(
         result = store.result(run["id"], image)
         units = [u[:4] for u in store.top_units(result["id"])]  # (layer, unit, best score, best rank)
         sql = f"""
-            SELECT s.layer, s.unit, json_extract(tn.value, '$[2]') AS image_score, json_extract(tn.value, '$[3]') AS image_rank, s.n_top, s.n_images,
+            SELECT s.layer, s.unit, json_extract(tn.value, '$[2]') AS image_score,
+                   json_extract(tn.value, '$[3]') AS image_rank, s.n_top, s.n_images,
                    s.max_score, s.mean_score, t.tokens, t.interpretable
             FROM json_each(?) tn
-            JOIN neuron_stats s ON s.run_id = ? AND s.layer = json_extract(tn.value, '$[0]') AND s.unit = json_extract(tn.value, '$[1]')
+            JOIN neuron_stats s ON s.run_id = ? AND s.layer = json_extract(tn.value, '$[0]')
+                                AND s.unit = json_extract(tn.value, '$[1]')
             {tokens_join}
             {"WHERE " + " AND ".join(filters) if filters else ""}
             ORDER BY image_score DESC, image_rank"""
