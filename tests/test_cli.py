@@ -191,10 +191,13 @@ def test_closed_pipe_ends_quietly(filled_db):
     import sys
 
     code = "import sys; sys.argv=['mmtui','neurons','--json','--limit','500'];from commands import main; main()"
-    proc = subprocess.run(
-        f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True, env=_env(filled_db)
+    proc = subprocess.run(  # pipefail: the status is mmtui's, not head's
+        ["bash", "-c", f'set -o pipefail; {sys.executable} -c "{code}" | head -1'],
+        capture_output=True,
+        text=True,
+        env=_env(filled_db),
     )
-    assert proc.returncode == 0
+    assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 1
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
 
