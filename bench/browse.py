@@ -290,7 +290,8 @@ def main() -> None:
     with Store.open(db, create=False) as store:  # applies any pending migration once, before measuring
         opened = time.perf_counter() - start
         run = store.run()
-        n_units = store.db.execute("SELECT count(*) FROM neuron_stats WHERE run_id = ?", [run["id"]]).fetchone()[0]
+        n_units = store.db.execute("SELECT count(*) FROM neuron_stats WHERE run_key = ?", [run["run_key"]])
+        n_units = n_units.fetchone()[0]
     print(f"store: {db} ({db.stat().st_size / 1e9:.2f} GB), {run['n_images']:,} images, {run['shape']['n_layers']} x ")
     print(
         f"       {run['shape']['d_mlp']:,} units; {n_units:,} units in some image's stored triples; opened in {opened:.2f} s"

@@ -2,13 +2,14 @@
 
 Tables
 - stacks: one row per stack fingerprint (what makes results comparable), with its shape.
-- runs: a stack + the attribution settings (prompt, site, y kind); results of different runs never mix.
+- runs: a stack + the attribution settings (prompt, site, y kind); results of different runs never mix. Each
+  has a text id (a hash of those settings) and a small integer run_key (m008) that the per-unit tables use.
 - images: one row per distinct image (sha256 of its bytes), with the last path it was seen at.
 - results: one row per (run, image, target spec): the target, caption, y_c, P(target), every unit's
   max and sum of g over the image positions as compact arrays [n_layers, d_mlp], and the top (layer, unit,
   patch, score) triples by rank as one blob (`top`, m006; formats: mmtui.arrays).
-- neuron_stats: per (run, layer, unit) aggregates over the results, folded in many results at a time.
-- neuron_images: per (run, layer, unit) the unit's best NEURON_IMAGES results (m005).
+- neuron_stats: per (run_key, layer, unit) aggregates over the results, folded in many results at a time.
+- neuron_images: per (run_key, layer, unit) the unit's best NEURON_IMAGES results (m005).
 - neuron_tokens: each unit's decoded top tokens, per LM and decoding convention.
 """
 
@@ -419,3 +420,78 @@ def m007_neuron_images_floor(db: Database) -> None:
     the unit's best (new results have higher ids, which lose ties), so `Store.refresh_stats` skips it: in a long
     run most (result, unit) pairs, where neuron_images took most of the write time."""
     db["neuron_stats"].add_column("images_floor", float)
+
+
+STATS_INDEXES = (  # what `mmtui browse` sorts by, in all layers or one (m001, m003)
+    ("max_score",),
+    ("n_top",),
+    ("mean_score",),
+    ("n_images",),
+    ("unit", "layer"),
+    ("layer", "max_score"),
+    ("layer", "mean_score"),
+    ("layer", "n_top"),
+    ("layer", "n_images"),
+)
+
+
+@migrations()
+def m008_integer_run_keys(db: Database) -> None:
+    """runs.run_key: a small integer per run, which neuron_stats and neuron_images key their rows by (run_key)
+    in place of the 12-character run id.
+
+    The id sat in every entry of ten B-trees (neuron_stats, its nine indexes, neuron_images): ~12 bytes a
+    row of each, a sixth of the cache at GPT-J scale when units seldom recur (bench/store_write.py --spread),
+    and the same again in every page a fold of the stats writes. Both tables are rebuilt here, in key order.
+    """
+    db.execute("ALTER TABLE runs ADD COLUMN run_key INTEGER")
+    db.execute("UPDATE runs SET run_key = (SELECT count(*) FROM runs r WHERE r.rowid <= runs.rowid)")
+    db.execute("CREATE UNIQUE INDEX idx_runs_run_key ON runs (run_key)")
+    db.execute(
+        """
+        CREATE TABLE neuron_stats_new (
+            run_key INTEGER NOT NULL REFERENCES runs(run_key),
+            layer INTEGER NOT NULL,
+            unit INTEGER NOT NULL,
+            n_top INTEGER NOT NULL,
+            n_images INTEGER NOT NULL,
+            max_score REAL NOT NULL,
+            sum_score REAL NOT NULL,
+            mean_score REAL NOT NULL,
+            best_result_id INTEGER,
+            images_floor REAL,
+            PRIMARY KEY (run_key, layer, unit)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """INSERT INTO neuron_stats_new
+           SELECT r.run_key, s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.sum_score, s.mean_score,
+                  s.best_result_id, s.images_floor
+           FROM neuron_stats s JOIN runs r ON r.id = s.run_id ORDER BY r.run_key, s.layer, s.unit"""
+    )
+    db.execute("DROP TABLE neuron_stats")  # and its indexes
+    db.execute("ALTER TABLE neuron_stats_new RENAME TO neuron_stats")
+    for columns in STATS_INDEXES:
+        db["neuron_stats"].create_index(["run_key", *columns])
+    db.execute(
+        """
+        CREATE TABLE neuron_images_new (
+            run_key INTEGER NOT NULL REFERENCES runs(run_key),
+            layer INTEGER NOT NULL,
+            unit INTEGER NOT NULL,
+            result_id INTEGER NOT NULL REFERENCES results(id),
+            score REAL NOT NULL,
+            rank INTEGER NOT NULL,
+            patch INTEGER NOT NULL,
+            PRIMARY KEY (run_key, layer, unit, result_id)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """INSERT INTO neuron_images_new
+           SELECT r.run_key, i.layer, i.unit, i.result_id, i.score, i.rank, i.patch
+           FROM neuron_images i JOIN runs r ON r.id = i.run_id ORDER BY r.run_key, i.layer, i.unit, i.result_id"""
+    )
+    db.execute("DROP TABLE neuron_images")
+    db.execute("ALTER TABLE neuron_images_new RENAME TO neuron_images")

@@ -102,20 +102,20 @@ def list_neurons(
                    json_extract(tn.value, '$[3]') AS image_rank, s.n_top, s.n_images,
                    s.max_score, s.mean_score, t.tokens, t.interpretable
             FROM json_each(?) tn
-            JOIN neuron_stats s ON s.run_id = ? AND s.layer = json_extract(tn.value, '$[0]')
+            JOIN neuron_stats s ON s.run_key = ? AND s.layer = json_extract(tn.value, '$[0]')
                                 AND s.unit = json_extract(tn.value, '$[1]')
             {tokens_join}
             {"WHERE " + " AND ".join(filters) if filters else ""}
             ORDER BY image_score DESC, image_rank"""
-        params = [json.dumps(units), run["id"], run["lm_id"], convention, *filter_args]
+        params = [json.dumps(units), run["run_key"], run["lm_id"], convention, *filter_args]
     else:
         sql = f"""
             SELECT s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.mean_score, t.tokens, t.interpretable
             FROM neuron_stats s
             {tokens_join}
-            WHERE {" AND ".join(["s.run_id = ?", *filters])}
+            WHERE {" AND ".join(["s.run_key = ?", *filters])}
             ORDER BY s.{SORTS[sort]} DESC, s.layer, s.unit"""
-        params = [run["lm_id"], convention, run["id"], *filter_args]
+        params = [run["lm_id"], convention, run["run_key"], *filter_args]
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     for row in store.db.query(sql, params):
@@ -134,8 +134,8 @@ def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, t
             f"no neuron L{layer}.u{unit}: this stack has layers 0-{shape['n_layers'] - 1} and units 0-{shape['d_mlp'] - 1}"
         )
     stats = store.db.execute(
-        "SELECT n_top, n_images, max_score, mean_score FROM neuron_stats WHERE run_id = ? AND layer = ? AND unit = ?",
-        [run["id"], layer, unit],
+        "SELECT n_top, n_images, max_score, mean_score FROM neuron_stats WHERE run_key = ? AND layer = ? AND unit = ?",
+        [run["run_key"], layer, unit],
     ).fetchone()
     decoded = {c: store.tokens(run["lm_id"], c, layer, unit) for c in store.conventions(run["lm_id"])}
     images = list(
@@ -145,9 +145,9 @@ def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, t
                FROM neuron_images n
                JOIN results ON results.id = n.result_id
                JOIN images ON images.sha256 = results.image_sha256
-               WHERE n.run_id = ? AND n.layer = ? AND n.unit = ?
+               WHERE n.run_key = ? AND n.layer = ? AND n.unit = ?
                ORDER BY n.score DESC, n.result_id LIMIT ?""",
-            [run["id"], layer, unit, min(top_images, NEURON_IMAGES)],
+            [run["run_key"], layer, unit, min(top_images, NEURON_IMAGES)],
         )
     )
     keys = ("n_top", "n_images", "max_score", "mean_score")
@@ -230,7 +230,7 @@ def _neuron_query(
     -> neuron_stats (or the tokens, by text) walked in sort order with each unit's tokens looked up.
     CROSS JOIN fixes SQLite's loop order to that plan. `tokens_select` is added to `select` when the plan joins
     the tokens (t); they are left out when nothing filters or sorts by them. Also says whether it joined them."""
-    where, args = ["s.run_id = ?"], [run["id"]]
+    where, args = ["s.run_key = ?"], [run["run_key"]]
     if layer is not None:
         where.append("s.layer = ?")
         args.append(layer)
@@ -339,8 +339,8 @@ def count_neurons(
 def layer_counts(store: Store, run: dict[str, Any]) -> list[dict[str, Any]]:
     """Every layer of the run's stack: units stored (n_units) and units among some image's top 100 (n_top_units)."""
     rows = store.db.execute(
-        """SELECT layer, count(*), sum(n_top > 0) FROM neuron_stats WHERE run_id = ? GROUP BY layer""",
-        [run["id"]],
+        """SELECT layer, count(*), sum(n_top > 0) FROM neuron_stats WHERE run_key = ? GROUP BY layer""",
+        [run["run_key"]],
     ).fetchall()
     found = {r[0]: (r[1], r[2] or 0) for r in rows}
     return [

@@ -210,6 +210,7 @@ class Store:
         self.db = db
         self.path = path
         self.timeout = timeout
+        self._run_keys: dict[str, int] = {}  # a run's key never changes
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
@@ -290,19 +291,22 @@ class Store:
         run_id = run_id_for(stack_id, prompt, site, y_kind)
         with self._write():
             self.ensure_stack(stack_id=stack_id, name=stack_name, fingerprint=fingerprint, shape=shape, lm_id=lm_id)
-            self.db["runs"].insert(
-                {
-                    "id": run_id,
-                    "stack_id": stack_id,
-                    "prompt": prompt,
-                    "site": site,
-                    "y_kind": y_kind,
-                    "settings": json.dumps(settings or {}, sort_keys=True),
-                    "created": _now(),
-                },
-                ignore=True,
+            self.db.execute(
+                """INSERT OR IGNORE INTO runs (id, stack_id, prompt, site, y_kind, settings, created, run_key)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, (SELECT coalesce(max(run_key), 0) + 1 FROM runs))""",
+                [run_id, stack_id, prompt, site, y_kind, json.dumps(settings or {}, sort_keys=True), _now()],
             )
         return run_id
+
+    def run_key(self, run_id: str) -> int:
+        """The run's integer key, which neuron_stats and neuron_images use (m008)."""
+        key = self._run_keys.get(run_id)
+        if key is None:
+            row = self.db.execute("SELECT run_key FROM runs WHERE id = ?", [run_id]).fetchone()
+            if row is None:
+                raise NotFoundError(f"no run {run_id!r} in {self.path}; see `mmtui runs`")
+            key = self._run_keys[run_id] = int(row[0])
+        return key
 
     def ensure_stack(self, *, stack_id: str, name: str, fingerprint: dict, shape: dict, lm_id: str) -> None:
         """Record a stack if new (inside the caller's write transaction, or in its own)."""
@@ -322,7 +326,7 @@ class Store:
     def runs(self) -> list[dict[str, Any]]:
         """Every run with its stack and counts, newest first."""
         sql = """
-            SELECT runs.id, runs.stack_id, stacks.name AS stack, runs.prompt, runs.site, runs.y_kind,
+            SELECT runs.id, runs.run_key, runs.stack_id, stacks.name AS stack, runs.prompt, runs.site, runs.y_kind,
                    runs.settings, runs.created, stacks.shape, stacks.fingerprint, stacks.lm_id,
                    (SELECT count(*) FROM results WHERE results.run_id = runs.id) AS n_results,
                    (SELECT count(DISTINCT image_sha256) FROM results WHERE results.run_id = runs.id) AS n_images,
@@ -437,6 +441,7 @@ class Store:
         max. Also adds each pending (result, unit)'s best triple to neuron_images, at most NEURON_IMAGES per
         unit from one refresh (see `prune_neuron_images`). The folding is numpy; SQLite only takes the rows.
         """
+        run_key = self.run_key(run_id)
         with self._write():
             pending = self.db.execute(
                 "SELECT id, top FROM results WHERE run_id = ? AND in_stats = 0 ORDER BY id", [run_id]
@@ -448,9 +453,9 @@ class Store:
             stats = _fold_units(best, order, starts)
             self.db.conn.executemany(
                 """INSERT INTO neuron_stats
-                       (run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
+                       (run_key, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (run_id, layer, unit) DO UPDATE SET
+                   ON CONFLICT (run_key, layer, unit) DO UPDATE SET
                        n_top = n_top + excluded.n_top,
                        best_result_id = CASE WHEN excluded.max_score > max_score
                                              THEN excluded.best_result_id ELSE best_result_id END,
@@ -459,20 +464,20 @@ class Store:
                        mean_score = (sum_score + excluded.sum_score) / (n_images + excluded.n_images),
                        n_images = n_images + excluded.n_images""",
                 zip(
-                    itertools.repeat(run_id),
+                    itertools.repeat(run_key),
                     *(stats[k].tolist() for k in ("layer", "unit", "n_top", "n_images", "max", "sum", "mean", "best")),
                 ),
             )
             floors = self.db.execute(
-                "SELECT layer, unit, images_floor FROM neuron_stats WHERE run_id = ? AND images_floor IS NOT NULL",
-                [run_id],
+                "SELECT layer, unit, images_floor FROM neuron_stats WHERE run_key = ? AND images_floor IS NOT NULL",
+                [run_key],
             ).fetchall()
             keep = _best_images(best, order, starts, NEURON_IMAGES, _above(best, floors))
             self.db.conn.executemany(
-                """INSERT INTO neuron_images (run_id, layer, unit, result_id, score, rank, patch)
+                """INSERT INTO neuron_images (run_key, layer, unit, result_id, score, rank, patch)
                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
                 zip(
-                    itertools.repeat(run_id),
+                    itertools.repeat(run_key),
                     *(best[k][keep].tolist() for k in ("layer", "unit", "result_id", "score", "rank", "patch")),
                 ),
             )
@@ -485,24 +490,25 @@ class Store:
     def prune_neuron_images(self, run_id: str) -> None:
         """Keep each unit's best NEURON_IMAGES rows of neuron_images, and note the score of the last of them as
         the unit's images_floor where it has that many (two passes over the run's rows)."""
+        run_key = self.run_key(run_id)
         with self._write():
             self.db.execute(
-                f"""DELETE FROM neuron_images WHERE run_id = ?1 AND (layer, unit, result_id) IN (
+                f"""DELETE FROM neuron_images WHERE run_key = ?1 AND (layer, unit, result_id) IN (
                         SELECT layer, unit, result_id FROM (
                             SELECT layer, unit, result_id,
                                    row_number() OVER (PARTITION BY layer, unit ORDER BY score DESC, result_id) AS k
-                            FROM neuron_images WHERE run_id = ?1)
+                            FROM neuron_images WHERE run_key = ?1)
                         WHERE k > {NEURON_IMAGES})""",
-                [run_id],
+                [run_key],
             )
             self.db.execute(  # no UPDATE ... FROM: it needs SQLite 3.33
                 f"""UPDATE neuron_stats SET images_floor = (
                         SELECT min(score) FROM neuron_images i
-                        WHERE i.run_id = ?1 AND i.layer = neuron_stats.layer AND i.unit = neuron_stats.unit)
-                    WHERE run_id = ?1 AND (layer, unit) IN (
-                        SELECT layer, unit FROM neuron_images WHERE run_id = ?1
+                        WHERE i.run_key = ?1 AND i.layer = neuron_stats.layer AND i.unit = neuron_stats.unit)
+                    WHERE run_key = ?1 AND (layer, unit) IN (
+                        SELECT layer, unit FROM neuron_images WHERE run_key = ?1
                         GROUP BY layer, unit HAVING count(*) >= {NEURON_IMAGES})""",
-                [run_id],
+                [run_key],
             )
 
     def result(self, run_id: str, image: str, target_spec: str | None = None) -> dict[str, Any]:

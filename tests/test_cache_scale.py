@@ -114,17 +114,21 @@ def _records(n: int, seed: int = 0) -> list[ResultRecord]:
     return out
 
 
+def _run_args() -> dict:
+    return {
+        "stack_id": "s",
+        "stack_name": "synthetic",
+        "fingerprint": {},
+        "shape": {"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES},
+        "lm_id": "lm",
+        "prompt": "A picture of",
+        "site": "post",
+        "y_kind": "prob",
+    }
+
+
 def _new_run(store: Store) -> str:
-    return store.ensure_run(
-        stack_id="s",
-        stack_name="synthetic",
-        fingerprint={},
-        shape={"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES},
-        lm_id="lm",
-        prompt="A picture of",
-        site="post",
-        y_kind="prob",
-    )
+    return store.ensure_run(**_run_args())
 
 
 def _brute(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
@@ -148,8 +152,8 @@ def _brute(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tu
 def _stored(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
     out: dict[tuple[int, int], list[tuple[int, float, int, int]]] = {}
     rows = db.execute(
-        "SELECT layer, unit, result_id, score, rank, patch FROM neuron_images WHERE run_id = ? "
-        "ORDER BY layer, unit, score DESC, result_id",
+        "SELECT layer, unit, result_id, score, rank, patch FROM neuron_images"
+        " WHERE run_key = (SELECT run_key FROM runs WHERE id = ?) ORDER BY layer, unit, score DESC, result_id",
         [run_id],
     )
     for layer, unit, result_id, score, rank, patch in rows:
@@ -254,11 +258,80 @@ def test_m005_and_m006_convert_a_cache_written_before_them(tmp_path: Path) -> No
         )
         store.db.execute("CREATE INDEX idx_top_neurons_layer_unit_score ON top_neurons (layer, unit, score)")
         store.db.execute("ALTER TABLE results DROP COLUMN top")
+        _before_m008(store.db.conn)
         store.db.execute("DROP TABLE neuron_images")
-        store.db.execute("DELETE FROM _sqlite_migrations WHERE name IN ('m005_neuron_images', 'm006_pack_top_triples')")
+        store.db.execute(
+            "DELETE FROM _sqlite_migrations WHERE name IN ('m005_neuron_images', 'm006_pack_top_triples', "
+            "'m008_integer_run_keys')"
+        )
         store.db.conn.commit()
-    with Store.open(path) as store:  # applies m005, then m006
+    with Store.open(path) as store:  # applies m005, m006, then m008
         assert _stored(store.db.conn, run_id) == expected
         assert {rid: store.top_triples(rid) for rid in triples} == triples
         assert "top_neurons" not in store.db.table_names()
         assert {"m005_neuron_images", "m006_pack_top_triples"} <= {m.name for m in migrations.applied(store.db)}
+
+
+def _before_m008(conn: sqlite3.Connection) -> None:
+    """Back to the schema before m008: neuron_stats and neuron_images keyed by the run's text id, no runs.run_key."""
+    conn.execute(
+        """CREATE TABLE old_stats (run_id TEXT NOT NULL REFERENCES runs(id), layer INTEGER NOT NULL,
+               unit INTEGER NOT NULL, n_top INTEGER NOT NULL, n_images INTEGER NOT NULL, max_score REAL NOT NULL,
+               sum_score REAL NOT NULL, mean_score REAL NOT NULL, best_result_id INTEGER, images_floor REAL,
+               PRIMARY KEY (run_id, layer, unit)) WITHOUT ROWID"""
+    )
+    conn.execute(
+        """INSERT INTO old_stats SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score,
+               best_result_id, images_floor FROM neuron_stats JOIN runs USING (run_key)"""
+    )
+    conn.execute(
+        """CREATE TABLE old_images (run_id TEXT NOT NULL REFERENCES runs(id), layer INTEGER NOT NULL,
+               unit INTEGER NOT NULL, result_id INTEGER NOT NULL REFERENCES results(id), score REAL NOT NULL,
+               rank INTEGER NOT NULL, patch INTEGER NOT NULL, PRIMARY KEY (run_id, layer, unit, result_id)) WITHOUT ROWID"""
+    )
+    conn.execute(
+        """INSERT INTO old_images SELECT runs.id, layer, unit, result_id, score, rank, patch
+           FROM neuron_images JOIN runs USING (run_key)"""
+    )
+    conn.execute("DROP TABLE neuron_stats")
+    conn.execute("DROP TABLE neuron_images")
+    conn.execute("ALTER TABLE old_stats RENAME TO neuron_stats")
+    conn.execute("ALTER TABLE old_images RENAME TO neuron_images")
+    for columns in ("max_score", "n_top", "mean_score", "n_images", "unit, layer"):
+        conn.execute(f"CREATE INDEX [idx_old_{columns}] ON neuron_stats (run_id, {columns})")
+    conn.execute("DROP INDEX idx_runs_run_key")
+    conn.execute("ALTER TABLE runs DROP COLUMN run_key")
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm008_integer_run_keys'")
+
+
+def test_m008_keys_the_unit_tables_by_an_integer_per_run(tmp_path: Path) -> None:
+    """A cache of two runs written before m008 converts: the same aggregates and best images per run, keyed by
+    each run's run_key; a run made afterwards takes the next key."""
+    path = tmp_path / "old.db"
+    by_key = "runs.run_key = s.run_key"
+    stats_sql = (
+        "SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id, images_floor"
+        " FROM neuron_stats s JOIN runs ON {} ORDER BY 1, 2, 3"
+    )
+    with Store.open(path) as store:
+        runs = [_new_run(store), store.ensure_run(**{**_run_args(), "y_kind": "logit"})]
+        for i, rec in enumerate(_records(30, seed=4)):
+            store.add_result(runs[i % 2], rec, stats=False)
+        for run_id in runs:
+            store.refresh_stats(run_id)
+            store.prune_neuron_images(run_id)
+        stats = store.db.execute(stats_sql.format(by_key)).fetchall()
+        images = {run_id: _stored(store.db.conn, run_id) for run_id in runs}
+        _before_m008(store.db.conn)
+        store.db.conn.commit()
+        assert store.db.execute(stats_sql.format("runs.id = s.run_id")).fetchall() == stats
+    with Store.open(path) as store:  # applies m008
+        assert "m008_integer_run_keys" in {m.name for m in migrations.applied(store.db)}
+        assert sorted(store.run_key(r) for r in runs) == [1, 2]
+        assert store.db.execute(stats_sql.format(by_key)).fetchall() == stats
+        assert {run_id: _stored(store.db.conn, run_id) for run_id in runs} == images
+        assert store.db["neuron_stats"].columns_dict["run_key"] is int
+        assert {tuple(ix.columns)[0] for ix in store.db["neuron_stats"].indexes} == {"run_key"}
+        third = store.ensure_run(**{**_run_args(), "site": "pre"})
+        assert store.run_key(third) == 3
+        assert store.ensure_run(**_run_args()) == runs[0] and store.run_key(runs[0]) in (1, 2)  # unchanged

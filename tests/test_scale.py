@@ -27,7 +27,8 @@ def snapshot(store: Store) -> dict:
     stats = {
         (s["run_id"], s["layer"], s["unit"]): s
         for s in store.db.query(
-            "SELECT run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score FROM neuron_stats"
+            "SELECT runs.id AS run_id, layer, unit, n_top, n_images, max_score, sum_score, mean_score"
+            " FROM neuron_stats JOIN runs USING (run_key)"  # the key is each cache's own: compare by run id
         )
     }
     tokens = store.db.execute("SELECT count(*) FROM neuron_tokens").fetchone()[0]

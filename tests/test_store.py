@@ -33,7 +33,7 @@ def test_migrate_blank_database():
     fks = {(fk.column, fk.other_table) for fk in db["results"].foreign_keys}
     assert fks == {("run_id", "runs"), ("image_sha256", "images")}
     indexes = {tuple(ix.columns) for ix in db["neuron_stats"].indexes}
-    assert {("run_id", "max_score"), ("run_id", "n_top"), ("run_id", "mean_score")} <= indexes
+    assert {("run_key", "max_score"), ("run_key", "n_top"), ("run_key", "mean_score")} <= indexes
     # m006: the top triples are one blob per result, not a row each
     assert "top_neurons" not in db.table_names()
     assert db["results"].columns_dict["top"] is bytes

@@ -161,8 +161,8 @@ def everything(store: Store, run: dict, convention: str = "raw") -> list[dict]:
         """SELECT s.layer, s.unit, s.max_score, s.mean_score, s.n_top, s.n_images, t.text, t.interpretable
            FROM neuron_stats s LEFT JOIN neuron_tokens t
              ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit
-           WHERE s.run_id = ?""",
-        [run["lm_id"], convention, run["id"]],
+           WHERE s.run_key = ?""",
+        [run["lm_id"], convention, run["run_key"]],
     ).fetchall()
     keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable")
     out = [dict(zip(keys, r, strict=True)) for r in rows]

@@ -207,6 +207,17 @@ async def test_store_from_the_first_release_is_migrated_and_browsed(tmp_path: Pa
                     for i, t in enumerate(zip(*(a.tolist() for a in (layer, unit, patch, score)), strict=True))
                 ],
             )
+        # neuron_stats as the first release keyed it, by the run's text id (m008 keys it by run_key)
+        stats = conn.execute(
+            "SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id"
+            " FROM neuron_stats JOIN runs USING (run_key)"
+        ).fetchall()
+        conn.execute("DROP TABLE neuron_stats")
+        for (sql,) in first.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'neuron_stats' AND sql IS NOT NULL ORDER BY type DESC"
+        ):
+            conn.execute(sql)
+        conn.executemany("INSERT INTO neuron_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", stats)
         for kind, name in sorted(later):
             conn.execute(f"DROP {kind.upper()} IF EXISTS [{name}]")
         for table in first.table_names():  # and the columns later steps added
