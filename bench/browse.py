@@ -130,11 +130,10 @@ def build_store(path: Path, n_images: int, seed: int = 0, progress: Callable[[st
                 store.add_tokens("synthetic-gptj-lm", convention, _token_rows(rng, layer, words))
             progress(f"tokens ({convention}) written")
         start = time.perf_counter()
-        for i in range(n_images):  # as the writer thread does: stats folded and images pruned in bulk
+        for i in range(n_images):  # as the writer thread does: stats folded in bulk
             store.add_result(run_id, _record(rng, i, popular, words), stats=False)
             if (i + 1) % STATS_EVERY == 0 or i + 1 == n_images:
                 store.refresh_stats(run_id)
-                store.prune_neuron_images(run_id)
             if (i + 1) % 100 == 0:
                 progress(f"{i + 1}/{n_images} images ({time.perf_counter() - start:.0f} s)")
 

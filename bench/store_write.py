@@ -12,8 +12,7 @@ costly end for folding the per-unit stats) and onto the 196 patches. Size and sp
 are distributed, which this keeps; the numbers themselves are not GPT-J's.
 
 Writes them twice. First step by step in this thread, timing each: packing the arrays and triples, Store.add_result
-(one transaction per image), Store.refresh_stats and Store.prune_neuron_images (every 512 results each, and
-at the end). Then through the real StoreWriter (`mmtui attribute`'s writer thread with its packing pool) as
+(one transaction per image) and Store.refresh_stats (every 512 results, and at the end). Then through the real StoreWriter (`mmtui attribute`'s writer thread with its packing pool) as
 fast as it takes them: its throughput is the most images per second a run can write. Prints milliseconds per
 image for each, and bytes per image in the file (after a WAL checkpoint) by table and index.
 """
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mmtui.merge import stored_records  # noqa: E402
-from mmtui.store import PRUNE_EVERY, STATS_EVERY, ResultRecord, Store, pack_result  # noqa: E402
+from mmtui.store import STATS_EVERY, ResultRecord, Store, pack_result  # noqa: E402
 from mmtui.writer import StoreWriter  # noqa: E402
 
 N_LAYERS, D_MLP, N_PATCHES = 28, 16_384, 196
@@ -88,7 +87,6 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="the run to resample (default: the newest)")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--refresh-every", type=int, default=STATS_EVERY)
-    parser.add_argument("--prune-every", type=int, default=PRUNE_EVERY)
     parser.add_argument(
         "--spread",
         action="store_true",
@@ -110,10 +108,10 @@ def main() -> None:
         for i in range(args.images)
     ]
 
-    steps = dict.fromkeys(("pack", "add_result", "refresh_stats", "prune_neuron_images"), 0.0)
+    steps = dict.fromkeys(("pack", "add_result", "refresh_stats"), 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
-        with Store.open(path) as store:
+        with Store.open(path).for_bulk_writes() as store:  # as the writer's connection
             run = new_run(store)
             for i, rec in enumerate(records):
                 t0 = time.perf_counter()
@@ -124,10 +122,7 @@ def main() -> None:
                 if (i + 1) % args.refresh_every == 0 or i + 1 == len(records):
                     store.refresh_stats(run)
                 t3 = time.perf_counter()
-                if (i + 1) % args.prune_every == 0 or i + 1 == len(records):
-                    store.prune_neuron_images(run)
-                t4 = time.perf_counter()
-                for step, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                for step, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                     steps[step] += dt
             store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             sizes = dict(store.db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall())
@@ -138,7 +133,7 @@ def main() -> None:
             run = new_run(store)
         t0 = time.perf_counter()
         writer = StoreWriter(
-            path, run, timeout=30.0, refresh_every=args.refresh_every, refresh_seconds=1e9, prune_every=args.prune_every
+            path, run, timeout=30.0, refresh_every=args.refresh_every, refresh_seconds=1e9
         )  # by count, as the bench's first pass
         for rec in records:
             writer.put(SimpleNamespace(record=rec, result_id=None))  # type: ignore[arg-type]
@@ -152,7 +147,7 @@ def main() -> None:
     table.add_column("ms / image", justify="right")
     for step, seconds in steps.items():
         table.add_row(step, f"{1e3 * seconds / n:.1f}")
-    table.caption = f"stats refreshed every {args.refresh_every} results, neuron_images pruned every {args.prune_every}"
+    table.caption = f"neuron_stats and neuron_images folded every {args.refresh_every} results"
     table.add_row("sum of the steps (one thread)", f"{1e3 * sum(steps.values()) / n:.1f}")
     table.add_row("StoreWriter, wall time (packing on a pool)", f"{1e3 * writer_s / n:.1f}")
     console = Console()

@@ -20,7 +20,7 @@ def merge(
     from mmtui.store import Store
 
     counts = {"added": 0, "skipped": 0}
-    with core_errors(), Store.open(db_path(db)) as target:
+    with core_errors(), Store.open(db_path(db)).for_bulk_writes() as target:
         for event in merge_stores(target, stores):
             counts[event.kind] += 1
     err.print(f"{counts['added']} results added to {db_path(db)}, {counts['skipped']} already there")

@@ -10,6 +10,9 @@ zstd level 3 packs as tightly as zlib level 1 did at a tenth of the time (bench/
 A result's top (layer, unit, patch, score) triples are one blob too (`pack_triples`): b"T1" + count + zstd frame
 of the four columns (uint16, uint32, uint16, float32), each byte-shuffled. Lossless; ~7 bytes a triple against
 ~30 as rows of a table with its key.
+
+A unit's best results in a run (neuron_images) are one small blob (`pack_unit_images`): b"I1" + records of
+(result id uint32, score float32, rank uint32, patch uint16), 14 bytes each, by score descending, then result.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ LOSSLESS_MAX_VALUES = 1 << 18  # arrays up to this size (smol: 46,080 units) kee
 LOG8, LOG8_ZLIB = b"Z8", b"L8"
 TRIPLES = b"T1"
 _TRIPLE_COLUMNS = (np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u2"), np.dtype("<f4"))  # layer, unit, patch, score
+UNIT_IMAGES = b"I1"
+UNIT_IMAGE = np.dtype([("result", "<u4"), ("score", "<f4"), ("rank", "<u4"), ("patch", "<u2")])  # packed: 14 bytes
 LOG8_STEPS = 8  # codes per octave: a code is within 2**(1/16) - 1 = 4.4% of the value it stands for
 ZSTD_LEVEL = 3
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -100,3 +105,20 @@ def unpack_triples(blob: bytes | None) -> tuple[np.ndarray, np.ndarray, np.ndarr
         out.append(column.astype(np.float32 if dtype.kind == "f" else np.int64))
         offset += size
     return out[0], out[1], out[2], out[3]
+
+
+def pack_unit_images(entries: np.ndarray, starts: np.ndarray) -> list[bytes]:
+    """Records of UNIT_IMAGE, one unit's after another (each unit's starting at `starts`) -> a blob per unit."""
+    body = np.ascontiguousarray(entries, dtype=UNIT_IMAGE).tobytes()
+    size = UNIT_IMAGE.itemsize
+    ends = np.r_[starts[1:], len(entries)] if len(starts) else starts
+    return [UNIT_IMAGES + body[a * size : b * size] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def unpack_unit_images(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of pack_unit_images: (every blob's records one after another, how many each blob holds)."""
+    if any(blob[:2] != UNIT_IMAGES for blob in blobs):
+        raise ValueError("not a packed unit images blob")
+    body = b"".join(blob[2:] for blob in blobs)
+    counts = np.array([(len(blob) - 2) // UNIT_IMAGE.itemsize for blob in blobs], dtype=np.int64)
+    return np.frombuffer(body, dtype=UNIT_IMAGE), counts

@@ -16,7 +16,7 @@ import numpy as np
 
 from mmtui.arrays import unpack_array, unpack_triples
 from mmtui.errors import MmtuiError
-from mmtui.store import PRUNE_EVERY, STATS_EVERY, ResultRecord, Store
+from mmtui.store import STATS_EVERY, ResultRecord, Store
 
 
 @dataclass
@@ -115,13 +115,10 @@ def merge_stores(target: Store, sources: Sequence[Path]) -> Iterator[MergeEvent]
                         added += 1
                         if added % STATS_EVERY == 0:
                             target.refresh_stats(run_id)
-                        if added % PRUNE_EVERY == 0:  # also sets the floors that spare the next refreshes
-                            target.prune_neuron_images(run_id)
                         yield MergeEvent("added", str(source.path), record.image_path)
                 finally:  # also when interrupted: what was added is counted
                     if added:
                         target.refresh_stats(run_id)
-                        target.prune_neuron_images(run_id)
     finally:
         for store in opened:
             store.close()

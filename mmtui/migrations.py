@@ -436,14 +436,22 @@ STATS_INDEXES = (  # what `mmtui browse` sorts by, in all layers or one (m001, m
 
 
 @migrations()
-def m008_integer_run_keys(db: Database) -> None:
+def m008_integer_run_keys_and_unit_lists(db: Database) -> None:
     """runs.run_key: a small integer per run, which neuron_stats and neuron_images key their rows by (run_key)
-    in place of the 12-character run id.
+    in place of the 12-character run id; and neuron_images holds one row per unit, its best NEURON_IMAGES
+    results packed in one blob (`best`, mmtui.arrays.pack_unit_images), in place of a row per (unit, result).
 
     The id sat in every entry of ten B-trees (neuron_stats, its nine indexes, neuron_images): ~12 bytes a
-    row of each, a sixth of the cache at GPT-J scale when units seldom recur (bench/store_write.py --spread),
-    and the same again in every page a fold of the stats writes. Both tables are rebuilt here, in key order.
+    row of each, a sixth of the cache at GPT-J scale when units seldom recur (bench/store_write.py --spread).
+    A row per (unit, result) made each fold insert a row for every unit of every new result (3,000 an image
+    there) and a prune delete all but the best 20 again later; a list per unit is merged in numpy and
+    written once per fold, only where it changed. images_floor (m007), which spared the prune's rows, goes.
+    Both tables are rebuilt here, in key order.
     """
+    import numpy as np
+
+    from mmtui.unit_fold import merge_best_images, split_key
+
     db.execute("ALTER TABLE runs ADD COLUMN run_key INTEGER")
     db.execute("UPDATE runs SET run_key = (SELECT count(*) FROM runs r WHERE r.rowid <= runs.rowid)")
     db.execute("CREATE UNIQUE INDEX idx_runs_run_key ON runs (run_key)")
@@ -459,7 +467,6 @@ def m008_integer_run_keys(db: Database) -> None:
             sum_score REAL NOT NULL,
             mean_score REAL NOT NULL,
             best_result_id INTEGER,
-            images_floor REAL,
             PRIMARY KEY (run_key, layer, unit)
         ) WITHOUT ROWID
         """
@@ -467,7 +474,7 @@ def m008_integer_run_keys(db: Database) -> None:
     db.execute(
         """INSERT INTO neuron_stats_new
            SELECT r.run_key, s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.sum_score, s.mean_score,
-                  s.best_result_id, s.images_floor
+                  s.best_result_id
            FROM neuron_stats s JOIN runs r ON r.id = s.run_id ORDER BY r.run_key, s.layer, s.unit"""
     )
     db.execute("DROP TABLE neuron_stats")  # and its indexes
@@ -480,18 +487,25 @@ def m008_integer_run_keys(db: Database) -> None:
             run_key INTEGER NOT NULL REFERENCES runs(run_key),
             layer INTEGER NOT NULL,
             unit INTEGER NOT NULL,
-            result_id INTEGER NOT NULL REFERENCES results(id),
-            score REAL NOT NULL,
-            rank INTEGER NOT NULL,
-            patch INTEGER NOT NULL,
-            PRIMARY KEY (run_key, layer, unit, result_id)
+            best BLOB NOT NULL,
+            PRIMARY KEY (run_key, layer, unit)
         ) WITHOUT ROWID
         """
     )
-    db.execute(
-        """INSERT INTO neuron_images_new
-           SELECT r.run_key, i.layer, i.unit, i.result_id, i.score, i.rank, i.patch
-           FROM neuron_images i JOIN runs r ON r.id = i.run_id ORDER BY r.run_key, i.layer, i.unit, i.result_id"""
-    )
+    for run_id, run_key in db.execute("SELECT id, run_key FROM runs ORDER BY run_key").fetchall():
+        rows = db.execute(
+            "SELECT result_id, layer, unit, rank, patch, score FROM neuron_images WHERE run_id = ?", [run_id]
+        ).fetchall()
+        if not rows:
+            continue
+        columns = np.array(rows, dtype=np.float64).T
+        best = {k: columns[i].astype(np.int64) for i, k in enumerate(("result_id", "layer", "unit", "rank", "patch"))}
+        best["score"] = columns[5]
+        keys, lists = merge_best_images([], best, NEURON_IMAGES)
+        layer, unit = (a.tolist() for a in split_key(keys))
+        db.conn.executemany(
+            "INSERT INTO neuron_images_new (run_key, layer, unit, best) VALUES (?, ?, ?, ?)",
+            zip([run_key] * len(keys), layer, unit, lists, strict=True),
+        )
     db.execute("DROP TABLE neuron_images")
     db.execute("ALTER TABLE neuron_images_new RENAME TO neuron_images")

@@ -138,18 +138,22 @@ def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, t
         [run["run_key"], layer, unit],
     ).fetchone()
     decoded = {c: store.tokens(run["lm_id"], c, layer, unit) for c in store.conventions(run["lm_id"])}
-    images = list(
-        store.db.query(
+    best = store.best_images(run["run_key"], layer, unit)[: min(top_images, NEURON_IMAGES)]
+    listed = {
+        row["result_id"]: row
+        for row in store.db.query(
             """SELECT images.path AS image, results.image_sha256 AS sha256, results.id AS result_id, results.target,
-                      results.caption, results.p_target, n.score, n.rank, n.patch
-               FROM neuron_images n
-               JOIN results ON results.id = n.result_id
-               JOIN images ON images.sha256 = results.image_sha256
-               WHERE n.run_key = ? AND n.layer = ? AND n.unit = ?
-               ORDER BY n.score DESC, n.result_id LIMIT ?""",
-            [run["run_key"], layer, unit, min(top_images, NEURON_IMAGES)],
+                      results.caption, results.p_target
+               FROM results JOIN images ON images.sha256 = results.image_sha256
+               WHERE results.id IN (SELECT value FROM json_each(?))""",
+            [json.dumps(best["result"].tolist())],
         )
-    )
+    }
+    images = [
+        {**listed[result], "score": score, "rank": rank, "patch": patch}
+        for result, score, rank, patch in best.tolist()
+        if result in listed
+    ]
     keys = ("n_top", "n_images", "max_score", "mean_score")
     return {
         "layer": layer,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT_S = 30.0
 COUNT_TOP = 100  # a unit "ranks among the top" of an image when it is in its first 100 triples (the paper's)
 STATS_EVERY = 512  # results a long write folds into neuron_stats at a time (Store.refresh_stats; 256: 15% slower)
-PRUNE_EVERY = 512  # results between prunes of neuron_images (Store.prune_neuron_images)
+BULK_CACHE_MIB = 64  # page cache of a connection that folds many results at a time (SQLite's default: 2 MiB)
 
 
 def _now() -> str:
@@ -79,118 +79,6 @@ def pack_result(rec: ResultRecord) -> Packed:
         pack_array(rec.unit_sum),
         pack_triples(rec.top_layer, rec.top_unit, rec.top_patch, rec.top_score),
     )
-
-
-UNIT_BITS, LAYER_BITS = 20, 12  # a (layer, unit) folds into one int (as in neuron_text's rowid: units < 2**20)
-
-
-def _unit_key(layer: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    if len(layer) and (layer.max() >= 1 << LAYER_BITS or unit.max() >= 1 << UNIT_BITS):
-        raise ValueError(f"layers must be below 2**{LAYER_BITS} and units below 2**{UNIT_BITS}")
-    return layer.astype(np.int64) << UNIT_BITS | unit.astype(np.int64)
-
-
-def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    if not len(sorted_keys):
-        return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-
-
-def _best_per_unit_of(
-    layer: np.ndarray, unit: np.ndarray, patch: np.ndarray, score: np.ndarray, result_id: int = 0
-) -> dict[str, np.ndarray]:
-    """One row per unit among one result's triples (in rank order, so scores descending): the unit's best
-    score there, its min rank and the patch of that triple. Rows come by (layer, unit)."""
-    import numpy as np
-
-    _key, first = np.unique(_unit_key(layer, unit), return_index=True)  # the first occurrence: the best rank
-    return {
-        "result_id": np.full(len(first), result_id, dtype=np.int64),
-        "layer": layer[first].astype(np.int64),
-        "unit": unit[first].astype(np.int64),
-        "rank": first.astype(np.int64),
-        "patch": patch[first].astype(np.int64),
-        "score": score[first].astype(np.float64),
-    }
-
-
-def _best_per_unit(pending: Sequence[tuple[int, bytes | None]], count_top: int) -> dict[str, np.ndarray]:
-    """_best_per_unit_of over many results' blobs, one result after another, plus in_top (rank < count_top)."""
-    import numpy as np
-
-    from mmtui.arrays import unpack_triples
-
-    parts = [_best_per_unit_of(*unpack_triples(blob), result_id=result_id) for result_id, blob in pending]
-    best = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    best["in_top"] = (best["rank"] < count_top).astype(np.int64)
-    return best
-
-
-def _by_unit(best: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(result, unit) rows ordered by unit, then score descending, then result; and where each unit starts."""
-    import numpy as np
-
-    n = len(best["score"])
-    by_score = np.argsort(-best["score"], kind="stable")  # rows come by result: equal scores keep result order
-    place = np.empty(n, dtype=np.int64)
-    place[by_score] = np.arange(n, dtype=np.int64)
-    key = _unit_key(best["layer"], best["unit"])
-    order = np.argsort(key << (63 - UNIT_BITS - LAYER_BITS) | place)  # distinct keys: any sort will do
-    return order, _group_starts(key[order])
-
-
-def _fold_units(best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
-    """Per unit over (result, unit) rows (in `_by_unit` order): n_top, n_images, max, sum and mean score, and
-    the result of the max (the first result among equal maxima)."""
-    import numpy as np
-
-    if not len(order):
-        return {k: order for k in ("layer", "unit", "n_top", "n_images", "max", "sum", "mean", "best")}
-    n_images = np.diff(np.r_[starts, len(order)])
-    total = np.add.reduceat(best["score"][order], starts)
-    first = order[starts]
-    return {
-        "layer": best["layer"][first],
-        "unit": best["unit"][first],
-        "n_top": np.add.reduceat(best["in_top"][order], starts),
-        "n_images": n_images,
-        "max": best["score"][first],
-        "sum": total,
-        "mean": total / n_images,
-        "best": best["result_id"][first],
-    }
-
-
-def _above(best: dict[str, np.ndarray], floors: Sequence[tuple[int, int, float]]) -> np.ndarray:
-    """Whether each (result, unit) row scores above its unit's images_floor (True where it has none)."""
-    import numpy as np
-
-    if not floors:
-        return np.ones(len(best["score"]), dtype=bool)
-    layer, unit, floor = (np.array(c) for c in zip(*floors, strict=True))
-    keys = _unit_key(layer, unit)
-    by_key = np.argsort(keys)
-    keys, floor = keys[by_key], floor[by_key].astype(np.float64)
-    row_keys = _unit_key(best["layer"], best["unit"])
-    at = np.minimum(np.searchsorted(keys, row_keys), len(keys) - 1)
-    return np.where(keys[at] == row_keys, best["score"] > floor[at], True)
-
-
-def _best_images(
-    best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarray, keep: int, eligible: np.ndarray
-) -> np.ndarray:
-    """Of (result, unit) rows, given in `_by_unit` order, the indices of each unit's best `keep` among the
-    `eligible` ones, in (unit, result) order (the B-tree of neuron_images fills page by page). A unit's
-    eligible rows (above its floor) lead its rows in that order, so ranking all of them ranks those."""
-    import numpy as np
-
-    within = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    chosen = np.sort(order[(within < keep) & eligible[order]])  # by (result, unit), as the rows come
-    return chosen[np.argsort(_unit_key(best["layer"][chosen], best["unit"][chosen]), kind="stable")]
 
 
 def _translate(error: sqlite3.OperationalError, path: Path, timeout: float) -> StoreError:
@@ -259,6 +147,13 @@ class Store:
         names = set(self.db.table_names())
         if names and "_sqlite_migrations" not in names:
             raise StoreError(f"{self.path} is an SQLite file but not an mmtui cache; pass --db to use another file")
+
+    def for_bulk_writes(self) -> Store:
+        """Give this connection a page cache of BULK_CACHE_MIB, for the writer of a run or a merge: a fold of
+        the stats updates rows all over neuron_stats' ten B-trees and neuron_images, which outgrow SQLite's
+        2 MiB default at GPT-J scale (bench/store_write.py --spread: refresh_stats twice as fast). Returns self."""
+        self.db.execute(f"PRAGMA cache_size = -{BULK_CACHE_MIB * 1024}")
+        return self
 
     def close(self) -> None:
         self.db.close()
@@ -381,8 +276,7 @@ class Store:
 
         stats=True then folds it into neuron_stats and neuron_images (`refresh_stats`, a second transaction;
         an interruption between the two leaves it for the next refresh). stats=False leaves that to a later
-        `refresh_stats`, which does it for many results at once (the fast path of a long run). Either way,
-        call `prune_neuron_images` now and then (it is one pass over the run: not once per result).
+        `refresh_stats`, which does it for many results at once (the fast path of a long run).
         `packed`: `pack_result(rec)` done already (the writer packs on worker threads).
         """
         if packed is None:
@@ -434,13 +328,17 @@ class Store:
         return row is not None
 
     def refresh_stats(self, run_id: str, count_top: int = COUNT_TOP) -> int:
-        """Fold every result of the run not yet counted into neuron_stats, in one transaction; returns how many.
+        """Fold every result of the run not yet counted into neuron_stats and neuron_images, in one transaction;
+        returns how many.
 
         Gives the same aggregates as adding them one by one: per unit, n_top (results where it is among the
         first `count_top` triples), n_images, max and sum of its best score per result, and the result of the
-        max. Also adds each pending (result, unit)'s best triple to neuron_images, at most NEURON_IMAGES per
-        unit from one refresh (see `prune_neuron_images`). The folding is numpy; SQLite only takes the rows.
+        max; and each unit's best NEURON_IMAGES results (its best triple in each: score, rank, patch). The
+        folding is numpy (mmtui.unit_fold); SQLite only takes the rows: one per unit touched in neuron_stats,
+        and one per unit whose best results changed in neuron_images.
         """
+        from mmtui import unit_fold
+
         run_key = self.run_key(run_id)
         with self._write():
             pending = self.db.execute(
@@ -448,9 +346,8 @@ class Store:
             ).fetchall()
             if not pending:
                 return 0
-            best = _best_per_unit(pending, count_top)
-            order, starts = _by_unit(best)
-            stats = _fold_units(best, order, starts)
+            best = unit_fold.best_per_unit(pending, count_top)
+            stats = unit_fold.fold_units(best, *unit_fold.by_unit(best))
             self.db.conn.executemany(
                 """INSERT INTO neuron_stats
                        (run_key, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id)
@@ -468,18 +365,13 @@ class Store:
                     *(stats[k].tolist() for k in ("layer", "unit", "n_top", "n_images", "max", "sum", "mean", "best")),
                 ),
             )
-            floors = self.db.execute(
-                "SELECT layer, unit, images_floor FROM neuron_stats WHERE run_key = ? AND images_floor IS NOT NULL",
-                [run_key],
+            stored = self.db.execute(
+                "SELECT layer, unit, best FROM neuron_images WHERE run_key = ?", [run_key]
             ).fetchall()
-            keep = _best_images(best, order, starts, NEURON_IMAGES, _above(best, floors))
+            changed, lists = unit_fold.merge_best_images(stored, best, NEURON_IMAGES)
             self.db.conn.executemany(
-                """INSERT INTO neuron_images (run_key, layer, unit, result_id, score, rank, patch)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                zip(
-                    itertools.repeat(run_key),
-                    *(best[k][keep].tolist() for k in ("layer", "unit", "result_id", "score", "rank", "patch")),
-                ),
+                "INSERT OR REPLACE INTO neuron_images (run_key, layer, unit, best) VALUES (?, ?, ?, ?)",
+                zip(itertools.repeat(run_key), *(a.tolist() for a in unit_fold.split_key(changed)), lists),
             )
             self.db.execute(
                 "UPDATE results SET in_stats = 1 WHERE id IN (SELECT value FROM json_each(?))",
@@ -487,29 +379,17 @@ class Store:
             )
         return len(pending)
 
-    def prune_neuron_images(self, run_id: str) -> None:
-        """Keep each unit's best NEURON_IMAGES rows of neuron_images, and note the score of the last of them as
-        the unit's images_floor where it has that many (two passes over the run's rows)."""
-        run_key = self.run_key(run_id)
-        with self._write():
-            self.db.execute(
-                f"""DELETE FROM neuron_images WHERE run_key = ?1 AND (layer, unit, result_id) IN (
-                        SELECT layer, unit, result_id FROM (
-                            SELECT layer, unit, result_id,
-                                   row_number() OVER (PARTITION BY layer, unit ORDER BY score DESC, result_id) AS k
-                            FROM neuron_images WHERE run_key = ?1)
-                        WHERE k > {NEURON_IMAGES})""",
-                [run_key],
-            )
-            self.db.execute(  # no UPDATE ... FROM: it needs SQLite 3.33
-                f"""UPDATE neuron_stats SET images_floor = (
-                        SELECT min(score) FROM neuron_images i
-                        WHERE i.run_key = ?1 AND i.layer = neuron_stats.layer AND i.unit = neuron_stats.unit)
-                    WHERE run_key = ?1 AND (layer, unit) IN (
-                        SELECT layer, unit FROM neuron_images WHERE run_key = ?1
-                        GROUP BY layer, unit HAVING count(*) >= {NEURON_IMAGES})""",
-                [run_key],
-            )
+    def best_images(self, run_key: int, layer: int, unit: int) -> np.ndarray:
+        """A unit's best results in a run (at most NEURON_IMAGES), best first: records of mmtui.arrays.UNIT_IMAGE
+        (result, score, rank, patch)."""
+        import numpy as np
+
+        from mmtui.arrays import UNIT_IMAGE, unpack_unit_images
+
+        row = self.db.execute(
+            "SELECT best FROM neuron_images WHERE run_key = ? AND layer = ? AND unit = ?", [run_key, layer, unit]
+        ).fetchone()
+        return unpack_unit_images([row[0]])[0] if row else np.zeros(0, dtype=UNIT_IMAGE)
 
     def result(self, run_id: str, image: str, target_spec: str | None = None) -> dict[str, Any]:
         """A result by image sha256 (or its prefix) or by path (newest first when several targets)."""
@@ -559,8 +439,10 @@ class Store:
         appear: (layer, unit, best score, best rank, patch of that triple)."""
         import numpy as np
 
+        from mmtui.unit_fold import best_per_unit_of
+
         layer, unit, patch, score = (a[:limit] for a in self.triples(result_id))
-        best = _best_per_unit_of(layer, unit, patch, score)
+        best = best_per_unit_of(layer, unit, patch, score)
         order = np.argsort(best["rank"], kind="stable")
         return list(zip(*(best[k][order].tolist() for k in ("layer", "unit", "score", "rank", "patch")), strict=True))
 

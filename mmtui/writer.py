@@ -1,8 +1,8 @@
 """The cache writer of an attribute run: its own thread and SQLite connection, so the model never waits.
 
-Each result is still one transaction (an interruption keeps every finished image); the per-unit aggregates
-are folded in many results at a time (`Store.refresh_stats`), every `refresh_every` results and at the end,
-and neuron_images is pruned every `prune_every` results and at the end. The score arrays and top triples are
+Each result is still one transaction (an interruption keeps every finished image); the per-unit tables
+(neuron_stats, neuron_images) are folded in many results at a time (`Store.refresh_stats`), every
+`refresh_every` results or `refresh_seconds`, and at the end. The score arrays and top triples are
 packed on a small thread pool (numpy and zstd release the GIL), so the writer thread only talks to SQLite.
 """
 
@@ -18,7 +18,7 @@ from queue import Empty, Full, Queue
 from typing import TYPE_CHECKING
 
 from mmtui.errors import StoreError
-from mmtui.store import PRUNE_EVERY, STATS_EVERY, Store, pack_result
+from mmtui.store import STATS_EVERY, Store, pack_result
 
 if TYPE_CHECKING:
     from mmtui.pipeline import Event
@@ -37,12 +37,11 @@ class StoreWriter:
         timeout: float,
         refresh_every: int = STATS_EVERY,
         refresh_seconds: float = 30.0,
-        prune_every: int = PRUNE_EVERY,
     ):
         self.run_id = run_id
         self.inbox: Queue = Queue(maxsize=256)  # bounded: a slow disk slows the run down instead of filling memory
         self.outbox: Queue = Queue()
-        self.refresh_every, self.refresh_seconds, self.prune_every = refresh_every, refresh_seconds, prune_every
+        self.refresh_every, self.refresh_seconds = refresh_every, refresh_seconds
         self._packers = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="mmtui-pack")
         self._thread = threading.Thread(target=self._work, args=(path, timeout), name="mmtui-writer", daemon=True)
         self._closed = False
@@ -50,8 +49,8 @@ class StoreWriter:
 
     def _work(self, path: Path, timeout: float) -> None:
         try:
-            with Store.open(path, timeout=timeout) as store:
-                unrefreshed, unpruned, last = 0, 0, time.monotonic()
+            with Store.open(path, timeout=timeout).for_bulk_writes() as store:
+                unrefreshed, last = 0, time.monotonic()
                 while True:
                     item = self.inbox.get()
                     if item is _STOP:
@@ -59,16 +58,11 @@ class StoreWriter:
                     event, packed = item
                     event.result_id = store.add_result(self.run_id, event.record, stats=False, packed=packed.result())
                     self.outbox.put(event)
-                    unrefreshed, unpruned = unrefreshed + 1, unpruned + 1
+                    unrefreshed += 1
                     if unrefreshed >= self.refresh_every or time.monotonic() - last > self.refresh_seconds:
                         store.refresh_stats(self.run_id)
                         unrefreshed, last = 0, time.monotonic()
-                    if unpruned >= self.prune_every:
-                        store.prune_neuron_images(self.run_id)
-                        unpruned = 0
                 store.refresh_stats(self.run_id)
-                if unpruned:
-                    store.prune_neuron_images(self.run_id)
         except BaseException as err:  # handed to the run, which re-raises it
             self.outbox.put(err)
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mmtui.arrays import LOG8_STEPS, pack_array, pack_triples, unpack_array, unpack_triples
+from mmtui.arrays import LOG8_STEPS, pack_array, pack_triples, unpack_array, unpack_triples, unpack_unit_images
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.migrations import migrations
 from mmtui.queries import neuron_detail
@@ -78,7 +78,7 @@ def test_top_triples_pack_losslessly_and_small():
 
 
 # -- neuron_images --------------------------------------------------------------------------------------------
-def _records(n: int, seed: int = 0) -> list[ResultRecord]:
+def _records(n: int, seed: int = 0, units: int = D_MLP) -> list[ResultRecord]:
     """Synthetic results over few units, so each unit is in many more than NEURON_IMAGES results; some scores
     tie across results (the tie-break is the result id)."""
     rng = np.random.default_rng(seed)
@@ -104,7 +104,7 @@ def _records(n: int, seed: int = 0) -> list[ResultRecord]:
                 y_c=0.5,
                 p_target=0.5,
                 top_layer=rng.integers(0, N_LAYERS, KEEP).astype(np.int16),
-                top_unit=rng.integers(0, D_MLP, KEEP).astype(np.int32),
+                top_unit=rng.integers(0, units, KEEP).astype(np.int32),
                 top_patch=rng.integers(0, N_PATCHES, KEEP).astype(np.int16),
                 top_score=score,
                 unit_max=unit_max,
@@ -131,8 +131,10 @@ def _new_run(store: Store) -> str:
     return store.ensure_run(**_run_args())
 
 
-def _brute(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
-    """Each unit's best NEURON_IMAGES results, read from every stored triple: (result, score, rank, patch)."""
+def _brute(
+    db: sqlite3.Connection, run_id: str, keep: int | None = NEURON_IMAGES
+) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
+    """Each unit's best `keep` results (all with None), read from every stored triple: (result, score, rank, patch)."""
     best: dict[tuple[int, int, int], tuple[float, int, int]] = {}
     rows = (
         (result_id, rank, layer, unit, patch, score)
@@ -146,33 +148,29 @@ def _brute(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tu
     per_unit: dict[tuple[int, int], list[tuple[int, float, int, int]]] = {}
     for (layer, unit, result_id), (score, rank, patch) in best.items():
         per_unit.setdefault((layer, unit), []).append((result_id, score, rank, patch))
-    return {k: sorted(v, key=lambda r: (-r[1], r[0]))[:NEURON_IMAGES] for k, v in per_unit.items()}
+    return {k: sorted(v, key=lambda r: (-r[1], r[0]))[:keep] for k, v in per_unit.items()}
 
 
 def _stored(db: sqlite3.Connection, run_id: str) -> dict[tuple[int, int], list[tuple[int, float, int, int]]]:
-    out: dict[tuple[int, int], list[tuple[int, float, int, int]]] = {}
     rows = db.execute(
-        "SELECT layer, unit, result_id, score, rank, patch FROM neuron_images"
-        " WHERE run_key = (SELECT run_key FROM runs WHERE id = ?) ORDER BY layer, unit, score DESC, result_id",
+        "SELECT layer, unit, best FROM neuron_images WHERE run_key = (SELECT run_key FROM runs WHERE id = ?)",
         [run_id],
     )
-    for layer, unit, result_id, score, rank, patch in rows:
-        out.setdefault((layer, unit), []).append((result_id, score, rank, patch))
-    return out
+    return {(layer, unit): unpack_unit_images([blob])[0].tolist() for layer, unit, blob in rows}
 
 
-@pytest.mark.parametrize("refresh_every, prune_every", [(7, 10), (1, 1), (64, 1024)])
-def test_the_writer_keeps_each_units_best_results(tmp_path: Path, refresh_every: int, prune_every: int) -> None:
+@pytest.mark.parametrize("refresh_every", [7, 1, 64])
+def test_the_writer_keeps_each_units_best_results(tmp_path: Path, refresh_every: int) -> None:
     path = tmp_path / "c.db"
     with Store.open(path) as store:
         run_id = _new_run(store)
-    writer = StoreWriter(path, run_id, timeout=5.0, refresh_every=refresh_every, prune_every=prune_every)
+    writer = StoreWriter(path, run_id, timeout=5.0, refresh_every=refresh_every)
     for rec in _records(45):
         writer.put(SimpleNamespace(record=rec, result_id=None))  # type: ignore[arg-type]
     assert len(list(writer.finish())) == 45
     with Store.open(path) as store:
         expected = _brute(store.db.conn, run_id)
-        assert _stored(store.db.conn, run_id) == expected  # pruned to the best 20 at the end, exactly
+        assert _stored(store.db.conn, run_id) == expected  # the best 20 after every fold, exactly
         assert max(len(v) for v in expected.values()) == NEURON_IMAGES  # the cap was reached (test is meaningful)
         layer, unit = next(iter(expected))
         detail = neuron_detail(store, store.run(run_id), layer, unit, top_images=NEURON_IMAGES)
@@ -183,54 +181,33 @@ def test_the_writer_keeps_each_units_best_results(tmp_path: Path, refresh_every:
         assert few["images"] == detail["images"][:3]
 
 
-def test_unpruned_rows_do_not_change_what_readers_see(tmp_path: Path) -> None:
-    """Between prunes neuron_images holds more than 20 rows a unit; a reader still gets the best 20."""
+def test_a_fold_rewrites_only_the_lists_it_changes(tmp_path: Path) -> None:
+    """A result scoring below every full unit's 20th leaves those units' lists as they were (no write), starts
+    the lists of units it is the first result of, and still counts in every unit's aggregates."""
     with Store.open(tmp_path / "c.db") as store:
         run_id = _new_run(store)
-        for i, rec in enumerate(_records(45, seed=1)):
-            store.add_result(run_id, rec, stats=False)
-            if i % 15 == 14:  # a refresh adds at most 20 rows a unit; three add more
-                store.refresh_stats(run_id)
-        expected = _brute(store.db.conn, run_id)
-        unpruned = store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0]
-        assert unpruned > sum(len(v) for v in expected.values())
-        for layer, unit in expected:
-            images = neuron_detail(store, store.run(run_id), layer, unit, top_images=NEURON_IMAGES)["images"]
-            assert [(d["result_id"], d["score"], d["rank"], d["patch"]) for d in images] == expected[(layer, unit)]
-        store.prune_neuron_images(run_id)
-        assert _stored(store.db.conn, run_id) == expected
-
-
-def test_results_below_a_units_floor_skip_neuron_images(tmp_path: Path) -> None:
-    """After a prune each full unit has a floor (its 20th best score); a later result scoring at or below it
-    adds no neuron_images row for that unit, but still counts in its aggregates."""
-    with Store.open(tmp_path / "c.db") as store:
-        run_id = _new_run(store)
-        records = _records(46, seed=3)
+        records = _records(46, seed=3, units=D_MLP - 1)  # unit D_MLP - 1 of each layer in none of them
         for rec in records[:45]:
             store.add_result(run_id, rec, stats=False)
         store.refresh_stats(run_id)
-        store.prune_neuron_images(run_id)
-        floors = dict(
-            ((layer, unit), floor)
-            for layer, unit, floor in store.db.execute(
-                "SELECT layer, unit, images_floor FROM neuron_stats WHERE images_floor IS NOT NULL"
-            )
-        )
-        expected = _brute(store.db.conn, run_id)
-        assert floors == {k: v[-1][1] for k, v in expected.items() if len(v) == NEURON_IMAGES} and floors
-        rows = store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0]
+        before = _stored(store.db.conn, run_id)
+        full = {k for k, v in before.items() if len(v) == NEURON_IMAGES}
+        assert full == before.keys()
         low = records[45]
-        low.top_score = low.top_score * 0.0  # scores of 0: below every floor
+        low.top_score = low.top_score * 0.0  # scores of 0: below every full unit's 20th
+        low.top_unit[:3] = D_MLP - 1  # and a unit no result had yet
+        writes: list[str] = []
+        store.db.conn.set_trace_callback(writes.append)
         store.add_result(run_id, low, stats=True)
+        store.db.conn.set_trace_callback(None)
+        after = _stored(store.db.conn, run_id)
+        assert {k: after[k] for k in full} == {k: before[k] for k in full}
         units = set(zip(low.top_layer.tolist(), low.top_unit.tolist(), strict=True))
-        added = store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0] - rows
-        assert added == len(units - floors.keys()) and added < len(units)
+        assert sum("INTO neuron_images" in w for w in writes) == len(units - full)
+        assert after == _brute(store.db.conn, run_id)
         assert store.db.execute("SELECT sum(n_images) FROM neuron_stats").fetchone()[0] == (
             sum(len(set(zip(r.top_layer.tolist(), r.top_unit.tolist(), strict=True))) for r in records)
         )
-        store.prune_neuron_images(run_id)
-        assert _stored(store.db.conn, run_id) == _brute(store.db.conn, run_id)
 
 
 def test_m005_and_m006_convert_a_cache_written_before_them(tmp_path: Path) -> None:
@@ -257,12 +234,12 @@ def test_m005_and_m006_convert_a_cache_written_before_them(tmp_path: Path) -> No
             ],
         )
         store.db.execute("CREATE INDEX idx_top_neurons_layer_unit_score ON top_neurons (layer, unit, score)")
+        _before_m008(store.db.conn)  # reads results.top
         store.db.execute("ALTER TABLE results DROP COLUMN top")
-        _before_m008(store.db.conn)
         store.db.execute("DROP TABLE neuron_images")
         store.db.execute(
             "DELETE FROM _sqlite_migrations WHERE name IN ('m005_neuron_images', 'm006_pack_top_triples', "
-            "'m008_integer_run_keys')"
+            "'m008_integer_run_keys_and_unit_lists')"
         )
         store.db.conn.commit()
     with Store.open(path) as store:  # applies m005, m006, then m008
@@ -273,7 +250,8 @@ def test_m005_and_m006_convert_a_cache_written_before_them(tmp_path: Path) -> No
 
 
 def _before_m008(conn: sqlite3.Connection) -> None:
-    """Back to the schema before m008: neuron_stats and neuron_images keyed by the run's text id, no runs.run_key."""
+    """Back to the schema before m008: neuron_stats (with images_floor) and neuron_images keyed by the run's text
+    id, neuron_images a row per (unit, result), not yet pruned (more than 20 rows a unit), no runs.run_key."""
     conn.execute(
         """CREATE TABLE old_stats (run_id TEXT NOT NULL REFERENCES runs(id), layer INTEGER NOT NULL,
                unit INTEGER NOT NULL, n_top INTEGER NOT NULL, n_images INTEGER NOT NULL, max_score REAL NOT NULL,
@@ -282,17 +260,22 @@ def _before_m008(conn: sqlite3.Connection) -> None:
     )
     conn.execute(
         """INSERT INTO old_stats SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score,
-               best_result_id, images_floor FROM neuron_stats JOIN runs USING (run_key)"""
+               best_result_id, NULL FROM neuron_stats JOIN runs USING (run_key)"""
     )
     conn.execute(
         """CREATE TABLE old_images (run_id TEXT NOT NULL REFERENCES runs(id), layer INTEGER NOT NULL,
                unit INTEGER NOT NULL, result_id INTEGER NOT NULL REFERENCES results(id), score REAL NOT NULL,
                rank INTEGER NOT NULL, patch INTEGER NOT NULL, PRIMARY KEY (run_id, layer, unit, result_id)) WITHOUT ROWID"""
     )
-    conn.execute(
-        """INSERT INTO old_images SELECT runs.id, layer, unit, result_id, score, rank, patch
-           FROM neuron_images JOIN runs USING (run_key)"""
-    )
+    for (run_id,) in conn.execute("SELECT id FROM runs").fetchall():
+        conn.executemany(
+            "INSERT INTO old_images VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (run_id, layer, unit, *row)
+                for (layer, unit), rows in _brute(conn, run_id, keep=None).items()
+                for row in rows
+            ],
+        )
     conn.execute("DROP TABLE neuron_stats")
     conn.execute("DROP TABLE neuron_images")
     conn.execute("ALTER TABLE old_stats RENAME TO neuron_stats")
@@ -301,32 +284,35 @@ def _before_m008(conn: sqlite3.Connection) -> None:
         conn.execute(f"CREATE INDEX [idx_old_{columns}] ON neuron_stats (run_id, {columns})")
     conn.execute("DROP INDEX idx_runs_run_key")
     conn.execute("ALTER TABLE runs DROP COLUMN run_key")
-    conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm008_integer_run_keys'")
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm008_integer_run_keys_and_unit_lists'")
 
 
 def test_m008_keys_the_unit_tables_by_an_integer_per_run(tmp_path: Path) -> None:
-    """A cache of two runs written before m008 converts: the same aggregates and best images per run, keyed by
-    each run's run_key; a run made afterwards takes the next key."""
+    """A cache of two runs written before m008 converts: the same aggregates and each unit's best 20 results per
+    run (from more rows than that: a cache between prunes), keyed by each run's run_key; a run made afterwards
+    takes the next key."""
     path = tmp_path / "old.db"
     by_key = "runs.run_key = s.run_key"
     stats_sql = (
-        "SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id, images_floor"
+        "SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id"
         " FROM neuron_stats s JOIN runs ON {} ORDER BY 1, 2, 3"
     )
     with Store.open(path) as store:
         runs = [_new_run(store), store.ensure_run(**{**_run_args(), "y_kind": "logit"})]
-        for i, rec in enumerate(_records(30, seed=4)):
+        for i, rec in enumerate(_records(60, seed=4)):  # 30 a run: over 20 results a unit
             store.add_result(runs[i % 2], rec, stats=False)
         for run_id in runs:
             store.refresh_stats(run_id)
-            store.prune_neuron_images(run_id)
         stats = store.db.execute(stats_sql.format(by_key)).fetchall()
         images = {run_id: _stored(store.db.conn, run_id) for run_id in runs}
         _before_m008(store.db.conn)
         store.db.conn.commit()
         assert store.db.execute(stats_sql.format("runs.id = s.run_id")).fetchall() == stats
+        assert store.db.execute("SELECT count(*) FROM neuron_images").fetchone()[0] > sum(
+            len(v) for i in images.values() for v in i.values()
+        )
     with Store.open(path) as store:  # applies m008
-        assert "m008_integer_run_keys" in {m.name for m in migrations.applied(store.db)}
+        assert "m008_integer_run_keys_and_unit_lists" in {m.name for m in migrations.applied(store.db)}
         assert sorted(store.run_key(r) for r in runs) == [1, 2]
         assert store.db.execute(stats_sql.format(by_key)).fetchall() == stats
         assert {run_id: _stored(store.db.conn, run_id) for run_id in runs} == images

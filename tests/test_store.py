@@ -130,7 +130,6 @@ def _rows(store: Store, run_id: str):
     stats = list(store.db.query("SELECT * FROM neuron_stats ORDER BY layer, unit"))
     for s in stats:
         s.pop("best_result_id")
-        s.pop("images_floor")  # set by prunes, whose timing differs
     return results, triples, stats
 
 
