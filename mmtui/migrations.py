@@ -492,12 +492,14 @@ def m008_integer_run_keys_and_unit_lists(db: Database) -> None:
         ) WITHOUT ROWID
         """
     )
-    for run_id, run_key in db.execute("SELECT id, run_key FROM runs ORDER BY run_key").fetchall():
+    layers = db.execute(  # a layer at a time: a large cache holds millions of rows
+        "SELECT DISTINCT r.id, r.run_key, i.layer FROM neuron_images i JOIN runs r ON r.id = i.run_id ORDER BY 2, 3"
+    ).fetchall()
+    for run_id, run_key, layer_index in layers:
         rows = db.execute(
-            "SELECT result_id, layer, unit, rank, patch, score FROM neuron_images WHERE run_id = ?", [run_id]
+            "SELECT result_id, layer, unit, rank, patch, score FROM neuron_images WHERE run_id = ? AND layer = ?",
+            [run_id, layer_index],
         ).fetchall()
-        if not rows:
-            continue
         columns = np.array(rows, dtype=np.float64).T
         best = {k: columns[i].astype(np.int64) for i, k in enumerate(("result_id", "layer", "unit", "rank", "patch"))}
         best["score"] = columns[5]
