@@ -64,9 +64,9 @@ def _by_key_then_score(keys: np.ndarray, score: np.ndarray) -> np.ndarray:
     bits, made to sort descending), sorted stably, so entries of equal key and score keep their order. Four
     times faster than np.lexsort on the two columns."""
     score = np.asarray(score, dtype=np.float32) + np.float32(0)  # -0.0 becomes 0.0: they compare equal
-    bits = score.view(np.uint32).astype(np.int64)
+    bits = score.view(np.uint32).astype(np.uint64)
     ascending = np.where(bits & 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)  # as the floats order
-    return np.argsort(keys << 32 | (0xFFFFFFFF - ascending), kind="stable")
+    return np.argsort(keys.astype(np.uint64) << np.uint64(32) | (0xFFFFFFFF - ascending), kind="stable")
 
 
 def by_unit(best: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

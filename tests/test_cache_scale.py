@@ -16,6 +16,7 @@ from mmtui.defaults import NEURON_IMAGES
 from mmtui.migrations import migrations
 from mmtui.queries import neuron_detail
 from mmtui.store import ResultRecord, Store
+from mmtui.unit_fold import LAYER_BITS, UNIT_BITS, by_unit
 from mmtui.writer import StoreWriter
 
 N_LAYERS, D_MLP, N_PATCHES, KEEP = 2, 6, 9, 24
@@ -208,6 +209,23 @@ def test_a_fold_rewrites_only_the_lists_it_changes(tmp_path: Path) -> None:
         assert store.db.execute("SELECT sum(n_images) FROM neuron_stats").fetchone()[0] == (
             sum(len(set(zip(r.top_layer.tolist(), r.top_unit.tolist(), strict=True))) for r in records)
         )
+
+
+def test_rows_order_by_unit_then_score_then_result() -> None:
+    """by_unit's one-key sort equals a lexsort of (unit, -score, result): negative scores, 0.0 and -0.0 (equal),
+    ties across results, and the largest layer and unit a key holds."""
+    rng = np.random.default_rng(7)
+    n = 5000
+    best = {
+        "result_id": np.repeat(np.arange(50), n // 50),
+        "layer": rng.choice([0, 1, (1 << LAYER_BITS) - 1], n),
+        "unit": rng.choice([0, 5, (1 << UNIT_BITS) - 1], n),
+        "score": rng.choice([-0.5, -0.0, 0.0, 1e-3, 0.25, 3.0], n),
+    }
+    order, starts = by_unit(best)
+    keys = (best["layer"] << UNIT_BITS) | best["unit"]
+    np.testing.assert_array_equal(order, np.lexsort((best["result_id"], -(best["score"] + 0.0), keys)))
+    np.testing.assert_array_equal(starts, np.flatnonzero(np.r_[True, np.diff(keys[order]) != 0]))
 
 
 def test_m005_and_m006_convert_a_cache_written_before_them(tmp_path: Path) -> None:
