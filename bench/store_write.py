@@ -12,8 +12,8 @@ costly end for folding the per-unit stats) and onto the 196 patches. Size and sp
 are distributed, which this keeps; the numbers themselves are not GPT-J's.
 
 Writes them twice. First step by step in this thread, timing each: packing the arrays and triples, Store.add_result
-(one transaction per image) and Store.refresh_stats (every 512 results, and at the end). Then through the real StoreWriter (`mmtui attribute`'s writer thread with its packing pool) as
-fast as it takes them: its throughput is the most images per second a run can write. Prints milliseconds per
+(one transaction per image) and Store.refresh_stats (every 512 results, and at the end). Then through the real
+StoreWriter (`mmtui attribute`'s writer thread with its packing pool) as fast as it takes them: its throughput is the most images per second a run can write. Prints milliseconds per
 image for each, and bytes per image in the file (after a WAL checkpoint) by table and index.
 """
 
