@@ -450,7 +450,7 @@ def m008_integer_run_keys_and_unit_lists(db: Database) -> None:
     """
     import numpy as np
 
-    from mmtui.unit_fold import merge_best_images, split_key
+    from mmtui.unit_fold import by_unit, merge_best_images, split_key
 
     db.execute("ALTER TABLE runs ADD COLUMN run_key INTEGER")
     db.execute("UPDATE runs SET run_key = (SELECT count(*) FROM runs r WHERE r.rowid <= runs.rowid)")
@@ -503,7 +503,7 @@ def m008_integer_run_keys_and_unit_lists(db: Database) -> None:
         columns = np.array(rows, dtype=np.float64).T
         best = {k: columns[i].astype(np.int64) for i, k in enumerate(("result_id", "layer", "unit", "rank", "patch"))}
         best["score"] = columns[5]
-        keys, lists = merge_best_images([], best, NEURON_IMAGES)
+        keys, lists = merge_best_images([], best, *by_unit(best), NEURON_IMAGES)
         layer, unit = (a.tolist() for a in split_key(keys))
         db.conn.executemany(
             "INSERT INTO neuron_images_new (run_key, layer, unit, best) VALUES (?, ?, ?, ?)",

@@ -98,37 +98,41 @@ def fold_units(best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarra
 
 
 def merge_best_images(
-    stored: Sequence[tuple[int, int, bytes]], best: dict[str, np.ndarray], keep: int
+    stored: Sequence[tuple[int, int, bytes]],
+    best: dict[str, np.ndarray],
+    order: np.ndarray,
+    starts: np.ndarray,
+    keep: int,
 ) -> tuple[np.ndarray, list[bytes]]:
     """Each unit's best `keep` results, from its stored list and new rows: (keys of the units whose list
     changed, their new lists packed), by key.
 
-    stored: (layer, unit, packed list) of the units that have one (`mmtui.arrays.pack_unit_images`).
-    best: new rows, result by result, of results newer than any in the stored lists (a fold takes every
-    pending result, and result ids only grow). A list is ordered by score descending, then result; a unit's
-    list changes when a new row enters it.
+    stored: (layer, unit, packed list) of the units that have one (`mmtui.arrays.pack_unit_images`), best by
+    (layer, unit). best: new rows, of results newer than any in the stored lists (a fold takes every pending
+    result, and result ids only grow), with their `by_unit` order and unit starts. A list is ordered by score
+    descending, then result; a unit's list changes when a new row enters it.
     """
-    new_keys = unit_key(best["layer"], best["unit"])
-    stored_keys = unit_key(*(np.array([s[i] for s in stored], dtype=np.int64) for i in (0, 1)))
-    units = np.unique(new_keys)
+    new_keys = unit_key(best["layer"], best["unit"])[order]  # by unit, score, result
+    units = new_keys[starts]
+    layers, unit_ids, blobs = zip(*stored, strict=True) if stored else ((), (), ())
+    stored_keys = unit_key(np.array(layers, dtype=np.int64), np.array(unit_ids, dtype=np.int64))
     at = np.minimum(np.searchsorted(units, stored_keys), max(len(units) - 1, 0))
     touched = np.flatnonzero(units[at] == stored_keys) if len(units) else at[:0]  # the others stay as they are
-    old, counts = unpack_unit_images([stored[i][2] for i in touched.tolist()])
-    # old entries first, then the new rows: on equal scores, the stable sort below keeps them in result order
+    old, counts = unpack_unit_images([blobs[i] for i in touched.tolist()])
+    # the old entries first, then the new rows: each part is already in the merged order (by key, score, then
+    # result; old results before new ones), so the stable sort below is a merge of two runs (timsort), and on
+    # equal scores it keeps the older result first
     keys = np.concatenate([np.repeat(stored_keys[touched], counts), new_keys])
     entries = np.empty(len(keys), dtype=UNIT_IMAGE)
     entries[: len(old)] = old
     fresh = entries[len(old) :]
     fresh["result"], fresh["score"], fresh["rank"], fresh["patch"] = (
-        best["result_id"],
-        best["score"],
-        best["rank"],
-        best["patch"],
+        best[k][order] for k in ("result_id", "score", "rank", "patch")
     )
-    order = _by_key_then_score(keys, entries["score"])
-    starts = group_starts(keys[order])
-    sizes = np.diff(np.r_[starts, len(order)])
-    kept = order[np.arange(len(order)) - np.repeat(starts, sizes) < keep]  # still by key, score, result
+    merged = _by_key_then_score(keys, entries["score"])
+    starts = group_starts(keys[merged])
+    sizes = np.diff(np.r_[starts, len(merged)])
+    kept = merged[np.arange(len(merged)) - np.repeat(starts, sizes) < keep]  # still by key, score, result
     starts = group_starts(keys[kept])
     is_new = np.arange(len(keys)) >= len(old)
     changed = np.maximum.reduceat(is_new[kept], starts) if len(kept) else np.zeros(0, dtype=bool)

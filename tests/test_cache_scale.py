@@ -16,7 +16,7 @@ from mmtui.defaults import NEURON_IMAGES
 from mmtui.migrations import migrations
 from mmtui.queries import neuron_detail
 from mmtui.store import ResultRecord, Store
-from mmtui.unit_fold import LAYER_BITS, UNIT_BITS, by_unit
+from mmtui.unit_fold import LAYER_BITS, UNIT_BITS, by_unit, merge_best_images, split_key
 from mmtui.writer import StoreWriter
 
 N_LAYERS, D_MLP, N_PATCHES, KEEP = 2, 6, 9, 24
@@ -226,6 +226,45 @@ def test_rows_order_by_unit_then_score_then_result() -> None:
     keys = (best["layer"] << UNIT_BITS) | best["unit"]
     np.testing.assert_array_equal(order, np.lexsort((best["result_id"], -(best["score"] + 0.0), keys)))
     np.testing.assert_array_equal(starts, np.flatnonzero(np.r_[True, np.diff(keys[order]) != 0]))
+
+
+def test_merging_lists_in_any_order_of_the_stored_rows() -> None:
+    """merge_best_images over folds of rows with many tied scores equals each unit's best 20 by (score
+    descending, result); the stored lists handed back in a shuffled order (not by key, as the store reads them)
+    give the same lists: their order only makes the merge's sort cheaper."""
+    rng = np.random.default_rng(11)
+    everything: dict[tuple[int, int], list[tuple[int, float, int, int]]] = {}
+    stored: dict[tuple[int, int], bytes] = {}
+    result = 0
+    for _fold in range(6):
+        parts = []
+        for _ in range(15):  # results, each with one row per unit it touches
+            result += 1
+            keys = np.unique(rng.integers(0, 3 * 40, 30))
+            layer, unit = keys // 40, keys % 40
+            parts.append(
+                {
+                    "result_id": np.full(len(keys), result),
+                    "layer": layer,
+                    "unit": unit,
+                    "rank": rng.integers(0, 500, len(keys)),
+                    "patch": rng.integers(0, 196, len(keys)),
+                    "score": rng.choice([0.5, 0.25, 0.125, 0.0, -0.25], len(keys)),
+                }
+            )
+        best = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        for i in range(len(best["layer"])):
+            everything.setdefault((int(best["layer"][i]), int(best["unit"][i])), []).append(
+                (int(best["result_id"][i]), float(best["score"][i]), int(best["rank"][i]), int(best["patch"][i]))
+            )
+        rows = [(layer, unit, blob) for (layer, unit), blob in stored.items()]
+        rng.shuffle(rows)
+        changed, lists = merge_best_images(rows, best, *by_unit(best), NEURON_IMAGES)
+        for layer, unit, blob in zip(*(a.tolist() for a in split_key(changed)), lists, strict=True):
+            stored[(layer, unit)] = blob
+    want = {k: sorted(v, key=lambda r: (-r[1], r[0]))[:NEURON_IMAGES] for k, v in everything.items()}
+    assert max(map(len, want.values())) == NEURON_IMAGES  # lists filled up: later folds had to drop entries
+    assert {k: unpack_unit_images([b])[0].tolist() for k, b in stored.items()} == want
 
 
 def test_m005_and_m006_convert_a_cache_written_before_them(tmp_path: Path) -> None:
