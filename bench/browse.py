@@ -244,15 +244,18 @@ async def measure_actions(db: Path, tokens: list[str], rounds: int) -> dict[str,
             rows, painted = await _answer(pilot, act, want)
             results.setdefault(name, []).append((rows, painted, screen.shown.seconds))
 
-        for _ in range(rounds):
+        async def resort_all(name: str) -> None:
             for key, _header, _ in COLUMNS:
                 for _direction in range(2):
                     was = screen.query_state
                     await run(
-                        "re-sort (7 columns, both ways)",
+                        name,
                         lambda key=key: screen.action_sort_column(key),
                         lambda q, key=key, was=was: q.sort == key and q != was,
                     )
+
+        for _ in range(rounds):
+            await resort_all("re-sort (7 columns, both ways)")
             screen.action_sort_column("max")
             screen.action_filter()
             for token in tokens:
@@ -268,6 +271,8 @@ async def measure_actions(db: Path, tokens: list[str], rounds: int) -> dict[str,
                     lambda layer=layer: setattr(layers, "highlighted", layer + 1),
                     lambda q, layer=layer: q.layer == layer,
                 )
+            await resort_all("re-sort in layer 27 (7 columns, both ways)")  # the layer's rows, sorted (m009)
+            screen.action_sort_column("max")
             layers.highlighted = 0
     return results
 

@@ -150,7 +150,7 @@ class Store:
 
     def for_bulk_writes(self) -> Store:
         """Give this connection a page cache of BULK_CACHE_MIB, for the writer of a run or a merge: a fold of
-        the stats updates rows all over neuron_stats' ten B-trees and neuron_images, which outgrow SQLite's
+        the stats updates rows all over neuron_stats' six B-trees and neuron_images, which outgrow SQLite's
         2 MiB default at GPT-J scale (bench/store_write.py --spread: refresh_stats twice as fast). Returns self."""
         self.db.execute(f"PRAGMA cache_size = -{BULK_CACHE_MIB * 1024}")
         return self

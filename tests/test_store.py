@@ -33,7 +33,9 @@ def test_migrate_blank_database():
     fks = {(fk.column, fk.other_table) for fk in db["results"].foreign_keys}
     assert fks == {("run_id", "runs"), ("image_sha256", "images")}
     indexes = {tuple(ix.columns) for ix in db["neuron_stats"].indexes}
-    assert {("run_key", "max_score"), ("run_key", "n_top"), ("run_key", "mean_score")} <= indexes
+    sorts = {("run_key", column) for column in ("max_score", "n_top", "mean_score", "n_images")}
+    key = ("run_key", "layer", "unit")  # the primary key's
+    assert indexes == sorts | {key, ("run_key", "unit", "layer")}  # m009 dropped the per-layer ones m003 made
     # m006: the top triples are one blob per result, not a row each
     assert "top_neurons" not in db.table_names()
     assert db["results"].columns_dict["top"] is bytes

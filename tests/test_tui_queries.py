@@ -210,6 +210,25 @@ def test_pages_match_a_brute_force_reading(store: Store, token: str, cap: int, m
                 assert queries.count_neurons(store, run, layer=layer, token=token) == len(want)
 
 
+def test_a_sort_within_a_layer_reads_that_layer_by_the_primary_key(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No (layer, column) index since m009: the layer's rows are read by the key and sorted, not found by walking
+    the all-layers index on the column past every other layer's units (150 ms deep in a GPT-J page)."""
+    run = store.run()
+    execute, query, sent = store.db.execute, store.db.query, []
+    monkeypatch.setattr(store.db, "execute", lambda sql, args=(): sent.append((sql, args)) or execute(sql, args))
+    monkeypatch.setattr(store.db, "query", lambda sql, args=(): sent.append((sql, args)) or query(sql, args))
+    for sort in ("max", "mean", "top", "images"):
+        queries.neuron_page(store, run, sort=sort, layer=1, offset=3)
+    for sort in queries.SORTS:  # the CLI's `mmtui neurons --layer 1 --sort ...`
+        list(queries.list_neurons(store, run, sort=sort, layer=1))
+    plans = [" ".join(row[3] for row in execute(f"EXPLAIN QUERY PLAN {sql}", args)) for sql, args in sent]
+    assert len(plans) == 7
+    for plan in plans:
+        assert "PRIMARY KEY (run_key=? AND layer=?)" in plan and "idx_neuron_stats" not in plan, plan
+
+
 def test_pages_and_offsets(store: Store) -> None:
     run = store.run()
     whole = queries.neuron_page(store, run, limit=1000)
