@@ -366,15 +366,17 @@ class Store:
                     *(stats[k].tolist() for k in ("layer", "unit", "n_top", "n_images", "max", "sum", "mean", "best")),
                 ),
             )
-            stored = self.db.execute(
-                "SELECT layer, unit, best FROM neuron_images WHERE run_key = ? ORDER BY layer, unit", [run_key]
-            ).fetchall()
-            changed, lists = unit_fold.merge_best_images(stored, best, order, starts, NEURON_IMAGES)
-            self.db.conn.executemany(  # an upsert rewrites the row in place; REPLACE deleted it first (2x slower)
-                """INSERT INTO neuron_images (run_key, layer, unit, best) VALUES (?, ?, ?, ?)
-                   ON CONFLICT (run_key, layer, unit) DO UPDATE SET best = excluded.best""",
-                zip(itertools.repeat(run_key), *(a.tolist() for a in unit_fold.split_key(changed)), lists),
-            )
+            for layer, rows, unit_starts in unit_fold.by_layer(best, order, starts):  # a layer's lists at a time
+                stored = self.db.execute(
+                    "SELECT layer, unit, best FROM neuron_images WHERE run_key = ? AND layer = ? ORDER BY unit",
+                    [run_key, layer],
+                ).fetchall()
+                changed, lists = unit_fold.merge_best_images(stored, best, rows, unit_starts, NEURON_IMAGES)
+                self.db.conn.executemany(  # an upsert rewrites the row in place; REPLACE deleted it first (2x slower)
+                    """INSERT INTO neuron_images (run_key, layer, unit, best) VALUES (?, ?, ?, ?)
+                       ON CONFLICT (run_key, layer, unit) DO UPDATE SET best = excluded.best""",
+                    zip(itertools.repeat(run_key), *(a.tolist() for a in unit_fold.split_key(changed)), lists),
+                )
             self.db.execute(
                 "UPDATE results SET in_stats = 1 WHERE id IN (SELECT value FROM json_each(?))",
                 [json.dumps([r[0] for r in pending])],

@@ -8,7 +8,7 @@ equal-length columns: result_id, layer, unit, rank (of that triple), patch, scor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -75,6 +75,17 @@ def by_unit(best: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     keys = unit_key(best["layer"], best["unit"])
     order = _by_key_then_score(keys, best["score"])
     return order, group_starts(keys[order])
+
+
+def by_layer(
+    best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarray
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """`by_unit`'s rows a layer at a time: (layer, the order of its rows, where each of its units starts there)."""
+    layers = best["layer"][order[starts]]  # each unit's layer, ascending
+    firsts = group_starts(layers)  # the first unit of each layer
+    for a, b in zip(firsts.tolist(), [*firsts[1:].tolist(), len(starts)], strict=True):
+        lo, hi = int(starts[a]), int(starts[b]) if b < len(starts) else len(order)
+        yield int(layers[a]), order[lo:hi], starts[a:b] - lo
 
 
 def fold_units(best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
