@@ -12,7 +12,7 @@ costly end for folding the per-unit stats) and onto the 196 patches. Size and sp
 are distributed, which this keeps; the numbers themselves are not GPT-J's.
 
 Writes them twice. First step by step in this thread, timing each: packing the arrays and triples, Store.add_result
-(one transaction per image) and Store.refresh_stats (every 512 results, and at the end). Then through the real
+(one transaction per image) and Store.refresh_stats (every STATS_EVERY results, and at the end). Then through the real
 StoreWriter (`mmtui attribute`'s writer thread with its packing pool) as fast as it takes them: its throughput is the most images per second a run can write. Prints milliseconds per
 image for each, and bytes per image in the file (after a WAL checkpoint) by table and index.
 """
@@ -23,6 +23,7 @@ import argparse
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,6 +94,11 @@ def main() -> None:
         help="a new unit map per image: units seldom recur across images (the costly end for the stats fold)",
     )
     parser.add_argument("--src-patches", type=int, default=49, help="patches of the source stack (smol: 49)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="trace each fold's peak memory (tracemalloc; the folds then run slower, so the times are not comparable)",
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -109,6 +115,7 @@ def main() -> None:
     ]
 
     steps = dict.fromkeys(("pack", "add_result", "refresh_stats"), 0.0)
+    fold_peak = 0
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
         with Store.open(path).for_bulk_writes() as store:  # as the writer's connection
@@ -120,7 +127,12 @@ def main() -> None:
                 store.add_result(run, rec, stats=False, packed=packed)
                 t2 = time.perf_counter()
                 if (i + 1) % args.refresh_every == 0 or i + 1 == len(records):
+                    if args.memory:
+                        tracemalloc.start()
                     store.refresh_stats(run)
+                    if args.memory:
+                        fold_peak = max(fold_peak, tracemalloc.get_traced_memory()[1])
+                        tracemalloc.stop()
                 t3 = time.perf_counter()
                 for step, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                     steps[step] += dt
@@ -150,6 +162,8 @@ def main() -> None:
     table.caption = f"neuron_stats and neuron_images folded every {args.refresh_every} results"
     table.add_row("sum of the steps (one thread)", f"{1e3 * sum(steps.values()) / n:.1f}")
     table.add_row("StoreWriter, wall time (packing on a pool)", f"{1e3 * writer_s / n:.1f}")
+    if args.memory:
+        table.caption += f"; a fold's peak memory: {fold_peak / 1e6:.0f} MB (tracemalloc: slower folds)"
     console = Console()
     console.print(table)
     sizes_table = Table(title=f"bytes per image in the file ({total / 1e6:.0f} MB in all)")
