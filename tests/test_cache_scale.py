@@ -16,7 +16,7 @@ from mmtui.defaults import NEURON_IMAGES
 from mmtui.migrations import migrations
 from mmtui.queries import neuron_detail
 from mmtui.store import ResultRecord, Store
-from mmtui.unit_fold import LAYER_BITS, UNIT_BITS, by_unit, merge_best_images, split_key
+from mmtui.unit_fold import LAYER_BITS, UNIT_BITS, by_layer, by_unit, merge_best_images, split_key
 from mmtui.writer import StoreWriter
 
 N_LAYERS, D_MLP, N_PATCHES, KEEP = 2, 6, 9, 24
@@ -226,6 +226,23 @@ def test_rows_order_by_unit_then_score_then_result() -> None:
     keys = (best["layer"] << UNIT_BITS) | best["unit"]
     np.testing.assert_array_equal(order, np.lexsort((best["result_id"], -(best["score"] + 0.0), keys)))
     np.testing.assert_array_equal(starts, np.flatnonzero(np.r_[True, np.diff(keys[order]) != 0]))
+
+
+def test_by_layer_splits_the_rows_of_each_layer_with_their_units() -> None:
+    """by_layer's parts, one per layer that has rows (gaps skipped), put back together are by_unit's order and
+    unit starts."""
+    best = {
+        "layer": np.array([5, 0, 5, 2, 0, 5, 2]),
+        "unit": np.array([1, 3, 1, 7, 3, 0, 8]),
+        "score": np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]),
+    }
+    order, starts = by_unit(best)
+    parts = list(by_layer(best, order, starts))
+    assert [layer for layer, _, _ in parts] == [0, 2, 5]
+    for layer, rows, unit_starts in parts:
+        assert set(best["layer"][rows].tolist()) == {layer}
+        np.testing.assert_array_equal(unit_starts, np.flatnonzero(np.r_[True, np.diff(best["unit"][rows]) != 0]))
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows, _ in parts]), order)
 
 
 def test_merging_lists_in_any_order_of_the_stored_rows() -> None:
