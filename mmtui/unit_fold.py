@@ -83,9 +83,9 @@ def by_layer(
     """`by_unit`'s rows a layer at a time: (layer, the order of its rows, where each of its units starts there)."""
     layers = best["layer"][order[starts]]  # each unit's layer, ascending
     firsts = group_starts(layers)  # the first unit of each layer
+    bounds = np.r_[starts, len(order)]  # where each unit's rows start, and the end
     for a, b in zip(firsts.tolist(), [*firsts[1:].tolist(), len(starts)], strict=True):
-        lo, hi = int(starts[a]), int(starts[b]) if b < len(starts) else len(order)
-        yield int(layers[a]), order[lo:hi], starts[a:b] - lo
+        yield int(layers[a]), order[bounds[a] : bounds[b]], starts[a:b] - bounds[a]
 
 
 def fold_units(best: dict[str, np.ndarray], order: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
@@ -123,7 +123,7 @@ def merge_best_images(
     result, and result ids only grow), with their `by_unit` order and unit starts. A list is ordered by score
     descending, then result; a unit's list changes when a new row enters it.
     """
-    new_keys = unit_key(best["layer"], best["unit"])[order]  # by unit, score, result
+    new_keys = unit_key(best["layer"][order], best["unit"][order])  # by unit, score, result
     units = new_keys[starts]
     layers, unit_ids, blobs = zip(*stored, strict=True) if stored else ((), (), ())
     stored_keys = unit_key(np.array(layers, dtype=np.int64), np.array(unit_ids, dtype=np.int64))
