@@ -168,81 +168,128 @@ def score_targets(
     """One forward and one backward pass for a batch whose targets are known.
 
     prefix: image-prompt embeddings [B, P, d_model]. Parameters stay frozen: gradients flow only to the
-    MLP activations (the first layer's activation is made the leaf, so backward stops there).
+    MLP activations (the first layer's activation is made the leaf, so backward stops there). Each
+    layer's g is formed as backward reaches it (see `Products`); no activation or gradient outlives it.
     """
-    n_patch = prefix.shape[1]
     embeds, lengths = stack.build_inputs(prefix, [t.context_ids for t in targets])
-    acts: list[torch.Tensor] = []
-
-    def capture(_layer: int, act: torch.Tensor) -> torch.Tensor:
-        if not act.requires_grad:
-            act = act.detach().requires_grad_(True)
-        acts.append(act)
-        return act
-
+    products = Products(stack.n_layers, prefix.shape[1])
+    # indices made on the device before the forward pass is queued: a host-to-device copy after it would wait
     token_ids = torch.tensor([t.token_id for t in targets], device=stack.device)
-    with torch.enable_grad(), stack.hooks(capture, site=site):
+    read_at = torch.tensor(lengths, device=stack.device) - 1
+    rows = torch.arange(len(targets), device=stack.device)
+    with torch.enable_grad(), stack.hooks(products.capture, site=site):
         hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, d]
-        last = hidden[torch.arange(len(targets)), torch.tensor(lengths) - 1]  # [B, d]
-        logits = stack.lm.get_output_embeddings()(last)  # [B, V]
+        logits = stack.lm.get_output_embeddings()(hidden[rows, read_at])  # [B, V]
         y, p = _y(logits, token_ids, y_kind)
-        grads = torch.autograd.grad(y.sum(), acts)
-    y, p = y.detach(), p.detach()
+        products.backward(y.sum())
     with torch.no_grad():
-        reduced = reduce_scores(acts, grads, n_patch, top, full)
+        reduced = products.reduce(top, full)
+    y_c, p_target = y.detach().cpu().tolist(), p.detach().cpu().tolist()
     return [
-        Attribution(
-            target=t, y_kind=y_kind, y_c=float(y[i]), p_target=float(p[i]), **{k: v[i] for k, v in reduced.items()}
-        )
+        Attribution(target=t, y_kind=y_kind, y_c=y_c[i], p_target=p_target[i], **{k: v[i] for k, v in reduced.items()})
         for i, t in enumerate(targets)
     ]
 
 
-def reduce_scores(
-    acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], n_patch: int, top: int, full: bool = False
-) -> dict[str, torch.Tensor]:
-    """g = act * grad at the image positions, reduced on the device to what is kept.
+class Products:
+    """g = act * grad at the image positions of every layer, in one [B, L, P, d_mlp] buffer.
 
-    acts, grads: per layer [B, T, d_mlp]. Returns per-image tensors on the CPU: top_layer, top_unit,
-    top_patch, top_score [B, k] (sorted by score, descending), unit_max, unit_sum [B, L, d_mlp], and
-    scores [B, L, P, d_mlp] when `full`. Sums and outputs are in at least float32 whatever the model's dtype.
+    `capture` (the forward hook) copies a layer's activation at the P image positions into the layer's slot
+    and hooks the activation's gradient; backward multiplies the slot by that gradient the moment it is
+    formed, and takes the layer's per-unit max and sum while the slot is hot. So neither the activations
+    (a frozen matrix does not keep its input) nor the gradients outlive their layer: per layer only the
+    [B, P, d_mlp] slot stays, and the reduction needs no pass over all layers but the top-k pick.
 
-    The full [B, L, P, d_mlp] tensor is never built (unless `full`): every one of an image's top-k triples
-    belongs to a unit whose max is among its k largest unit maxima (up to ties at the k-th score, which
-    give the same top-k scores), so only those k units' patches are ranked.
+    Products are in the model's dtype for bf16 (bf16 keeps float32's range; sums are float32) and in at
+    least float32 otherwise: fp16 products could underflow, so an fp16 model's activations wait in fp16 and
+    each layer's float32 product is made in its own tensor as backward reaches it (an upfront float32
+    buffer would double what the forward pass holds).
     """
-    acc = torch.promote_types(acts[0].dtype, torch.float32)
-    # bf16 products keep bf16's range and are summed in float32; fp16 products could underflow: float32
-    prod = torch.bfloat16 if acts[0].dtype == torch.bfloat16 else acc
-    gs = [
-        a[:, :n_patch].to(prod) * gr[:, :n_patch].to(prod) for a, gr in zip(acts, grads, strict=True)
-    ]  # L x [B, P, d]
-    batch, _, d_mlp = gs[0].shape
-    per_layer = n_patch * d_mlp
-    unit_max = torch.stack([g.amax(dim=1) for g in gs], dim=1).to(acc)  # [B, L, d_mlp]
-    unit_sum = torch.stack([g.sum(dim=1, dtype=acc) for g in gs], dim=1)
-    k = min(top, per_layer * len(gs))
-    # the k units with the largest maxima (all units when k exceeds their number): [B, K] flat (layer, unit)
-    n_units = len(gs) * d_mlp
-    best_units = unit_max.reshape(batch, n_units).topk(min(k, n_units), dim=1).indices
-    layer_of, unit_of = best_units // d_mlp, best_units % d_mlp
-    scores = torch.empty(*best_units.shape, n_patch, dtype=acc, device=unit_max.device)  # [B, K, P]
-    for layer, g in enumerate(gs):
-        rows, slots = (layer_of == layer).nonzero(as_tuple=True)
-        scores[rows, slots] = g[rows, :, unit_of[rows, slots]].to(acc)
-    top_score, pick = scores.reshape(batch, -1).topk(k, dim=1)  # [B, k], sorted descending
-    slot, patch = pick // n_patch, pick % n_patch
-    out = {
-        "top_layer": layer_of.gather(1, slot).cpu(),
-        "top_unit": unit_of.gather(1, slot).cpu(),
-        "top_patch": patch.cpu(),
-        "top_score": top_score.cpu(),
-        "unit_max": unit_max.cpu(),
-        "unit_sum": unit_sum.cpu(),
-    }
-    if full:
-        out["scores"] = torch.stack(gs, dim=1).to(acc).cpu()  # [B, L, P, d_mlp]
-    return out
+
+    def __init__(self, n_layers: int, n_patch: int) -> None:
+        self.n_layers, self.n_patch = n_layers, n_patch
+        self.slots: torch.Tensor | None = None  # [B, L, P, d_mlp]: activations, then g in place
+        self.wide: dict[int, torch.Tensor] = {}  # layer -> g [B, P, d_mlp], when wider than the activations
+        self.unit_max: torch.Tensor | None = None  # [B, L, d_mlp], float32 or wider
+        self.unit_sum: torch.Tensor | None = None
+        self.leaves: dict[int, torch.Tensor] = {}
+        self.done = [False] * n_layers
+
+    def capture(self, layer: int, act: torch.Tensor) -> torch.Tensor:
+        """Forward hook: keep the activation at the image positions, hook its gradient."""
+        if self.slots is None:
+            batch, _, d_mlp = act.shape
+            acc = torch.promote_types(act.dtype, torch.float32)
+            self.slots = torch.empty(batch, self.n_layers, self.n_patch, d_mlp, dtype=act.dtype, device=act.device)
+            self.unit_max = torch.empty(batch, self.n_layers, d_mlp, dtype=acc, device=act.device)
+            self.unit_sum = torch.empty_like(self.unit_max)
+        with torch.no_grad():
+            self.slots[:, layer].copy_(act[:, : self.n_patch])
+        if not act.requires_grad:  # the first layer: backward stops at this leaf
+            act = act.detach().requires_grad_(True)
+            self.leaves[layer] = act
+        else:
+            act.register_hook(lambda grad, layer=layer: self._multiply(layer, grad))
+        return act
+
+    def _multiply(self, layer: int, grad: torch.Tensor) -> None:
+        assert self.slots is not None and self.unit_max is not None and self.unit_sum is not None
+        with torch.no_grad():
+            slot = self.slots[:, layer]  # [B, P, d_mlp]
+            if slot.dtype == torch.float16:
+                slot = self.wide[layer] = slot.to(self.unit_max.dtype)
+            slot.mul_(grad[:, : self.n_patch])
+            self.unit_max[:, layer] = slot.amax(dim=1)
+            self.unit_sum[:, layer] = slot.sum(dim=1, dtype=self.unit_sum.dtype)
+        self.done[layer] = True
+
+    def backward(self, y: torch.Tensor) -> None:
+        """Backpropagate y to the first captured layer, forming every layer's g on the way."""
+        if self.slots is None:
+            raise RuntimeError("no MLP activation was captured: the stack's hooks did not run")
+        leaves = list(self.leaves)
+        for layer, grad in zip(leaves, torch.autograd.grad(y, [self.leaves[i] for i in leaves]), strict=True):
+            self._multiply(layer, grad)
+        self.leaves.clear()
+        for layer, done in enumerate(self.done):
+            if not done:  # y does not depend on this layer: its gradient, and so g, is zero
+                self._multiply(layer, torch.zeros_like(self.slots[:, layer]))
+
+    def reduce(self, top: int, full: bool = False) -> dict[str, torch.Tensor]:
+        """What is kept of g, per image on the CPU.
+
+        top_layer, top_unit, top_patch, top_score [B, k] (sorted by score, descending), unit_max, unit_sum
+        [B, L, d_mlp], and scores [B, L, P, d_mlp] when `full`.
+
+        Every one of an image's top-k triples belongs to a unit whose max is among its k largest unit
+        maxima (up to ties at the k-th score, which give the same top-k scores), so only those k units'
+        patches are ranked: one gather, no pass over the other units and no host sync.
+        """
+        assert self.slots is not None and self.unit_max is not None and self.unit_sum is not None
+        if self.wide:  # one [B, L, P, d_mlp] tensor: the activations are no longer needed
+            self.slots = None
+            self.slots = torch.stack([self.wide.pop(layer) for layer in range(self.n_layers)], dim=1)
+        batch, n_layers, n_patch, d_mlp = self.slots.shape
+        acc = self.unit_max.dtype
+        n_units = n_layers * d_mlp
+        k = min(top, n_units * n_patch)
+        best_units = self.unit_max.reshape(batch, n_units).topk(min(k, n_units), dim=1).indices  # [B, K]
+        layer_of, unit_of = best_units // d_mlp, best_units % d_mlp
+        rows = torch.arange(batch, device=self.slots.device)[:, None]
+        scores = self.slots[rows, layer_of, :, unit_of].to(acc)  # [B, K, P]
+        top_score, pick = scores.reshape(batch, -1).topk(k, dim=1)  # [B, k], sorted descending
+        slot, patch = pick // n_patch, pick % n_patch
+        out = {
+            "top_layer": layer_of.gather(1, slot).cpu(),
+            "top_unit": unit_of.gather(1, slot).cpu(),
+            "top_patch": patch.cpu(),
+            "top_score": top_score.cpu(),
+            "unit_max": self.unit_max.cpu(),
+            "unit_sum": self.unit_sum.cpu(),
+        }
+        if full:
+            out["scores"] = self.slots.to(acc).cpu()  # [B, L, P, d_mlp]
+        return out
 
 
 def attribute(

@@ -171,3 +171,32 @@ def test_kept_triples_equal_a_full_sort(tiny_stack, pil_images, top):
         torch.testing.assert_close(attr.top_score, expected)
         rebuilt = attr.scores[attr.top_layer, attr.top_patch, attr.top_unit]
         torch.testing.assert_close(rebuilt, attr.top_score)
+
+
+def test_no_op_waits_on_the_device_once_the_layers_run(tiny_stack, pil_images):
+    """On a GPU every op whose output shape or value the host must know (nonzero, item, a boolean mask)
+    stalls the launch queue. From the first matrix product on, the attribution pass queues the forward,
+    the backward and the reduction with none, and reads the results back only at the end. (Before it,
+    transformers' mask preparation reads one flag, while the queue holds only the input embeddings.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    stack = tiny_stack
+    prefix = stack.encode(pil_images)
+    targets = _targets(stack, prefix, [None, "dog", "horse"])
+    with Record() as record:
+        score_targets(stack, prefix, targets)
+    ops = record.ops
+    first_matmul = min(i for i, op in enumerate(ops) if op in {"mm", "addmm", "bmm"})
+    host_waits = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2", "masked_scatter", "item"}
+    assert not host_waits & set(ops[first_matmul:])
+    # the mode saw the backward and the reduction too
+    assert {"topk", "amax", "gather"} <= set(ops[first_matmul:])
