@@ -2,6 +2,8 @@
 
     python bench/attribution.py                      # tiny + smol (when installed), CPU
     python bench/attribution.py --stacks gptj-random --device cuda --batch 8   # GPT-J-6B shapes, random weights
+    python bench/attribution.py --profile            # also where mmtui and the true floor spend a pass
+    bash bench/gpu_check.sh                          # the GPU figures in one run on a lent device (see there)
 
 Measured side by side on the same batch (same images, targets and context lengths):
 - mmtui: `score_targets` (one forward with hooks, logits only where needed, one backward to the activations,
@@ -93,20 +95,26 @@ def fixed_targets(stack: Stack, batch: int, context: int) -> list[Target]:
     return [Target("dog", words[1], " dog", "word", False, list(ctx), "") for _ in range(batch)]
 
 
+def read_index(lengths: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, read positions) on the device: indexing a GPU tensor with CPU indices waits for the queue."""
+    return torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device) - 1
+
+
 def y_full_logits(stack: Stack, embeds: torch.Tensor, lengths: list[int], token_ids: torch.Tensor) -> torch.Tensor:
+    rows, read_at = read_index(lengths, embeds.device)
     logits = stack.lm(inputs_embeds=embeds, use_cache=False).logits  # [B, T, V]
-    probs = torch.softmax(logits[torch.arange(len(lengths)), torch.tensor(lengths) - 1].float(), dim=-1)
-    return probs[torch.arange(len(lengths)), token_ids]
+    probs = torch.softmax(logits[rows, read_at].float(), dim=-1)
+    return probs[rows, token_ids]
 
 
 def y_of(stack: Stack, embeds: torch.Tensor, lengths: list[int], token_ids: torch.Tensor) -> torch.Tensor:
+    rows, read_at = read_index(lengths, embeds.device)
     hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    last = hidden[torch.arange(len(lengths)), torch.tensor(lengths) - 1]
-    probs = torch.softmax(stack.lm.get_output_embeddings()(last).float(), dim=-1)
-    return probs[torch.arange(len(lengths)), token_ids]
+    probs = torch.softmax(stack.lm.get_output_embeddings()(hidden[rows, read_at]).float(), dim=-1)
+    return probs[rows, token_ids]
 
 
-def measure(stack: Stack, batch: int, context: int, reps: int, with_captum: bool) -> dict:
+def measure(stack: Stack, batch: int, context: int, reps: int, with_captum: bool, profile: bool = False) -> dict:
     dev = stack.device
     prefix = stack.encode(images(batch))
     targets = fixed_targets(stack, batch, context)
@@ -121,9 +129,7 @@ def measure(stack: Stack, batch: int, context: int, reps: int, with_captum: bool
     def naive_floor() -> None:
         with torch.enable_grad():
             e = embeds.detach().requires_grad_(True)
-            logits = stack.lm(inputs_embeds=e, use_cache=False).logits  # full logits at every position
-            last = logits[torch.arange(batch), torch.tensor(lengths) - 1].float().softmax(-1)
-            torch.autograd.grad(last[torch.arange(batch), token_ids].sum(), e)
+            torch.autograd.grad(y_full_logits(stack, e, lengths, token_ids).sum(), e)  # full logits everywhere
 
     def true_floor() -> None:
         leaf = []
@@ -154,12 +160,45 @@ def measure(stack: Stack, batch: int, context: int, reps: int, with_captum: bool
             methods[name] = captum
     with autocast:
         out.update(interleaved(methods, dev, reps))
+    if profile:
+        for name in ("mmtui", "true floor"):
+            profile_one(name, methods[name], dev)
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         ours()
     out["flops"] = counter.get_total_flops()
     return out
+
+
+def profile_one(name: str, fn, device: torch.device) -> None:
+    """Where one pass spends its time (the ops with the most self time, on the device on a GPU), and on a GPU how
+    many times it made the host wait for the device (torch's sync debug mode)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    console.print(f"[bold]{name}: the ops that take most time, one pass")
+    console.print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), soft_wrap=True)
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits = [w for w in caught if "synchroniz" in str(w.message)]
+        console.print(f"{name}: {len(waits)} host waits on the device in one pass")
+        for w in waits[:5]:
+            console.print(f"  {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}")
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -252,6 +291,7 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end breakdown")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--dtype", default=None, help="gptj-random only: bfloat16 (default) or float16")
+    parser.add_argument("--profile", action="store_true", help="print where mmtui and the true floor spend a pass")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.threads:
@@ -288,7 +328,7 @@ def main() -> None:
         dev = stack.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        m = measure(stack, args.batch, args.context, args.reps, not args.no_captum)
+        m = measure(stack, args.batch, args.context, args.reps, not args.no_captum, args.profile)
         rate = matmul_rate(dev, stack.dtype)
         peak = (
             torch.cuda.max_memory_allocated()
