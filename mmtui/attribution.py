@@ -174,14 +174,81 @@ def score_targets(
     embeds, lengths = stack.build_inputs(prefix, [t.context_ids for t in targets])
     products = Products(stack.n_layers, prefix.shape[1])
     # indices made on the device before the forward pass is queued: a host-to-device copy after it would wait
-    token_ids = torch.tensor([t.token_id for t in targets], device=stack.device)
     read_at = torch.tensor(lengths, device=stack.device) - 1
     rows = torch.arange(len(targets), device=stack.device)
     with torch.enable_grad(), stack.hooks(products.capture, site=site):
         hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, d]
-        logits = stack.lm.get_output_embeddings()(hidden[rows, read_at])  # [B, V]
-        y, p = _y(logits, token_ids, y_kind)
-        products.backward(y.sum())
+        return _attribute_read(stack, products, hidden[rows, read_at], targets, y_kind, top, full)
+
+
+def caption_and_score(
+    stack: Stack,
+    prefix: torch.Tensor,
+    words: Sequence[str | None],
+    sources: Sequence[str | None],
+    *,
+    y_kind: str = "prob",
+    site: str = "post",
+    top: int = DEFAULT_TOP,
+    full: bool = False,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> list[Attribution | TargetError]:
+    """Caption greedily, choose each target, and attribute it, with the image prompt run through the LM once.
+
+    The forward pass over [prefix] + prompt is both the caption's first step and the attribution's forward
+    pass: it runs with the hooks and keeps its graph and its keys and values. The caption is generated on a
+    detached copy of that cache; then the caption tokens before each target run on the cache itself, so
+    backward reaches the image positions through their keys and values. The scores are those of
+    `score_targets` (same sums, in another order: equal up to rounding). Per image: its Attribution, or the
+    TargetError that `resolve_target` raised for it.
+    """
+    batch = prefix.shape[0]
+    embeds, _ = stack.build_inputs(prefix, [[] for _ in range(batch)])
+    products = Products(stack.n_layers, prefix.shape[1])
+    cache = stack.new_cache()
+    with torch.enable_grad(), stack.hooks(products.capture, site=site):
+        last = stack.run_lm(cache, inputs_embeds=embeds)[:, -1]  # [B, d]: the last prompt token
+        products.recording = False
+        generated = stack.greedy(last.detach(), stack.cache_copy(cache), max_new_tokens)
+        chosen: list[Target | TargetError] = []
+        for ids, word, source in zip(generated, words, sources, strict=True):
+            try:
+                chosen.append(resolve_target(stack, ids, word, source))
+            except TargetError as err:
+                chosen.append(err)
+        targets = [t if isinstance(t, Target) else _IDLE for t in chosen]
+        if all(isinstance(t, TargetError) for t in chosen):
+            return list(chosen)
+        context, lengths = stack.text_embeds([t.context_ids for t in targets])
+        if max(lengths) > 0:
+            read_at = (torch.tensor(lengths, device=stack.device) - 1).clamp(min=0)
+            after = torch.tensor(lengths, device=stack.device)[:, None] > 0
+            hidden = stack.run_lm(cache, inputs_embeds=context.to(embeds.dtype))  # [B, width, d]
+            last = torch.where(after, hidden[torch.arange(batch, device=stack.device), read_at], last)
+        keep = torch.tensor([isinstance(t, Target) for t in chosen], device=stack.device)
+        scored = _attribute_read(stack, products, last, targets, y_kind, top, full, keep=keep)
+    return [t if isinstance(t, TargetError) else a for t, a in zip(chosen, scored, strict=True)]
+
+
+# the target of an image whose target could not be chosen: scored along with the others, then dropped
+_IDLE = Target(word="", token_id=0, token="", source="none", split=False, context_ids=[], caption="")
+
+
+def _attribute_read(
+    stack: Stack,
+    products: Products,
+    last: torch.Tensor,
+    targets: Sequence[Target],
+    y_kind: str,
+    top: int,
+    full: bool,
+    keep: torch.Tensor | None = None,
+) -> list[Attribution]:
+    """y_c from each image's hidden state at its read position [B, d], backward, and what is kept of g.
+    keep: [B] bool, the images whose y counts (the others get no gradient)."""
+    token_ids = torch.tensor([t.token_id for t in targets], device=stack.device)
+    y, p = _y(stack.logits(last), token_ids, y_kind)
+    products.backward((y if keep is None else torch.where(keep, y, 0)).sum())
     with torch.no_grad():
         reduced = products.reduce(top, full)
     y_c, p_target = y.detach().cpu().tolist(), p.detach().cpu().tolist()
@@ -214,9 +281,12 @@ class Products:
         self.unit_sum: torch.Tensor | None = None
         self.leaves: dict[int, torch.Tensor] = {}
         self.done = [False] * n_layers
+        self.recording = True  # off: later passes (caption steps, tokens after the image) are not captured
 
     def capture(self, layer: int, act: torch.Tensor) -> torch.Tensor:
         """Forward hook: keep the activation at the image positions, hook its gradient."""
+        if not self.recording:
+            return act
         if self.slots is None:
             batch, _, d_mlp = act.shape
             acc = torch.promote_types(act.dtype, torch.float32)
@@ -314,6 +384,10 @@ def attribute(
     words = [target] * len(images) if target is None or isinstance(target, str) else list(target)
     srcs = list(sources) if sources is not None else [None] * len(images)
     prefix = stack.encode(images)  # [B, P, d_model]
-    generated = stack.generate(prefix, max_new_tokens)
-    targets = [resolve_target(stack, ids, w, s) for ids, w, s in zip(generated, words, srcs, strict=True)]
-    return score_targets(stack, prefix, targets, y_kind=y_kind, site=site, top=top, full=full)
+    scored = caption_and_score(
+        stack, prefix, words, srcs, y_kind=y_kind, site=site, top=top, full=full, max_new_tokens=max_new_tokens
+    )
+    for result in scored:
+        if isinstance(result, TargetError):
+            raise result
+    return [a for a in scored if isinstance(a, Attribution)]

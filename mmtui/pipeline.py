@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from mmtui.attribution import DEFAULT_TOP, Attribution, Target, resolve_target, score_targets
+from mmtui.attribution import DEFAULT_TOP, Attribution, Target, caption_and_score
 from mmtui.decoding import decode_units
 from mmtui.errors import ImageError, TargetError
 from mmtui.images import LoadedImage, RawImage, Skip, iter_images
@@ -206,17 +206,23 @@ def attribute_batch(
         if not batch:
             return events
     prefix = stack.encode(pixels if pixels is not None else [w.image.image for w in batch])  # [B, P, d_model]
-    generated = stack.generate(prefix, settings.max_new_tokens)
-    rows, targets = [], []
-    for i, (work, ids) in enumerate(zip(batch, generated, strict=True)):
-        try:
-            targets.append(resolve_target(stack, ids, work.word, "human-caption" if work.human else None))
+    scored = caption_and_score(
+        stack,
+        prefix,
+        [w.word for w in batch],
+        ["human-caption" if w.human else None for w in batch],
+        y_kind=settings.y_kind,
+        site=settings.site,
+        top=settings.keep,
+        max_new_tokens=settings.max_new_tokens,
+    )
+    rows, attrs = [], []
+    for i, (work, result) in enumerate(zip(batch, scored, strict=True)):
+        if isinstance(result, TargetError):
+            events.append(Event("failed", str(work.image.path), f"{work.image.path}: {result}"))
+        else:
             rows.append(i)
-        except TargetError as err:
-            events.append(Event("failed", str(work.image.path), f"{work.image.path}: {err}"))
-    if not targets:
-        return events
-    attrs = score_targets(stack, prefix[rows], targets, y_kind=settings.y_kind, site=settings.site, top=settings.keep)
+            attrs.append(result)
     seconds = (time.perf_counter() - start) / len(batch)
     for i, attr in zip(rows, attrs, strict=True):
         work = batch[i]
@@ -362,9 +368,7 @@ def auto_batch_size(stack: Stack, max_new_tokens: int, cap: int = 64) -> int:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     prefix = stack.encode([Image.new("RGB", (256, 256), (128, 128, 128))])
-    ids = stack.generate(prefix, max_new_tokens)[0]
-    probe = Target("probe", stack.tokenize(" dog")[0], " dog", "word", False, ids[: max_new_tokens - 1], "")
-    score_targets(stack, prefix, [probe])
+    caption_and_score(stack, prefix, ["dog"], [None], max_new_tokens=max_new_tokens)
     per_image = max(torch.cuda.max_memory_allocated() - base, 1)
     free, _ = torch.cuda.mem_get_info()
     return max(1, min(cap, int(0.8 * free / per_image)))

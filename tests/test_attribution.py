@@ -200,3 +200,77 @@ def test_no_op_waits_on_the_device_once_the_layers_run(tiny_stack, pil_images):
     assert not host_waits & set(ops[first_matmul:])
     # the mode saw the backward and the reduction too
     assert {"topk", "amax", "gather"} <= set(ops[first_matmul:])
+
+
+def _transformers_greedy(stack, prefix, max_new_tokens=12):
+    """Greedy captions from transformers' own generate: the reference for `Stack.generate`."""
+    embeds, _ = stack.build_inputs(prefix, [[] for _ in range(prefix.shape[0])])
+    stops = stack.stop_token_ids
+    with torch.no_grad():
+        out = stack.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+        )
+    return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in out.tolist()]
+
+
+@pytest.mark.parametrize("name", ["tiny_stack", "smol"])
+def test_greedy_captions_equal_transformers_generate(name, request, pil_images):
+    stack = request.getfixturevalue(name)
+    prefix = stack.encode(pil_images)
+    for n in (1, 12):
+        ours = stack.generate(prefix, n)
+        assert ours == _transformers_greedy(stack, prefix, n)
+        assert all(len(row) <= n for row in ours)
+    assert any(ours)
+
+
+@pytest.mark.parametrize("empty", [(), (0,), (0, 1, 2)])
+def test_caption_and_score_equals_caption_then_score(tiny_stack64, pil_images, monkeypatch, empty):
+    """One pass over the image prompt (shared by the caption and the attribution) gives the scores of two,
+    whether y_c is read after caption tokens or at the prompt's last token (no caption tokens before the
+    target: read in the shared pass itself), and with both in one batch."""
+    from mmtui import attribution
+
+    stack = tiny_stack64
+    prefix = stack.encode(pil_images)
+    words = [None, "dog", "horse"]
+    real = attribution.resolve_target
+    seen: list[int] = []
+
+    def resolve(stack, ids, word, source=None):
+        target = real(stack, ids, word, source)
+        if len(seen) in empty:
+            target.context_ids = []
+        seen.append(len(target.context_ids))
+        return target
+
+    monkeypatch.setattr(attribution, "resolve_target", resolve)
+    fused = attribution.caption_and_score(stack, prefix, words, [None, None, "human-caption"], full=True)
+    assert (seen.count(0) >= len(empty)) and (len(empty) == 3 or any(seen))
+    targets = [a.target for a in fused]
+    two = score_targets(stack, prefix, targets, full=True)
+    for a, b in zip(fused, two, strict=True):
+        assert a.y_c == pytest.approx(b.y_c, rel=1e-12)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-9, atol=1e-18)
+        assert torch.equal(a.top_layer[:50], b.top_layer[:50]) and torch.equal(a.top_unit[:50], b.top_unit[:50])
+    assert targets[2].source == "human-caption"
+
+
+def test_an_image_whose_target_fails_is_returned_as_its_error(tiny_stack64, pil_images):
+    from mmtui.attribution import caption_and_score
+    from mmtui.errors import TargetError
+
+    stack = tiny_stack64
+    prefix = stack.encode(pil_images)
+    mixed = caption_and_score(stack, prefix, ["dog", " ", "horse"], [None] * 3, full=True)
+    assert isinstance(mixed[1], TargetError) and "empty" in str(mixed[1])
+    alone = caption_and_score(stack, prefix[[0, 2]], ["dog", "horse"], [None] * 2, full=True)
+    for a, b in zip([mixed[0], mixed[2]], alone, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-9, atol=1e-18)
+    assert all(isinstance(r, TargetError) for r in caption_and_score(stack, prefix[:1], [" "], [None]))

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,7 +146,12 @@ class Stack:
         item's last token cannot change anything at or before it, so no attention mask is needed.
         """
         prompt = self.tokenize(self.prompt)
-        rows = [list(prompt) + list(c) for c in continuations]
+        text, lengths = self.text_embeds([list(prompt) + list(c) for c in continuations])
+        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)  # [B, P + width, d]
+        return embeds, [prefix.shape[1] + n for n in lengths]
+
+    def text_embeds(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Token rows embedded and right-padded with zero vectors: ([B, width, d], the rows' lengths)."""
         width = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for i, row in enumerate(rows):
@@ -153,8 +159,7 @@ class Stack:
         text = self.embed_tokens(ids)  # [B, width, d]
         for i, row in enumerate(rows):
             text[i, len(row) :] = 0
-        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)  # [B, P + width, d]
-        return embeds, [prefix.shape[1] + len(r) for r in rows]
+        return text, [len(r) for r in rows]
 
     # -- running the LM --------------------------------------------------------------------------------
     @property
@@ -164,23 +169,60 @@ class Stack:
         ids = [self.eos_token_id, *getattr(self.tokenizer, "all_special_ids", [])]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
+    def new_cache(self) -> Any:
+        """An empty KV cache for `run_lm`, filled in place."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.config)
+
+    def cache_copy(self, cache: Any) -> Any:
+        """A cache holding `cache`'s keys and values, detached: what runs on it leaves `cache` as it is."""
+        copy = self.new_cache()
+        for i, layer in enumerate(cache.layers):
+            copy.update(layer.keys.detach(), layer.values.detach(), i)
+        return copy
+
+    def run_lm(self, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
+        """The LM's body over new tokens (`inputs_embeds=` or `input_ids=`) after what `cache` holds, which
+        takes their keys and values. Returns the hidden states [B, T, d_model] (logits: `self.logits`)."""
+        return self.lm.base_model(**inputs, use_cache=True, **{self._cache_arg: cache}).last_hidden_state
+
+    @cached_property
+    def _cache_arg(self) -> str:
+        """transformers 5.x renames the body's `past_key_values=` to `cache=` (5.24 warns on the old name)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters else "past_key_values"
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM's output matrix on hidden states [..., d_model] -> [..., V]."""
+        return self.lm.get_output_embeddings()(hidden)
+
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[list[int]]:
         """Greedy (temperature 0) continuation of [prefix] + prompt, with the KV cache; stops at a special token."""
         embeds, _ = self.build_inputs(prefix, [[] for _ in range(prefix.shape[0])])
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        cache = self.new_cache()
+        return self.greedy(self.run_lm(cache, inputs_embeds=embeds)[:, -1], cache, max_new_tokens)
+
+    @torch.no_grad()
+    def greedy(self, hidden: torch.Tensor, cache: Any, max_new_tokens: int) -> list[list[int]]:
+        """Greedy tokens on from the last position's hidden state [B, d_model], extending `cache`; each row
+        cut before its first special token. What `transformers`' greedy `generate` gives (tested)."""
         stops = self.stop_token_ids
-        out = self.lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=stops or None,
-            pad_token_id=stops[0] if stops else 0,
-        )
+        stop_ids = torch.tensor(stops or [-1], device=hidden.device)
+        finished = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = self.logits(hidden).argmax(dim=-1)  # [B]
+            token = torch.where(finished, stop_ids[0], token)  # a finished row repeats its stop
+            tokens.append(token)
+            finished |= torch.isin(token, stop_ids)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            hidden = self.run_lm(cache, input_ids=token[:, None])[:, -1]
         rows: list[list[int]] = []
-        for row in out.tolist():
+        for row in torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(hidden.shape[0])]:
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             rows.append(row[:cut])
         return rows
