@@ -176,9 +176,10 @@ def score_targets(
     # indices made on the device before the forward pass is queued: a host-to-device copy after it would wait
     read_at = torch.tensor(lengths, device=stack.device) - 1
     rows = torch.arange(len(targets), device=stack.device)
+    token_ids = torch.tensor([t.token_id for t in targets], device=stack.device)
     with torch.enable_grad(), stack.hooks(products.capture, site=site):
         hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, d]
-        return _attribute_read(stack, products, hidden[rows, read_at], targets, y_kind, top, full)
+        return _attribute_read(products, stack.logits(hidden[rows, read_at]), targets, token_ids, y_kind, top, full)
 
 
 def caption_and_score(
@@ -219,14 +220,16 @@ def caption_and_score(
         targets = [t if isinstance(t, Target) else _IDLE for t in chosen]
         if all(isinstance(t, TargetError) for t in chosen):
             return list(chosen)
+        # every index on the device before the next pass is queued (the copy of one made after it would wait)
         context, lengths = stack.text_embeds([t.context_ids for t in targets])
-        if max(lengths) > 0:
-            read_at = (torch.tensor(lengths, device=stack.device) - 1).clamp(min=0)
-            after = torch.tensor(lengths, device=stack.device)[:, None] > 0
-            hidden = stack.run_lm(cache, inputs_embeds=context.to(embeds.dtype))  # [B, width, d]
-            last = torch.where(after, hidden[torch.arange(batch, device=stack.device), read_at], last)
+        token_ids = torch.tensor([t.token_id for t in targets], device=stack.device)
         keep = torch.tensor([isinstance(t, Target) for t in chosen], device=stack.device)
-        scored = _attribute_read(stack, products, last, targets, y_kind, top, full, keep=keep)
+        if max(lengths) > 0:
+            counts = torch.tensor(lengths, device=stack.device)
+            rows = torch.arange(batch, device=stack.device)
+            hidden = stack.run_lm(cache, inputs_embeds=context)  # [B, width, d]
+            last = torch.where(counts[:, None] > 0, hidden[rows, (counts - 1).clamp(min=0)], last)
+        scored = _attribute_read(products, stack.logits(last), targets, token_ids, y_kind, top, full, keep=keep)
     return [t if isinstance(t, TargetError) else a for t, a in zip(chosen, scored, strict=True)]
 
 
@@ -235,19 +238,18 @@ _IDLE = Target(word="", token_id=0, token="", source="none", split=False, contex
 
 
 def _attribute_read(
-    stack: Stack,
     products: Products,
-    last: torch.Tensor,
+    logits: torch.Tensor,
     targets: Sequence[Target],
+    token_ids: torch.Tensor,
     y_kind: str,
     top: int,
     full: bool,
     keep: torch.Tensor | None = None,
 ) -> list[Attribution]:
-    """y_c from each image's hidden state at its read position [B, d], backward, and what is kept of g.
+    """y_c from the logits at each image's read position [B, V], backward, and what is kept of g.
     keep: [B] bool, the images whose y counts (the others get no gradient)."""
-    token_ids = torch.tensor([t.token_id for t in targets], device=stack.device)
-    y, p = _y(stack.logits(last), token_ids, y_kind)
+    y, p = _y(logits, token_ids, y_kind)
     products.backward((y if keep is None else torch.where(keep, y, 0)).sum())
     with torch.no_grad():
         reduced = products.reduce(top, full)
