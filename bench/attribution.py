@@ -114,7 +114,7 @@ def y_full_logits(stack: Stack, embeds: torch.Tensor, lengths: list[int], token_
 def y_of(stack: Stack, embeds: torch.Tensor, lengths: list[int], token_ids: torch.Tensor) -> torch.Tensor:
     rows, read_at = read_index(lengths, embeds.device)
     hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    probs = torch.softmax(stack.lm.get_output_embeddings()(hidden[rows, read_at]).float(), dim=-1)
+    probs = torch.softmax(stack.logits(hidden[rows, read_at]).float(), dim=-1)
     return probs[rows, token_ids]
 
 

@@ -166,7 +166,7 @@ def target_probs(
             with stack.hooks(hook, site=site):
                 hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         last = hidden[:, lengths[0] - 1]  # [B, d_model]; every row has the same length
-        logits = stack.lm.get_output_embeddings()(last).float()  # [B, V]
+        logits = stack.logits(last).float()  # [B, V]
         return torch.log_softmax(logits, dim=-1)[:, token_id].exp()
 
 

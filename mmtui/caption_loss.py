@@ -46,7 +46,7 @@ def caption_nll(
         rows = [i for i, c in enumerate(captions) for _ in c]
         start = n_patch + n_prompt - 1  # the position that predicts a caption's first token
         cols = [start + j for c in captions for j in range(len(c))]
-        logits = stack.lm.get_output_embeddings()(hidden[rows, cols])  # [N_tokens, V]
+        logits = stack.logits(hidden[rows, cols])  # [N_tokens, V]
     targets = torch.tensor([t for c in captions for t in c], device=logits.device)
     return F.cross_entropy(logits.float(), targets, reduction="sum"), len(targets)
 
