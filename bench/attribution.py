@@ -40,8 +40,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mmtui import attribution  # noqa: E402
-from mmtui.attribution import Target, caption_and_score, score_targets  # noqa: E402
+from mmtui.run import attribution  # noqa: E402
+from mmtui.run.attribution import Target, caption_and_score, score_targets  # noqa: E402
 from mmtui.stacks.base import Stack  # noqa: E402
 
 console = Console(width=220)
@@ -217,8 +217,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 def noun_tagger_or_stand_in() -> Iterator[None]:
     """Where spaCy's tagger is not installed (the GPU image lacks it), both paths take the caption's first
     6 tokens as the context before the target, so that they still do the same work."""
-    from mmtui import nouns
     from mmtui.errors import TargetError
+    from mmtui.run import nouns
 
     try:
         nouns.first_noun("a dog")
@@ -240,7 +240,7 @@ def noun_tagger_or_stand_in() -> Iterator[None]:
 
 
 def end_to_end(stack: Stack, batch: int, reps: int) -> dict:
-    from mmtui.pipeline import to_record
+    from mmtui.run.pipeline import to_record
     from mmtui.store import Store
 
     dev = stack.device

@@ -24,9 +24,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mmtui import experiments_store as xs  # noqa: E402
-from mmtui.ablation import dose_response, summarize  # noqa: E402
+from mmtui.experiments.ablation import dose_response, summarize  # noqa: E402
 from mmtui.store import Store  # noqa: E402
+from mmtui.store import experiments as xs  # noqa: E402
 
 console = Console(width=200)
 PAPER_TRIPLES = 28 * 16384 * 196
@@ -36,9 +36,9 @@ SMOL_KS = (0, 10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400)
 
 def attribute_and_ablate(args: argparse.Namespace, store: Store) -> str:
     """Attribute the first --limit images with the preset, then ablate them; returns the run id."""
-    from mmtui.images import find_images
-    from mmtui.metrics import BertScorer
-    from mmtui.pipeline import attribute_images, read_captions
+    from mmtui.experiments.metrics import BertScorer
+    from mmtui.run.images import find_images
+    from mmtui.run.pipeline import attribute_images, read_captions
     from mmtui.stacks import load_stack
 
     stack = load_stack(args.preset, device=args.device)

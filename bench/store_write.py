@@ -34,9 +34,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmtui.merge import stored_records  # noqa: E402
+from mmtui.run.writer import StoreWriter  # noqa: E402
 from mmtui.store import STATS_EVERY, ResultRecord, Store, pack_result  # noqa: E402
-from mmtui.writer import StoreWriter  # noqa: E402
+from mmtui.store.merge import stored_records  # noqa: E402
 
 N_LAYERS, D_MLP, N_PATCHES = 28, 16_384, 196
 

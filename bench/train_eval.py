@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from mmtui.caption_data import read_coco, read_flickr8k
-from mmtui.caption_loss import caption_examples, evaluate
 from mmtui.stacks.projection import load_projection
-from mmtui.training import load_training_stack, prepare_data
+from mmtui.training.caption_data import read_coco, read_flickr8k
+from mmtui.training.caption_loss import caption_examples, evaluate
+from mmtui.training.train import load_training_stack, prepare_data
 
 
 def main() -> None:

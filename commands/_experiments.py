@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from commands._app import err, warn
 
 if TYPE_CHECKING:
-    from mmtui.metrics import BertScorer, ClipScorer
+    from mmtui.experiments.metrics import BertScorer, ClipScorer
     from mmtui.stacks.base import Stack
     from mmtui.store import Store
 
@@ -73,7 +73,7 @@ def load_metrics(
     clip_model: str | None = None,
 ) -> tuple[BertScorer | None, ClipScorer | None]:
     """Load the scorers that can be loaded; one warning line per metric that cannot, and go on without it."""
-    from mmtui.metrics import load_scorers
+    from mmtui.experiments.metrics import load_scorers
 
     with err.status("Loading the scoring models..."):
         bert, clip_scorer, notes = load_scorers(

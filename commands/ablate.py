@@ -88,7 +88,7 @@ def ablate(
     k counts (layer, unit, patch) triples in rank order (--unit-mode units: distinct units). The table gives,
     per condition and k, the mean relative drop 1 - p_ablated / p with its 95% t interval over images.
     """
-    from mmtui.ablation import AblationError, dose_response, summarize
+    from mmtui.experiments.ablation import AblationError, dose_response, summarize
 
     ks = parse_ks(k)
     if from_store == (image_dir is not None):
@@ -175,10 +175,10 @@ def _attribute_first(
     """Attribute the images of IMAGE_DIR not yet cached; return the stack, the run and their result ids."""
     import hashlib
 
-    from mmtui.experiments_store import result_ids_for_images
-    from mmtui.images import find_images
-    from mmtui.pipeline import attribute_images, read_captions
+    from mmtui.run.images import find_images
+    from mmtui.run.pipeline import attribute_images, read_captions
     from mmtui.stacks import load_stack
+    from mmtui.store.experiments import result_ids_for_images
 
     scan = find_images(image_dir)
     for problem in scan.problems:

@@ -72,7 +72,7 @@ def attribute(
     json_out: JsonOption = False,
 ) -> None:
     """Score every MLP neuron (activation x gradient) for each image, decode the top ones, and cache it all."""
-    from mmtui.images import find_images
+    from mmtui.run.images import find_images
     from mmtui.store import Store
 
     if target and captions:
@@ -89,7 +89,7 @@ def attribute(
         fail(f"--batch-size {batch_size!r}: use a positive number or auto")
     with core_errors():
         if samples:
-            from mmtui.samples import sample_dir
+            from mmtui.run.samples import sample_dir
 
             image_dir = sample_dir()
         assert image_dir is not None
@@ -99,7 +99,7 @@ def attribute(
         if scan.skipped:
             names = ", ".join(p.name for p in scan.skipped[:3]) + (" ..." if len(scan.skipped) > 3 else "")
             warn(f"skipped {len(scan.skipped)} file(s) that are not images by name: {names}")
-        from mmtui.pipeline import Settings, attribute_images, read_captions
+        from mmtui.run.pipeline import Settings, attribute_images, read_captions
 
         settings = Settings(
             target=target,
@@ -120,7 +120,7 @@ def attribute(
         }
         with Store.open(db_path(db)) as store:
             if engine == "ray":
-                from mmtui.distributed import attribute_images_ray
+                from mmtui.run.distributed import attribute_images_ray
 
                 events = attribute_images_ray(
                     load_args, store, scan.files, settings, workers=workers, gpus_per_worker=gpus_per_worker
@@ -146,7 +146,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[str, int]:  # noqa: ANN001
-    from mmtui.queries import image_summary
+    from mmtui.store.queries import image_summary
 
     counts = {"done": 0, "skipped": 0, "failed": 0}
     summaries: list[dict] = []

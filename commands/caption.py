@@ -31,7 +31,7 @@ from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET, DEFAULT_PROMP
 def _image_files(paths: list[Path]) -> tuple[list[Path], int]:
     """Image files under each path (file or folder); each path that cannot be used is named on stderr."""
     from mmtui.errors import ImageDirError
-    from mmtui.images import find_images
+    from mmtui.run.images import find_images
 
     files: list[Path] = []
     failed = 0
@@ -65,7 +65,7 @@ def caption(
 ) -> None:
     """Caption images greedily (temperature 0) with a stack: image prefix + prompt, then the LM's continuation."""
     from mmtui.errors import ImageError
-    from mmtui.images import Skip, iter_images
+    from mmtui.run.images import Skip, iter_images
 
     files, failed = _image_files(images)
     if not files:

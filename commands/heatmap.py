@@ -42,8 +42,8 @@ def heatmap(
     json_out: JsonOption = False,
 ) -> None:
     """Draw one neuron's activation over the patch grid of an image (bilinear, 0.95-quantile outline)."""
-    from mmtui.heatmap import draw_overlay, encoder_view, frame_size, unit_activation_maps, upsample
-    from mmtui.images import load_image
+    from mmtui.experiments.heatmap import draw_overlay, encoder_view, frame_size, unit_activation_maps, upsample
+    from mmtui.run.images import load_image
 
     if site not in ("", "post", "pre"):
         fail(f"--site {site!r}: use post or pre")

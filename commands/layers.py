@@ -40,15 +40,15 @@ def layers(
     json_out: JsonOption = False,
 ) -> None:
     """Histogram over layers of the unique units in each image's top triples (all and interpretable)."""
-    from mmtui.layers import layer_histogram
+    from mmtui.experiments.layers import layer_histogram
 
     agree = None
     with core_errors(), open_store(db_path(db)) as store:
         chosen = store.run(run)
         hist = layer_histogram(store, chosen, top=top)
         if captions is not None:
-            from mmtui.agreement import score_agreement, summarize
-            from mmtui.pipeline import read_captions
+            from mmtui.experiments.agreement import score_agreement, summarize
+            from mmtui.run.pipeline import read_captions
 
             caption_map = read_captions(captions)
             bert, clip = load_metrics(

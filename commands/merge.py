@@ -16,8 +16,8 @@ def merge(
     db: DbOption = None,
 ) -> None:
     """Merge caches of the same stack into --db (created if needed); refuses caches of different stacks."""
-    from mmtui.merge import merge_stores
     from mmtui.store import Store
+    from mmtui.store.merge import merge_stores
 
     counts = {"added": 0, "skipped": 0}
     with core_errors(), Store.open(db_path(db)).for_bulk_writes() as target:

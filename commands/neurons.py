@@ -40,8 +40,8 @@ def neurons(
     json_out: JsonOption = False,
 ) -> None:
     """List the cached neurons, best first, with their decoded top tokens."""
-    from mmtui.queries import list_neurons
     from mmtui.store import Store
+    from mmtui.store.queries import list_neurons
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
@@ -97,8 +97,8 @@ def neuron(
     json_out: JsonOption = False,
 ) -> None:
     """One neuron: decoded tokens, score statistics and the images where it ranks highest."""
-    from mmtui.queries import neuron_detail
     from mmtui.store import Store
+    from mmtui.store.queries import neuron_detail
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         detail = neuron_detail(store, store.run(run), layer, index, top_images=limit)

@@ -63,15 +63,15 @@ def prompts(
     json_out: JsonOption = False,
 ) -> None:
     """Decode image prompts into their nearest tokens and test whether they say more than random vectors do."""
-    from mmtui.images import find_images, iter_images
-    from mmtui.prompts import RANDOM_KINDS, decode_prompts, table
+    from mmtui.experiments.prompts import RANDOM_KINDS, decode_prompts, table
+    from mmtui.run.images import find_images, iter_images
 
     if random_kind not in RANDOM_KINDS:
         fail(f"--random-kind {random_kind!r}: use {' or '.join(RANDOM_KINDS)}")
     failed = 0
     with core_errors():
         from mmtui.errors import ImageError
-        from mmtui.pipeline import read_captions
+        from mmtui.run.pipeline import read_captions
         from mmtui.store import Store
 
         scan = find_images(image_dir)

@@ -25,7 +25,7 @@ def report(
 ) -> None:
     """Write an HTML report (dose-response, layers, KS CDFs, heatmaps, IoU, Table 1, top neurons) for a run."""
     from mmtui.errors import StackError
-    from mmtui.report import build_report
+    from mmtui.experiments.report import build_report
 
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out {out_dir} is a file; pass a folder")

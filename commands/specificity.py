@@ -35,7 +35,7 @@ def specificity(
     json_out: JsonOption = False,
 ) -> None:
     """Score how well the top units' heatmaps (> 0.95 quantile) overlap the COCO mask of the image's category."""
-    from mmtui.specificity import CATEGORY_RULES, CocoInstances, score_images, summarize
+    from mmtui.experiments.specificity import CATEGORY_RULES, CocoInstances, score_images, summarize
 
     if category not in CATEGORY_RULES:
         fail(f"--category {category!r}: use one of {', '.join(CATEGORY_RULES)}")

@@ -104,8 +104,9 @@ def train_projection(
     Loss: next-token loss of human captions after the image prefix and the prompt. Resumable: a checkpoint
     (<out>.ckpt) is written as it goes and on Ctrl-C; run the same command again to go on.
     """
-    from mmtui import caption_data, training
-    from mmtui.samples import sample_dir
+    from mmtui.run.samples import sample_dir
+    from mmtui.training import caption_data
+    from mmtui.training import train as training
 
     if captions not in training.CAPTION_MODES:
         fail(f"--captions must be one of {', '.join(training.CAPTION_MODES)}, not {captions!r}")

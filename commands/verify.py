@@ -19,7 +19,7 @@ def verify(
     json_out: JsonOption = False,
 ) -> None:
     """Decode the units the paper names (L14.u2019 horses, L12.u9058 swimming, ...) and compare with its tokens."""
-    from mmtui.verify import load_lm_only, verify_units
+    from mmtui.experiments.verify import load_lm_only, verify_units
 
     if decode not in ("raw", "ln_f"):
         fail(f"--decode {decode!r}: use raw or ln_f")

@@ -24,7 +24,7 @@ KEEP = 400
 @pytest.fixture(scope="session")
 def attributed_master(tmp_path_factory: pytest.TempPathFactory, tiny_stack) -> Path:
     """A cache with N_IMAGES COCO photos attributed by the tiny stack (targets: the human captions' first nouns)."""
-    from mmtui.pipeline import attribute_images, read_captions
+    from mmtui.run.pipeline import attribute_images, read_captions
     from mmtui.store import Store
 
     if not CAPTIONS.is_file():
@@ -63,6 +63,6 @@ def store_run(attributed_db: Path):
 
 @pytest.fixture(scope="session")
 def bert_scorer():
-    from mmtui.metrics import BertScorer
+    from mmtui.experiments.metrics import BertScorer
 
     return BertScorer.load()

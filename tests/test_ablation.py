@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from commands import app
 from commands._app import ExitCode
-from mmtui import experiments_store as xs
-from mmtui.ablation import (
+from mmtui.experiments.ablation import (
     AblationError,
     AblationPoint,
     ablation_hook,
@@ -25,8 +24,9 @@ from mmtui.ablation import (
     target_probs,
     unit_means,
 )
-from mmtui.ablation_ops import AblationSet, masks_for
-from mmtui.images import load_image
+from mmtui.experiments.ablation_ops import AblationSet, masks_for
+from mmtui.run.images import load_image
+from mmtui.store import experiments as xs
 
 runner = CliRunner()
 

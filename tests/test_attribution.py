@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtui.attribution import Target, resolve_target, score_targets
+from mmtui.run.attribution import Target, resolve_target, score_targets
 
 
 def _targets(stack, prefix, words):
@@ -237,7 +237,7 @@ def test_caption_and_score_equals_caption_then_score(tiny_stack64, pil_images, m
     """One pass over the image prompt (shared by the caption and the attribution) gives the scores of two,
     whether y_c is read after caption tokens or at the prompt's last token (no caption tokens before the
     target: read in the shared pass itself), and with both in one batch."""
-    from mmtui import attribution
+    from mmtui.run import attribution
 
     stack = tiny_stack64
     prefix = stack.encode(pil_images)
@@ -265,8 +265,8 @@ def test_caption_and_score_equals_caption_then_score(tiny_stack64, pil_images, m
 
 
 def test_an_image_whose_target_fails_is_returned_as_its_error(tiny_stack64, pil_images):
-    from mmtui.attribution import caption_and_score
     from mmtui.errors import TargetError
+    from mmtui.run.attribution import caption_and_score
 
     stack = tiny_stack64
     prefix = stack.encode(pil_images)

@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mmtui.arrays import LOG8_STEPS, pack_array, pack_triples, unpack_array, unpack_triples, unpack_unit_images
 from mmtui.defaults import NEURON_IMAGES
-from mmtui.migrations import migrations
-from mmtui.queries import neuron_detail
+from mmtui.run.writer import StoreWriter
 from mmtui.store import ResultRecord, Store
-from mmtui.unit_fold import LAYER_BITS, UNIT_BITS, by_layer, by_unit, merge_best_images, split_key
-from mmtui.writer import StoreWriter
+from mmtui.store.arrays import LOG8_STEPS, pack_array, pack_triples, unpack_array, unpack_triples, unpack_unit_images
+from mmtui.store.fold import LAYER_BITS, UNIT_BITS, by_layer, by_unit, merge_best_images, split_key
+from mmtui.store.migrations import migrations
+from mmtui.store.queries import neuron_detail
 
 N_LAYERS, D_MLP, N_PATCHES, KEEP = 2, 6, 9, 24
 

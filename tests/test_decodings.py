@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from mmtui.decoding import SHIPPED, cache_dir, decode_layer, decoded_layers, decoding_name
+from mmtui.run.decoding import SHIPPED, cache_dir, decode_layer, decoded_layers, decoding_name
 
 
 def test_computed_once_then_read_from_the_cache(tiny_stack, monkeypatch):
     first = [(layer, ids.copy(), logits.copy()) for layer, ids, logits in decoded_layers(tiny_stack)]
     path = cache_dir() / decoding_name(tiny_stack, "raw", 10)
     assert path.is_file()
-    monkeypatch.setattr("mmtui.decoding.decode_layer", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr("mmtui.run.decoding.decode_layer", lambda *a, **k: pytest.fail("recomputed"))
     again = list(decoded_layers(tiny_stack))
     for (la, ia, va), (lb, ib, vb) in zip(first, again, strict=True):
         assert la == lb and np.array_equal(ia, ib)

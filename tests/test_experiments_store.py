@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from sqlite_utils import Database
 
-from mmtui import experiments_store as xs
-from mmtui.migrations import m001_create_tables, migrations
 from mmtui.store import Store
+from mmtui.store import experiments as xs
+from mmtui.store.migrations import m001_create_tables, migrations
 
 TABLES = {"ablation_points", "unit_means", "activation_maps", "prompt_texts", "ks_tests", "specificity", "agreement"}
 

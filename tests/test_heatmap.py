@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from commands import app
 from commands._app import ExitCode
 from mmtui.errors import NotFoundError
-from mmtui.heatmap import (
+from mmtui.experiments.heatmap import (
     batch_activation_maps,
     draw_overlay,
     encoder_view,

@@ -17,7 +17,7 @@ HEAVY = ("torch", "transformers", "timm", "torchvision")
     "statement",
     [
         "import mmtui",
-        "import mmtui.store, mmtui.queries, mmtui.words, mmtui.errors, mmtui.defaults",
+        "import mmtui.store, mmtui.store.queries, mmtui.experiments.words, mmtui.errors, mmtui.defaults",
         "from commands import app",
         "from commands import main",
     ],

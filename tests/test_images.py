@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmtui.errors import ImageDirError, ImageError
-from mmtui.images import Skip, find_images, in_shard, iter_images, load_image
+from mmtui.run.images import Skip, find_images, in_shard, iter_images, load_image
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from commands import app
 from commands._app import ExitCode
-from mmtui import experiments_store as xs
-from mmtui.agreement import AgreementError, score_agreement, summarize, unit_texts
-from mmtui.layers import layer_histogram
-from mmtui.pipeline import read_captions
+from mmtui.experiments.agreement import AgreementError, score_agreement, summarize, unit_texts
+from mmtui.experiments.layers import layer_histogram
+from mmtui.run.pipeline import read_captions
+from mmtui.store import experiments as xs
 
 runner = CliRunner()
 

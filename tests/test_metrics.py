@@ -10,7 +10,7 @@ import torch
 from experiment_fixtures import *  # noqa: F403  (fixtures)
 from PIL import Image
 
-from mmtui.metrics import ClipScorer, MetricUnavailable, load_scorers, minilm_path
+from mmtui.experiments.metrics import ClipScorer, MetricUnavailable, load_scorers, minilm_path
 
 
 def test_offline_bertscore_is_the_bundled_minilm(bert_scorer):

@@ -13,10 +13,18 @@ from typer.testing import CliRunner
 
 from commands import app
 from commands._app import ExitCode
-from mmtui import experiments_store as xs
-from mmtui.images import load_image
-from mmtui.pipeline import read_captions
-from mmtui.prompts import PromptsError, caption_nouns, decode_prompts, nearest_tokens, random_vectors, table, token_text
+from mmtui.experiments.prompts import (
+    PromptsError,
+    caption_nouns,
+    decode_prompts,
+    nearest_tokens,
+    random_vectors,
+    table,
+    token_text,
+)
+from mmtui.run.images import load_image
+from mmtui.run.pipeline import read_captions
+from mmtui.store import experiments as xs
 
 runner = CliRunner()
 

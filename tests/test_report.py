@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from commands import app
 from commands._app import ExitCode
-from mmtui.ablation import dose_response
-from mmtui.agreement import score_agreement
-from mmtui.images import load_image
-from mmtui.pipeline import read_captions
-from mmtui.prompts import decode_prompts
-from mmtui.report import build_report
-from mmtui.specificity import CocoInstances, score_images
+from mmtui.experiments.ablation import dose_response
+from mmtui.experiments.agreement import score_agreement
+from mmtui.experiments.prompts import decode_prompts
+from mmtui.experiments.report import build_report
+from mmtui.experiments.specificity import CocoInstances, score_images
+from mmtui.run.images import load_image
+from mmtui.run.pipeline import read_captions
 
 runner = CliRunner()
 

@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from commands import app
 from mmtui.errors import MmtuiError
-from mmtui.merge import merge_stores
-from mmtui.pipeline import Settings, attribute_images
+from mmtui.run.pipeline import Settings, attribute_images
 from mmtui.store import Store
+from mmtui.store.merge import merge_stores
 
 
 def snapshot(store: Store) -> dict:
@@ -133,7 +133,7 @@ def test_merge_and_shard_commands(image_dir, tmp_path):
 
 def test_ray_engine_equals_a_single_run(image_dir, tmp_path, single):
     ray = pytest.importorskip("ray")
-    from mmtui.distributed import attribute_images_ray
+    from mmtui.run.distributed import attribute_images_ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

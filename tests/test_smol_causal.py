@@ -9,15 +9,15 @@ units of layer 0 disturbs the model); over 30 held-out images the mean is 7% at 
 
 from __future__ import annotations
 
-from mmtui.pipeline import Settings, attribute_images
-from mmtui.samples import sample_images
+from mmtui.run.pipeline import Settings, attribute_images
+from mmtui.run.samples import sample_images
 from mmtui.store import Store
 
 K = 645
 
 
 def test_top_triples_matter_and_random_ones_do_not(smol, tmp_path):
-    from mmtui.ablation import dose_response
+    from mmtui.experiments.ablation import dose_response
 
     with Store.open(tmp_path / "causal.db") as store:
         events = list(attribute_images(smol, store, sample_images()[:3], Settings(batch_size=3, keep=K)))

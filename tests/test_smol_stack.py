@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtui.samples import sample_captions, sample_dir, sample_images
+from mmtui.run.samples import sample_captions, sample_dir, sample_images
 from mmtui.stacks.presets import SMOL_PROJECTION
 from mmtui.stacks.projection import read_card
 
@@ -30,7 +30,7 @@ def test_samples_are_bundled_with_their_captions_and_licences():
 
 
 def test_samples_were_held_out_of_the_shipped_projection():
-    from mmtui.caption_data import read_coco
+    from mmtui.training.caption_data import read_coco
 
     card = read_card(SMOL_PROJECTION)
     (coco,) = [s for s in card["data"] if s["kind"] == "coco"]

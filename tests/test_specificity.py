@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from commands import app
 from commands._app import ExitCode
-from mmtui import experiments_store as xs
-from mmtui.specificity import (
+from mmtui.experiments.specificity import (
     CocoInstances,
     SpecificityError,
     _rle_counts,
@@ -26,6 +25,7 @@ from mmtui.specificity import (
     summarize,
     top_units,
 )
+from mmtui.store import experiments as xs
 
 runner = CliRunner()
 

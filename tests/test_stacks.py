@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mmtui import load_stack
-from mmtui.decoding import decode_layer, unit_logits
 from mmtui.errors import ProjectionError, StackError
+from mmtui.run.decoding import decode_layer, unit_logits
 from mmtui.stacks.base import Stack
 from mmtui.stacks.projection import Projection, load_projection
 from mmtui.stacks.tiny import save_tiny_limber, tiny_parts
@@ -201,7 +201,7 @@ def test_python_api(pil_images):
 
 
 def test_verify_decodes_named_units_like_decode_layer(tmp_path):
-    from mmtui.verify import load_lm_only, verify_units
+    from mmtui.experiments.verify import load_lm_only, verify_units
 
     paths = save_tiny_limber(tmp_path)
     lm = load_lm_only(str(paths["lm"]), None, str(paths["tokenizer"]))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mmtui.stats import derangement, ecdf, iou, ks_test, mean_interval, quantile_mask
+from mmtui.experiments.stats import derangement, ecdf, iou, ks_test, mean_interval, quantile_mask
 
 
 def test_t_interval_by_hand():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from sqlite_utils import Database
 
-from mmtui.arrays import pack_array, unpack_array
 from mmtui.errors import StoreError, StoreLockedError, StoreTooNewError
-from mmtui.migrations import MIGRATION_SET, migrations
-from mmtui.pipeline import attribute_images
+from mmtui.run.pipeline import attribute_images
 from mmtui.store import Store
+from mmtui.store.arrays import pack_array, unpack_array
+from mmtui.store.migrations import MIGRATION_SET, migrations
 
 
 def test_migrate_blank_database():

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from commands import app
 from commands._app import ExitCode
-from mmtui import caption_data as cd
-from mmtui import training as tr
-from mmtui.caption_loss import caption_nll
-from mmtui.images import read_image_bytes
+from mmtui.run.images import read_image_bytes
 from mmtui.stacks.projection import load_projection, read_card
+from mmtui.training import caption_data as cd
+from mmtui.training import train as tr
+from mmtui.training.caption_loss import caption_nll
 
 runner = CliRunner()
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (20, 20, 20), (240, 240, 240), (120, 60, 200)]

@@ -17,8 +17,7 @@ from textual.message import Message
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input
 
-from mmtui import queries
-from mmtui.store import Store
+from mmtui.store import Store, queries
 from mmtui.tui import make_app
 from mmtui.tui.messages import (
     AblationFinished,
@@ -52,7 +51,7 @@ def tiny_db(tiny_stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 COCO photos attributed by the tiny stack, once per session. Tests that write take a copy."""
     from conftest import coco_files
 
-    from mmtui.pipeline import attribute_images
+    from mmtui.run.pipeline import attribute_images
 
     folder = tmp_path_factory.mktemp("tui-images")
     for f in coco_files(3):
@@ -302,8 +301,8 @@ async def test_open_a_neuron_then_its_best_image(db: Path) -> None:
 
 @pytest.mark.anyio
 async def test_heatmap_is_the_units_activations_over_the_image(db: Path, tiny_stack) -> None:
-    from mmtui.heatmap import unit_activation_maps
-    from mmtui.images import load_image
+    from mmtui.experiments.heatmap import unit_activation_maps
+    from mmtui.run.images import load_image
 
     hook = Recorder()
     app = make_app(db, graphics="halfblock", device="cpu")

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmtui import queries
-from mmtui.store import ResultRecord, Store
+from mmtui.experiments.words import is_interpretable
+from mmtui.store import ResultRecord, Store, queries
 from mmtui.tui.state import COLUMNS
-from mmtui.words import is_interpretable
 
 KEYS = {"layer": "layer", "neuron": "neuron", "max": "max_score", "mean": "mean_score", "top": "n_top"}
 KEYS |= {"images": "n_images", "tokens": "text"}

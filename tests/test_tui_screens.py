@@ -21,8 +21,8 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 from textual.worker import WorkerFailed
 
-from mmtui.arrays import unpack_triples
 from mmtui.store import Store
+from mmtui.store.arrays import unpack_triples
 from mmtui.tui import make_app
 from mmtui.tui.screens.browse import BrowseScreen
 from mmtui.tui.screens.problem import ProblemScreen
@@ -183,7 +183,7 @@ async def test_store_from_the_first_release_is_migrated_and_browsed(tmp_path: Pa
     """A store as the first release wrote it (m001 only): opening it applies the later steps, then it browses."""
     from sqlite_utils import Database
 
-    from mmtui.migrations import m001_create_tables
+    from mmtui.store.migrations import m001_create_tables
 
     first = Database(memory=True)
     m001_create_tables(first)

@@ -22,7 +22,7 @@ from mmtui.stacks.projection import Projection
 from mmtui.stacks.vision import VisionEncoder
 
 if TYPE_CHECKING:
-    from mmtui.attribution import Attribution
+    from mmtui.run.attribution import Attribution
 
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 
@@ -254,7 +254,7 @@ class Stack:
     def attribute(
         self, images: Sequence[Image.Image], target: str | Sequence[str | None] | None = None, **kwargs: Any
     ) -> list[Attribution]:
-        """Activation x gradient scores of every (layer, unit, patch) for each image; see mmtui.attribution."""
-        from mmtui.attribution import attribute
+        """Activation x gradient scores of every (layer, unit, patch) for each image; see mmtui.run.attribution."""
+        from mmtui.run.attribution import attribute
 
         return attribute(self, images, target=target, **kwargs)

@@ -1,5 +1,5 @@
 """What the browser's worker threads compute. Plain functions, no textual; the model code (torch) is imported
-inside them, through mmtui.heatmap and mmtui.ablation, so importing this module stays cheap.
+inside them, through mmtui.experiments.heatmap and mmtui.experiments.ablation, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from mmtui.errors import ImageError
-from mmtui.images import load_image
+from mmtui.run.images import load_image
 from mmtui.tui.widgets.picture import overlay
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def heatmap_picture(
 
     Returns (the drawing, the peak activation, the grid (h, w)).
     """
-    from mmtui.heatmap import encoder_view, unit_activation_maps
+    from mmtui.experiments.heatmap import encoder_view, unit_activation_maps
 
     grid_map = unit_activation_maps(stack, picture, [(layer, unit)], site=site)[0]  # [grid_h, grid_w]
     view = Image.fromarray(encoder_view(stack, picture))
@@ -59,7 +59,7 @@ def heatmap_picture(
 
 def ablation_total(store: Any, run: dict[str, Any], result_ids: list[int], spec: Any) -> int:
     """How many dose-response points `spec` asks for (conditions short of k triples are left out)."""
-    from mmtui.ablation import select
+    from mmtui.experiments.ablation import select
 
     return sum(
         len(

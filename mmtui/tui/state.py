@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from mmtui.queries import NEURON_COLUMNS
+from mmtui.store.queries import NEURON_COLUMNS
 
 DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # the paper's grid (method.md, experiment 4)
 PAGE = 100  # rows the neuron table loads at a time (more as the cursor nears the end); a screen shows ~40
@@ -52,7 +52,7 @@ class NeuronQuery:
 
 @dataclass(frozen=True)
 class AblationSpec:
-    """The settings of one dose-response run (see mmtui.ablation.dose_response)."""
+    """The settings of one dose-response run (see mmtui.experiments.ablation.dose_response)."""
 
     result_ids: tuple[int, ...]
     ks: tuple[int, ...] = DEFAULT_KS

@@ -1,7 +1,7 @@
 """The ablation screen: zero (or mean) each image's top-k triples, measure P(target) again, against a random
 baseline; a dose-response run in a worker thread with a progress bar, a results table and a plot.
 
-Every point is written to the store as soon as it is computed (mmtui.ablation.dose_response), so a
+Every point is written to the store as soon as it is computed (mmtui.experiments.ablation.dose_response), so a
 cancelled run keeps what it did, and the same settings later read those points back instead of recomputing.
 """
 
@@ -220,7 +220,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
     # -- the worker ----------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="ablation", exit_on_error=False)
     def ablate(self, spec: AblationSpec, n_images: int) -> None:
-        from mmtui.ablation import dose_response, summarize
+        from mmtui.experiments.ablation import dose_response, summarize
         from mmtui.tui.compute import ablation_total
 
         cancel = self.cancel_event
@@ -270,7 +270,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
         return self.app.db_path  # type: ignore[attr-defined]
 
     def load_bertscore(self, spec: AblationSpec, stack: Any) -> Any:
-        from mmtui.metrics import load_scorers
+        from mmtui.experiments.metrics import load_scorers
 
         bert, _, notes = load_scorers(bertscore=True, clipscore=False, device=str(stack.device))
         for note in notes:
@@ -333,7 +333,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
 
     # -- drawing -------------------------------------------------------------------------------------------
     def refresh_summary(self) -> None:
-        from mmtui.ablation import summarize
+        from mmtui.experiments.ablation import summarize
 
         self.summary = summarize(self.points, shape=self.run["shape"]) if self.points else []
         self.show_summary()

@@ -15,8 +15,8 @@ from textual.widgets import DataTable, Footer, Input, OptionList, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
-from mmtui.queries import count_neurons, layer_counts, neuron_page
 from mmtui.store import Store
+from mmtui.store.queries import count_neurons, layer_counts, neuron_page
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import LayersLoaded, NeuronRequested, NeuronsCounted, NeuronsLoaded, QueryFailed
 from mmtui.tui.screens.runs import run_shape

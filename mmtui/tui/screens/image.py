@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
-from mmtui.queries import image_summary
+from mmtui.store.queries import image_summary
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageSummaryLoaded, NeuronRequested, QueryFailed
 from mmtui.tui.text import image_name, printable, prob, score, token

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mmtui.defaults import CONVENTIONS
+from mmtui.experiments.words import is_interpretable
 from mmtui.stacks.base import Stack
-from mmtui.words import is_interpretable
 
 DEFAULT_K = 10
 
@@ -59,7 +59,7 @@ def decode_layer(
     return torch.cat(ids), torch.cat(vals)
 
 
-SHIPPED = Path(__file__).resolve().parent / "data" / "decodings"
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "decodings"
 
 
 def cache_dir() -> Path:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtui.arrays import unpack_array, unpack_triples
 from mmtui.errors import MmtuiError
 from mmtui.store import STATS_EVERY, ResultRecord, Store
+from mmtui.store.arrays import unpack_array, unpack_triples
 
 
 @dataclass

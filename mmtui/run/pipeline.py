@@ -20,13 +20,13 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from mmtui.attribution import DEFAULT_TOP, Attribution, Target, caption_and_score
-from mmtui.decoding import decode_units
 from mmtui.errors import ImageError, TargetError
-from mmtui.images import LoadedImage, RawImage, Skip, iter_images
+from mmtui.run.attribution import DEFAULT_TOP, Attribution, Target, caption_and_score
+from mmtui.run.decoding import decode_units
+from mmtui.run.images import LoadedImage, RawImage, Skip, iter_images
+from mmtui.run.writer import StoreWriter
 from mmtui.stacks.base import DEFAULT_MAX_NEW_TOKENS, Stack
 from mmtui.store import ResultRecord, Store
-from mmtui.writer import StoreWriter
 
 
 @dataclass
@@ -75,7 +75,7 @@ def read_captions(path: Path | str) -> dict[str, list[str]]:
 
 def human_target(captions: list[str]) -> tuple[str, str] | None:
     """(first noun, caption) of the first of an image's human captions that has a noun."""
-    from mmtui.nouns import first_noun
+    from mmtui.run.nouns import first_noun
 
     for caption in captions:
         noun = first_noun(caption)

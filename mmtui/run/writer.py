@@ -21,7 +21,7 @@ from mmtui.errors import StoreError
 from mmtui.store import STATS_EVERY, Store, pack_result
 
 if TYPE_CHECKING:
-    from mmtui.pipeline import Event
+    from mmtui.run.pipeline import Event
 
 _STOP = object()
 

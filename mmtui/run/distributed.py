@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from mmtui.errors import MmtuiError
-from mmtui.pipeline import Event, Settings, WorkItem, attribute_batch, batches, plan, route
+from mmtui.run.pipeline import Event, Settings, WorkItem, attribute_batch, batches, plan, route
+from mmtui.run.writer import StoreWriter
 from mmtui.store import Store
-from mmtui.writer import StoreWriter
 
 
 class AttributionWorker:
@@ -40,7 +40,7 @@ class AttributionWorker:
         }
 
     def decode(self, convention: str) -> list[list[dict]]:
-        from mmtui.decoding import decode_units
+        from mmtui.run.decoding import decode_units
 
         return list(decode_units(self.stack, convention))
 

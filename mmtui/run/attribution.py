@@ -93,7 +93,7 @@ def resolve_target(stack: Stack, generated: list[int], word: str | None, source:
 
     Given a word, the context is the greedy caption up to its first noun ("A picture of a" -> " dog").
     """
-    from mmtui import nouns
+    from mmtui.run import nouns
 
     ids = _caption_ids(stack, generated)
     caption = stack.caption_text(ids)

@@ -7,7 +7,7 @@ Tables
 - images: one row per distinct image (sha256 of its bytes), with the last path it was seen at.
 - results: one row per (run, image, target spec): the target, caption, y_c, P(target), every unit's
   max and sum of g over the image positions as compact arrays [n_layers, d_mlp], and the top (layer, unit,
-  patch, score) triples by rank as one blob (`top`, m006; formats: mmtui.arrays).
+  patch, score) triples by rank as one blob (`top`, m006; formats: mmtui.store.arrays).
 - neuron_stats: per (run_key, layer, unit) aggregates over the results, folded in many results at a time.
 - neuron_images: per (run_key, layer, unit) the unit's best NEURON_IMAGES results (m005).
 - neuron_tokens: each unit's decoded top tokens, per LM and decoding convention.
@@ -15,8 +15,8 @@ Tables
 
 from __future__ import annotations
 
-from mmtui._sqlite_utils import Database, Migrations
 from mmtui.defaults import NEURON_IMAGES
+from mmtui.store._sqlite_utils import Database, Migrations
 
 MIGRATION_SET = "mmtui"
 migrations = Migrations(MIGRATION_SET)
@@ -122,7 +122,7 @@ def m001_create_tables(db: Database) -> None:
 
 @migrations()
 def m002_create_experiment_tables(db: Database) -> None:
-    """Tables of the experiments (issue 4); written through mmtui.experiments_store.
+    """Tables of the experiments (issue 4); written through mmtui.store.experiments.
 
     - ablation_points: one dose-response point per (result, mode, unit mode, condition, k, seed).
     - unit_means: per-unit mean activations over a run's images (mean ablation), float32 [n_layers, d_mlp].
@@ -388,7 +388,7 @@ def m005_neuron_images(db: Database) -> None:
 
 @migrations()
 def m006_pack_top_triples(db: Database) -> None:
-    """results.top: a result's top triples as one blob (mmtui.arrays.pack_triples) replace the top_neurons table.
+    """results.top: a result's top triples as one blob (mmtui.store.arrays.pack_triples) replace the top_neurons table.
 
     As rows, 6,400 triples an image took ~190 kB and 6,400 inserts (a fifth of the cache at GPT-J scale, and
     the slowest part of a write); packed they take ~40 kB and one. Nothing reads them by unit any more
@@ -397,7 +397,7 @@ def m006_pack_top_triples(db: Database) -> None:
     """
     import numpy as np
 
-    from mmtui.arrays import pack_triples
+    from mmtui.store.arrays import pack_triples
 
     db["results"].add_column("top", bytes)
     if "top_neurons" not in db.table_names():  # not written by mmtui; nothing to convert
@@ -439,7 +439,7 @@ STATS_INDEXES = (  # neuron_stats' indexes as m008 rebuilt them (m001, m003); m0
 def m008_integer_run_keys_and_unit_lists(db: Database) -> None:
     """runs.run_key: a small integer per run, which neuron_stats and neuron_images key their rows by (run_key)
     in place of the 12-character run id; and neuron_images holds one row per unit, its best NEURON_IMAGES
-    results packed in one blob (`best`, mmtui.arrays.pack_unit_images), in place of a row per (unit, result).
+    results packed in one blob (`best`, mmtui.store.arrays.pack_unit_images), in place of a row per (unit, result).
 
     The id sat in every entry of ten B-trees (neuron_stats, its nine indexes, neuron_images): ~12 bytes a
     row of each, a sixth of the cache at GPT-J scale when units seldom recur (bench/store_write.py --spread).
@@ -450,7 +450,7 @@ def m008_integer_run_keys_and_unit_lists(db: Database) -> None:
     """
     import numpy as np
 
-    from mmtui.unit_fold import by_unit, merge_best_images, split_key
+    from mmtui.store.fold import by_unit, merge_best_images, split_key
 
     db.execute("ALTER TABLE runs ADD COLUMN run_key INTEGER")
     db.execute("UPDATE runs SET run_key = (SELECT count(*) FROM runs r WHERE r.rowid <= runs.rowid)")
@@ -518,7 +518,7 @@ def m009_drop_per_layer_sort_indexes(db: Database) -> None:
     """Drop neuron_stats' four (run_key, layer, column) indexes. A fold updated every index of every unit it
     touched, and these four were half of that work (bench/store_write.py --spread: 5.8 -> 3.1 s a fold of 512
     results at GPT-J scale). A sort within one layer now reads the layer's rows by the primary key and sorts
-    them (16,384 at GPT-J scale: a few ms; `mmtui.queries`); sorts over all layers keep their indexes."""
+    them (16,384 at GPT-J scale: a few ms; `mmtui.store.queries`); sorts over all layers keep their indexes."""
     per_layer = {("run_key", *columns) for columns in STATS_INDEXES if columns[0] == "layer"}
     for index in db["neuron_stats"].indexes:
         if tuple(index.columns) in per_layer:

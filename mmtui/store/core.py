@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmtui._sqlite_utils import Database
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError, StoreError, StoreLockedError, StoreTooNewError
-from mmtui.migrations import migrations
+from mmtui.store._sqlite_utils import Database
+from mmtui.store.migrations import migrations
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,7 +41,7 @@ def run_id_for(stack_id: str, prompt: str, site: str, y_kind: str) -> str:
 
 @dataclass
 class ResultRecord:
-    """One image's attribution, ready to store (plain data; see mmtui.attribution.Attribution)."""
+    """One image's attribution, ready to store (plain data; see mmtui.run.attribution.Attribution)."""
 
     image_sha256: str
     image_path: str
@@ -73,8 +73,8 @@ Packed = tuple[bytes, bytes, bytes]  # a result's unit_max, unit_sum and top tri
 
 
 def pack_result(rec: ResultRecord) -> Packed:
-    """The blobs of a result: its two unit arrays and its top triples (mmtui.arrays; thread-safe)."""
-    from mmtui.arrays import pack_array, pack_triples
+    """The blobs of a result: its two unit arrays and its top triples (mmtui.store.arrays; thread-safe)."""
+    from mmtui.store.arrays import pack_array, pack_triples
 
     return (
         pack_array(rec.unit_max),
@@ -336,10 +336,10 @@ class Store:
         Gives the same aggregates as adding them one by one: per unit, n_top (results where it is among the
         first `count_top` triples), n_images, max and sum of its best score per result, and the result of the
         max; and each unit's best NEURON_IMAGES results (its best triple in each: score, rank, patch). The
-        folding is numpy (mmtui.unit_fold); SQLite only takes the rows: one per unit touched in neuron_stats,
+        folding is numpy (mmtui.store.fold); SQLite only takes the rows: one per unit touched in neuron_stats,
         and one per unit whose best results changed in neuron_images.
         """
-        from mmtui import unit_fold
+        from mmtui.store import fold as unit_fold
 
         run_key = self.run_key(run_id)
         with self._write():
@@ -386,11 +386,11 @@ class Store:
         return len(pending)
 
     def best_images(self, run_key: int, layer: int, unit: int) -> np.ndarray:
-        """A unit's best results in a run (at most NEURON_IMAGES), best first: records of mmtui.arrays.UNIT_IMAGE
+        """A unit's best results in a run (at most NEURON_IMAGES), best first: records of mmtui.store.arrays.UNIT_IMAGE
         (result, score, rank, patch)."""
         import numpy as np
 
-        from mmtui.arrays import UNIT_IMAGE, unpack_unit_images
+        from mmtui.store.arrays import UNIT_IMAGE, unpack_unit_images
 
         row = self.db.execute(
             "SELECT best FROM neuron_images WHERE run_key = ? AND layer = ? AND unit = ?", [run_key, layer, unit]
@@ -424,7 +424,7 @@ class Store:
 
     def triples(self, result_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """A result's top triples by rank: (layer, unit, patch, score) arrays."""
-        from mmtui.arrays import unpack_triples
+        from mmtui.store.arrays import unpack_triples
 
         row = self.db.execute("SELECT top FROM results WHERE id = ?", [result_id]).fetchone()
         if row is None:
@@ -445,7 +445,7 @@ class Store:
         appear: (layer, unit, best score, best rank, patch of that triple)."""
         import numpy as np
 
-        from mmtui.unit_fold import best_per_unit_of
+        from mmtui.store.fold import best_per_unit_of
 
         layer, unit, patch, score = (a[:limit] for a in self.triples(result_id))
         best = best_per_unit_of(layer, unit, patch, score)
@@ -454,7 +454,7 @@ class Store:
 
     def unit_scores(self, result_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(max, sum) of g over the image positions for every unit: two [n_layers, d_mlp] arrays."""
-        from mmtui.arrays import unpack_array
+        from mmtui.store.arrays import unpack_array
 
         row = self.db.execute(
             """SELECT results.unit_max, results.unit_sum, stacks.shape FROM results

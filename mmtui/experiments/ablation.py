@@ -10,7 +10,7 @@ Conditions: "top" (by signed score), "interpretable" (the top ones passing the 7
 over k). mode "zero" sets the activation to 0; "mean" to the unit's mean over the run's images and image
 positions. Relative drop = 1 - p_after / p_before.
 
-Import cost: torch loads inside the functions, so `import mmtui.ablation` is cheap for the TUI.
+Import cost: torch loads inside the functions, so `import mmtui.experiments.ablation` is cheap for the TUI.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmtui import experiments_store as xs
-from mmtui.ablation_ops import (
+from mmtui.errors import MmtuiError, NotFoundError
+from mmtui.experiments.ablation_ops import (
     DEFAULT_MAX_NEW_TOKENS,
     AblationError,
     AblationSet,
@@ -37,14 +37,14 @@ from mmtui.ablation_ops import (
     target_probs,
     unit_means,
 )
-from mmtui.errors import MmtuiError, NotFoundError
-from mmtui.stats import mean_interval
+from mmtui.experiments.stats import mean_interval
 from mmtui.store import Store
+from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
     import torch
 
-    from mmtui.metrics import BertScorer
+    from mmtui.experiments.metrics import BertScorer
     from mmtui.stacks.base import Stack
 
 CONDITIONS = ("top", "random", "interpretable")

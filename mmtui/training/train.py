@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
-from mmtui.caption_data import (
+from mmtui.errors import ImageError, MmtuiError
+from mmtui.stacks.base import DEFAULT_PROMPT, Stack
+from mmtui.stacks.projection import Projection
+from mmtui.training.caption_data import (
     CaptionSource,
     FeatureCache,
     compute_features,
@@ -28,10 +31,7 @@ from mmtui.caption_data import (
     encoder_key,
     tidy_caption,
 )
-from mmtui.caption_loss import HeldOutImage, caption_examples, caption_nll, evaluate
-from mmtui.errors import ImageError, MmtuiError
-from mmtui.stacks.base import DEFAULT_PROMPT, Stack
-from mmtui.stacks.projection import Projection
+from mmtui.training.caption_loss import HeldOutImage, caption_examples, caption_nll, evaluate
 
 CARD_FORMAT = "mmtui-projection-card/1"
 CAPTION_MODES = ("all", "one")

@@ -1,6 +1,6 @@
 """The mechanics of ablation: which (layer, unit, patch) entries to ablate for each k and condition, the hook
 that replaces their activations at the image positions, teacher-forced P(target) and greedy captions under a
-hook, and per-unit mean activations for mean ablation. `mmtui.ablation` runs the experiment on top of these.
+hook, and per-unit mean activations for mean ablation. `mmtui.experiments.ablation` runs the experiment on top of these.
 
 torch loads inside the functions.
 """
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmtui import experiments_store as xs
 from mmtui.errors import ImageError, MmtuiError
 from mmtui.store import Store
+from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
     import torch
@@ -226,7 +226,7 @@ def unit_means(stack: Stack, store: Store, run: dict[str, Any], batch_size: int 
 
 def load_result_image(row: dict[str, Any]) -> Any:
     """The PIL image of a result row, checked against its stored sha256."""
-    from mmtui.images import load_image
+    from mmtui.run.images import load_image
 
     loaded = load_image(row["path"])
     if loaded.sha256 != row["image_sha256"]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mmtui.errors import ImageError, MmtuiError
-from mmtui.images import decode_image, find_images, read_image_bytes
+from mmtui.run.images import decode_image, find_images, read_image_bytes
 
 DEFAULT_HOLDOUT = 30
 

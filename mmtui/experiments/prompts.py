@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmtui import experiments_store as xs
 from mmtui.errors import MmtuiError
-from mmtui.images import LoadedImage
-from mmtui.stats import KSResult, ks_test
+from mmtui.experiments.stats import KSResult, ks_test
+from mmtui.run.images import LoadedImage
 from mmtui.store import Store
+from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
     import torch
 
-    from mmtui.metrics import BertScorer, ClipScorer
+    from mmtui.experiments.metrics import BertScorer, ClipScorer
     from mmtui.stacks.base import Stack
 
 RANDOM_KINDS = ("matched", "isotropic")
@@ -100,7 +100,7 @@ def token_text(stack: Stack, ids: Sequence[int]) -> str:
 
 def caption_nouns(captions: Sequence[str], n: int = NOUNS_PER_IMAGE, seed: int = 0) -> list[str]:
     """Up to n distinct nouns of the human captions (all their nouns, a seeded sample of n, in caption order)."""
-    from mmtui.nouns import first_noun
+    from mmtui.run.nouns import first_noun
 
     found: list[str] = []
     for caption in captions:

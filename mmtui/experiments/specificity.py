@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmtui import experiments_store as xs
 from mmtui.errors import MmtuiError
-from mmtui.stats import iou, mean_interval, quantile_mask
+from mmtui.experiments.stats import iou, mean_interval, quantile_mask
 from mmtui.store import Store
+from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -240,8 +240,8 @@ def score_images(
     single: only images with exactly one instance of the category (the paper's "single object annotations").
     on_skip(image, reason) is called for each image left out (not in the instance file, no category, ...).
     """
-    from mmtui.heatmap import batch_activation_maps, encoder_view_mask, frame_size
-    from mmtui.images import load_image
+    from mmtui.experiments.heatmap import batch_activation_maps, encoder_view_mask, frame_size
+    from mmtui.run.images import load_image
 
     skip = on_skip or (lambda *_: None)
     settings = {
@@ -307,7 +307,7 @@ def _iou_rows(
     q: float,
 ) -> list[dict[str, Any]]:
     """IoU rows of one image: each top unit, their mean map, and per seed each random unit and their mean map."""
-    from mmtui.heatmap import upsample
+    from mmtui.experiments.heatmap import upsample
 
     def score(grid: np.ndarray) -> float:
         return iou(quantile_mask(upsample(grid, frame), q), target)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from mmtui.arrays import UNIT_IMAGE, pack_unit_images, unpack_triples, unpack_unit_images
+from mmtui.store.arrays import UNIT_IMAGE, pack_unit_images, unpack_triples, unpack_unit_images
 
 UNIT_BITS, LAYER_BITS = 20, 12  # a (layer, unit) folds into one int (as in neuron_text's rowid: units < 2**20)
 
@@ -118,7 +118,7 @@ def merge_best_images(
     """Each unit's best `keep` results, from its stored list and new rows: (keys of the units whose list
     changed, their new lists packed), by key.
 
-    stored: (layer, unit, packed list) of the units that have one (`mmtui.arrays.pack_unit_images`), best by
+    stored: (layer, unit, packed list) of the units that have one (`mmtui.store.arrays.pack_unit_images`), best by
     (layer, unit). best: new rows, of results newer than any in the stored lists (a fold takes every pending
     result, and result ids only grow), with their `by_unit` order and unit starts. A list is ordered by score
     descending, then result; a unit's list changes when a new row enters it.

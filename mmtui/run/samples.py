@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 CAPTIONS_FILE = "captions.json"  # COCO captions format: images, annotations (5 per image), licenses
 
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmtui import experiments_store as xs
 from mmtui.errors import MmtuiError
-from mmtui.stats import derangement, mean_interval
+from mmtui.experiments.stats import derangement, mean_interval
 from mmtui.store import COUNT_TOP, Store
+from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
-    from mmtui.metrics import BertScorer, ClipScorer
+    from mmtui.experiments.metrics import BertScorer, ClipScorer
 
 KINDS = ("multimodal", "random", "caption")
 
@@ -131,7 +131,7 @@ def score_agreement(
 def _scores(metric: str, scorer: Any, texts: list[str], im: _Image) -> np.ndarray:
     if metric == "bertscore":
         return scorer.f1_mean(texts, [im.refs] * len(texts))
-    from mmtui.images import load_image
+    from mmtui.run.images import load_image
 
     picture = load_image(im.path).image
     return scorer.score([picture] * len(texts), texts)

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmtui import agreement, layers, specificity
-from mmtui import experiments_store as xs
-from mmtui.ablation import summarize as summarize_ablation
-from mmtui.queries import list_neurons
-from mmtui.stats import ecdf
+from mmtui.experiments import agreement, layers, specificity
+from mmtui.experiments.ablation import summarize as summarize_ablation
+from mmtui.experiments.stats import ecdf
 from mmtui.store import Store
+from mmtui.store import experiments as xs
+from mmtui.store.queries import list_neurons
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -196,8 +196,8 @@ def heatmap_grid(
     stack: Stack, store: Store, run: dict[str, Any], out: Path, n_images: int = 6, n_units: int = 5
 ) -> Path | None:
     """Rows: images; columns: the mean of the top units' maps, then each top unit (with its top tokens)."""
-    from mmtui.heatmap import batch_activation_maps, encoder_view, frame_size, upsample
-    from mmtui.images import load_image
+    from mmtui.experiments.heatmap import batch_activation_maps, encoder_view, frame_size, upsample
+    from mmtui.run.images import load_image
 
     plt = _plt()
     frame = frame_size(stack)

@@ -1,0 +1,1 @@
+"""Training the projection from image features into the LM's input space (caption data, caption loss, the loop)."""
