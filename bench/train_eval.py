@@ -15,7 +15,8 @@ from pathlib import Path
 from mmtui.stacks.projection import load_projection
 from mmtui.training.caption_data import read_coco, read_flickr8k
 from mmtui.training.caption_loss import caption_examples, evaluate
-from mmtui.training.train import load_training_stack, prepare_data
+from mmtui.training.data import prepare_data
+from mmtui.training.train import load_training_stack
 
 
 def main() -> None:

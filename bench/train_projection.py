@@ -21,15 +21,8 @@ from pathlib import Path
 import torch
 
 from mmtui.training.caption_data import read_class_folder, read_coco, read_flickr8k
-from mmtui.training.train import (
-    TrainConfig,
-    TrainProgress,
-    fit,
-    heldout_report,
-    load_training_stack,
-    make_card,
-    prepare_data,
-)
+from mmtui.training.data import TrainProgress, prepare_data
+from mmtui.training.train import TrainConfig, fit, heldout_report, load_training_stack, make_card
 
 BASE = TrainConfig(epochs=3, batch_size=128, lr=3e-3, norm="auto", captions="all", checkpoint_every=10_000)
 MIX = ("flickr8k", "coco", "classes")

@@ -19,6 +19,7 @@ from mmtui.stacks.projection import load_projection, read_card
 from mmtui.training import caption_data as cd
 from mmtui.training import train as tr
 from mmtui.training.caption_loss import caption_nll
+from mmtui.training.data import caption_tokens, prepare_data
 
 runner = CliRunner()
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (20, 20, 20), (240, 240, 240), (120, 60, 200)]
@@ -146,7 +147,7 @@ def test_caption_nll_equals_plain_cross_entropy(tiny_stack):
     torch.manual_seed(0)
     proj = tr.new_projection(tiny_stack, tr.TrainConfig(norm=None))
     feats = torch.randn(2, tiny_stack.n_patches, tiny_stack.encoder.dim)
-    caps = [tr.caption_tokens(tiny_stack, "A dog runs.", 40), tr.caption_tokens(tiny_stack, "A man on a horse", 40)]
+    caps = [caption_tokens(tiny_stack, "A dog runs.", 40), caption_tokens(tiny_stack, "A man on a horse", 40)]
     nll, count = caption_nll(tiny_stack, proj, feats, caps)
     prompt = tiny_stack.tokenize(tiny_stack.prompt)
     expected, n = 0.0, 0
@@ -171,7 +172,7 @@ def test_norm_auto_matches_word_embeddings(tiny_stack):
 
 def _data(tiny_stack, flickr, coco, tmp_path, exclude=()):
     sources = [cd.read_flickr8k(flickr), cd.read_coco(coco, holdout=2)]
-    return tr.prepare_data(tiny_stack, sources, tmp_path / "fc", exclude=exclude)
+    return prepare_data(tiny_stack, sources, tmp_path / "fc", exclude=exclude)
 
 
 def test_prepare_data_holds_out_and_excludes(tiny_stack, flickr, coco, tmp_path):
