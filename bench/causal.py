@@ -56,6 +56,8 @@ def attribute_and_ablate(args: argparse.Namespace, store: Store) -> str:
             sha256[event.path] = event.sha256
         elif isinstance(event, ImageFailed):
             console.print(f"[red]failed[/] {event.message}")
+            if event.sha256 is not None:  # an older result of the image may be in the run
+                sha256[event.path] = event.sha256
     assert run_id is not None
     attributed = time.perf_counter() - start
     run = store.run(run_id)
