@@ -241,7 +241,7 @@ def noun_tagger_or_stand_in() -> Iterator[None]:
 
 def end_to_end(stack: Stack, batch: int, reps: int) -> dict:
     from mmtui.run.pipeline import to_record
-    from mmtui.store import Store
+    from mmtui.store import StackIdentity, Store
 
     dev = stack.device
     imgs = images(batch)
@@ -275,16 +275,8 @@ def end_to_end(stack: Stack, batch: int, reps: int) -> dict:
     out.update(passes)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(Path(tmp) / "b.db")
-        run = store.ensure_run(
-            stack_id="b",
-            stack_name="b",
-            fingerprint={},
-            shape=stack.shape(),
-            lm_id="b",
-            prompt="p",
-            site="post",
-            y_kind="prob",
-        )
+        identity = StackIdentity(id="b", name="b", fingerprint={}, shape=stack.shape(), lm_id="b", prompt="p")
+        run = store.ensure_run(identity, site="post", y_kind="prob")
 
         class Img:  # what to_record needs of a LoadedImage
             def __init__(self, i: int) -> None:

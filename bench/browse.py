@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mmtui.experiments.words import dictionary, is_interpretable  # noqa: E402
-from mmtui.store import STATS_EVERY, ResultRecord, Store  # noqa: E402
+from mmtui.store import STATS_EVERY, ResultRecord, StackIdentity, Store  # noqa: E402
 
 N_LAYERS, D_MLP, GRID, KEEP = 28, 16_384, 14, 6_400
 DEFAULT_DB = Path("/tmp/mmtui-bench")
@@ -107,9 +107,9 @@ def build_store(path: Path, n_images: int, seed: int = 0, progress: Callable[[st
     words = sorted(w for w in dictionary() if w.isalpha() and w.islower() and 3 <= len(w) <= 9)
     popular = rng.integers(0, D_MLP, (N_LAYERS, 1500))
     with Store.open(path) as store:
-        run_id = store.ensure_run(
-            stack_id="synthetic-gptj-0001",
-            stack_name="synthetic-gptj",
+        stack = StackIdentity(
+            id="synthetic-gptj-0001",
+            name="synthetic-gptj",
             fingerprint={"lm": "EleutherAI/gpt-j-6b (synthetic)", "encoder": "beit-large (synthetic)"},
             shape={
                 "n_layers": N_LAYERS,
@@ -121,10 +121,8 @@ def build_store(path: Path, n_images: int, seed: int = 0, progress: Callable[[st
             },
             lm_id="synthetic-gptj-lm",
             prompt="A picture of",
-            site="post",
-            y_kind="prob",
-            settings={"keep": KEEP, "synthetic": True},
         )
+        run_id = store.ensure_run(stack, site="post", y_kind="prob", settings={"keep": KEEP, "synthetic": True})
         for convention in CONVENTIONS:
             for layer in range(N_LAYERS):
                 store.add_tokens("synthetic-gptj-lm", convention, _token_rows(rng, layer, words))
@@ -294,11 +292,11 @@ def main() -> None:
     with Store.open(db, create=False) as store:  # applies any pending migration once, before measuring
         opened = time.perf_counter() - start
         run = store.run()
-        n_units = store.db.execute("SELECT count(*) FROM neuron_stats WHERE run_key = ?", [run["run_key"]])
+        n_units = store.db.execute("SELECT count(*) FROM neuron_stats WHERE run_key = ?", [run.key])
         n_units = n_units.fetchone()[0]
-    print(f"store: {db} ({db.stat().st_size / 1e9:.2f} GB), {run['n_images']:,} images, {run['shape']['n_layers']} x ")
+    print(f"store: {db} ({db.stat().st_size / 1e9:.2f} GB), {run.n_images:,} images, {run.shape['n_layers']} x ")
     print(
-        f"       {run['shape']['d_mlp']:,} units; {n_units:,} units in some image's stored triples; opened in {opened:.2f} s"
+        f"       {run.shape['d_mlp']:,} units; {n_units:,} units in some image's stored triples; opened in {opened:.2f} s"
     )
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmtui.experiments.ablation import dose_response, summarize  # noqa: E402
-from mmtui.store import Store  # noqa: E402
+from mmtui.store import Run, Store  # noqa: E402
 from mmtui.store import experiments as xs  # noqa: E402
 
 console = Console(width=200)
@@ -37,6 +37,7 @@ SMOL_KS = (0, 10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400)
 def attribute_and_ablate(args: argparse.Namespace, store: Store) -> str:
     """Attribute the first --limit images with the preset, then ablate them; returns the run id."""
     from mmtui.experiments.metrics import BertScorer
+    from mmtui.run.events import ImageDone, ImageFailed, ImageSkipped, RunStarted
     from mmtui.run.images import find_images
     from mmtui.run.pipeline import attribute_images, read_captions
     from mmtui.stacks import load_stack
@@ -47,15 +48,20 @@ def attribute_and_ablate(args: argparse.Namespace, store: Store) -> str:
     captions = read_captions(captions_file) if captions_file.is_file() and not args.model_targets else None
     start = time.perf_counter()
     run_id = None
+    sha256: dict[str, str] = {}
     for event in attribute_images(stack, store, files, captions=captions, batch_size=4):
-        if event.kind == "start":
-            run_id = event.message
-        elif event.kind == "failed":
+        if isinstance(event, RunStarted):
+            run_id = event.run_id
+        elif isinstance(event, (ImageDone, ImageSkipped)):
+            sha256[event.path] = event.sha256
+        elif isinstance(event, ImageFailed):
             console.print(f"[red]failed[/] {event.message}")
+            if event.sha256 is not None:  # an older result of the image may be in the run
+                sha256[event.path] = event.sha256
     assert run_id is not None
     attributed = time.perf_counter() - start
     run = store.run(run_id)
-    ids = xs.result_ids_for_images(store, run_id, [_sha(f) for f in files])
+    ids = xs.result_ids_for_images(store, run_id, [sha256[str(f)] for f in files if str(f) in sha256])
     bert = BertScorer.load()
     start = time.perf_counter()
     n = 0
@@ -73,22 +79,16 @@ def attribute_and_ablate(args: argparse.Namespace, store: Store) -> str:
     return run_id
 
 
-def _sha(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def print_tables(store: Store, run: dict) -> None:
-    shape = run["shape"]
+def print_tables(store: Store, run: Run) -> None:
+    shape = run.shape
     n_triples = shape["n_layers"] * shape["d_mlp"] * shape["n_patches"]
     n_units = shape["n_layers"] * shape["d_mlp"]
     console.print(
-        f"run {run['id']}: stack {run['stack']} ({shape['n_layers']} layers x {shape['d_mlp']} units x "
-        f"{shape['n_patches']} patches = {n_triples:,} triples, {n_units:,} units), {run['n_images']} images"
+        f"run {run.id}: stack {run.stack.name} ({shape['n_layers']} layers x {shape['d_mlp']} units x "
+        f"{shape['n_patches']} patches = {n_triples:,} triples, {n_units:,} units), {run.n_images} images"
     )
-    for mode, unit_mode, n_images in xs.ablation_modes(store, run["id"]):
-        rows = summarize(xs.ablation_points(store, run["id"], mode=mode, unit_mode=unit_mode), shape=shape)
+    for mode, unit_mode, n_images in xs.ablation_modes(store, run.id):
+        rows = summarize(xs.ablation_points(store, run.id, mode=mode, unit_mode=unit_mode), shape=shape)
         table = Table(title=f"{mode} ablation of {unit_mode}: mean relative drop of P(target), {n_images} images")
         for name in ("k", "top", "interpretable", "random", "caption F1 top", "caption F1 random"):
             table.add_column(name, justify="right")

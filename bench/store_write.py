@@ -25,7 +25,6 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from rich.console import Console
@@ -34,8 +33,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mmtui.run.events import ImageDone  # noqa: E402
 from mmtui.run.writer import StoreWriter  # noqa: E402
-from mmtui.store import STATS_EVERY, ResultRecord, Store, pack_result  # noqa: E402
+from mmtui.store import STATS_EVERY, ResultRecord, StackIdentity, Store, pack_result  # noqa: E402
 from mmtui.store.merge import stored_records  # noqa: E402
 
 N_LAYERS, D_MLP, N_PATCHES = 28, 16_384, 196
@@ -44,21 +44,13 @@ N_LAYERS, D_MLP, N_PATCHES = 28, 16_384, 196
 def sources(db: Path, run_id: str | None) -> list[ResultRecord]:
     """The stored results of a real run, as records (arrays unpacked)."""
     with Store.open(db, create=False) as store:
-        return [r for r in stored_records(store, store.run(run_id)["id"]) if len(r.top_score)]
+        return [r for r in stored_records(store, store.run(run_id).id) if len(r.top_score)]
 
 
 def new_run(store: Store) -> str:
     shape = {"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES}
-    return store.ensure_run(
-        stack_id="bench",
-        stack_name="gptj-scale",
-        fingerprint={},
-        shape=shape,
-        lm_id="bench",
-        prompt="",
-        site="post",
-        y_kind="prob",
-    )
+    stack = StackIdentity(id="bench", name="gptj-scale", fingerprint={}, shape=shape, lm_id="bench", prompt="")
+    return store.ensure_run(stack, site="post", y_kind="prob")
 
 
 def scaled(
@@ -148,7 +140,7 @@ def main() -> None:
             path, run, timeout=30.0, refresh_every=args.refresh_every, refresh_seconds=1e9
         )  # by count, as the bench's first pass
         for rec in records:
-            writer.put(SimpleNamespace(record=rec, result_id=None))  # type: ignore[arg-type]
+            writer.put(ImageDone(rec.image_path, rec.image_sha256, None, rec))
         written = sum(1 for _ in writer.finish())
         writer_s = time.perf_counter() - t0
         assert written == len(records)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,7 +15,7 @@ from commands._app import err, warn
 if TYPE_CHECKING:
     from mmtui.experiments.metrics import BertScorer, ClipScorer
     from mmtui.stacks.base import Stack
-    from mmtui.store import Store
+    from mmtui.store import Run, Store
 
 RunOption = Annotated[
     str | None, typer.Option("--run", help="Run id (prefix); default the most recent. See `mmtui runs`.")
@@ -56,11 +56,11 @@ def progress_bar() -> Progress:
     )
 
 
-def run_stack(run: dict[str, Any], device: str) -> Stack:
+def run_stack(run: Run, device: str) -> Stack:
     """The stack a run was made with (its fingerprint checked), loaded under a spinner on stderr."""
     from mmtui.stacks.presets import load_stack_for_run
 
-    with err.status(f"Loading the {run['stack']} stack of run {run['id']}..."):
+    with err.status(f"Loading the {run.stack.name} stack of run {run.id}..."):
         return load_stack_for_run(run, device=device)
 
 

@@ -4,7 +4,7 @@ of each image are ablated, against random units of the same layers."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -34,6 +34,10 @@ from commands._experiments import (
     progress_bar,
     run_stack,
 )
+
+if TYPE_CHECKING:
+    from mmtui.stacks.base import Stack
+    from mmtui.store import Run, Store
 
 DEFAULT_K = "0,50,100,200,400,800,1600,3200,6400"
 
@@ -104,9 +108,9 @@ def ablate(
         with store:
             if from_store:
                 chosen = store.run(run)
-                result_ids = [r["id"] for r in store.results(chosen["id"], limit=limit)]
+                result_ids = [r["id"] for r in store.results(chosen.id, limit=limit)]
                 if not result_ids:
-                    fail(f"run {chosen['id']} holds no results; run `mmtui attribute IMAGE_DIR` first")
+                    fail(f"run {chosen.id} holds no results; run `mmtui attribute IMAGE_DIR` first")
                 stack = run_stack(chosen, device)
             else:
                 assert image_dir is not None
@@ -154,7 +158,7 @@ def ablate(
             except AblationError as error:
                 fail(str(error))
             n_points = len(points)
-            rows = summarize(points, shape=chosen["shape"]) if points else []
+            rows = summarize(points, shape=chosen.shape) if points else []
     if json_out:
         emit_json({"type": "summary", **r} for r in rows)
     elif rows:
@@ -164,17 +168,16 @@ def ablate(
 
 
 def _attribute_first(
-    store: Any,
+    store: Store,
     image_dir: Path,
     preset: str,
     captions: Path | None,
     device: str,
     limit: int | None,
     failures: list[str],
-) -> tuple[Any, dict[str, Any], list[int]]:
+) -> tuple[Stack, Run, list[int]]:
     """Attribute the images of IMAGE_DIR not yet cached; return the stack, the run and their result ids."""
-    import hashlib
-
+    from mmtui.run.events import ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
     from mmtui.run.images import find_images
     from mmtui.run.pipeline import attribute_images, read_captions
     from mmtui.stacks import load_stack
@@ -188,35 +191,33 @@ def _attribute_first(
     with err.status(f"Loading the {preset} stack..."):
         stack = load_stack(preset, device=device)
     run_id = None
+    sha256: dict[str, str] = {}  # path -> the image's sha256, from the run's events (nothing is read twice)
     with progress_bar() as progress:
         task = progress.add_task("Attributing", total=len(files))
         for event in attribute_images(stack, store, files, captions=caption_map):
-            if event.kind == "start":
-                run_id = event.message
-            elif event.kind == "warning":
+            if isinstance(event, RunStarted):
+                run_id = event.run_id
+            elif isinstance(event, Note) and event.kind == "warning":
                 warn(event.message)
-            elif event.kind in ("done", "skipped", "failed"):
+            elif isinstance(event, (ImageDone, ImageSkipped, ImageFailed)):
                 progress.advance(task)
-                if event.kind == "failed":
+                if event.sha256 is not None:
+                    sha256[event.path] = event.sha256
+                if isinstance(event, ImageFailed):
                     failures.append(event.message)
                     warn(event.message)
     assert run_id is not None
-    shas = []
-    for path in files:
-        try:
-            shas.append(hashlib.sha256(path.read_bytes()).hexdigest())
-        except OSError:
-            continue  # reported by the attribution above
+    shas = [sha256[str(path)] for path in files if str(path) in sha256]  # in the order of the files
     result_ids = result_ids_for_images(store, run_id, shas)
     if not result_ids:
         fail(f"none of the images in {image_dir} could be attributed; see the messages above")
     return stack, store.run(run_id), result_ids
 
 
-def _table(rows: list[dict[str, Any]], run: dict[str, Any], n_images: int) -> Table:
+def _table(rows: list[dict[str, Any]], run: Run, n_images: int) -> Table:
     first = rows[0]
     table = Table(
-        title=f"Dose-response: {first['mode']} ablation of {first['unit_mode']}, run {run['id']} ({run['stack']}), "
+        title=f"Dose-response: {first['mode']} ablation of {first['unit_mode']}, run {run.id} ({run.stack.name}), "
         f"{n_images} image(s)"
     )
     for name in ("condition", "k", "n", "drop", "95% CI", "F1", "units (%)"):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,6 +29,10 @@ from commands._app import (
     warn,
 )
 from mmtui.defaults import CONVENTIONS, DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PROMPT, SITES, Y_KINDS
+
+if TYPE_CHECKING:
+    from mmtui.run.events import Event
+    from mmtui.store import Run, Store
 
 
 @app.command()
@@ -145,12 +150,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return index, total
 
 
-def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[str, int]:  # noqa: ANN001
+def _consume(events: Iterable[Event], store: Store, top: int, convention: str, json_out: bool) -> dict[str, int]:
+    from mmtui.run.events import ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
     from mmtui.store.queries import image_summary
 
     counts = {"done": 0, "skipped": 0, "failed": 0}
     summaries: list[dict] = []
-    run: dict | None = None
+    run: Run | None = None
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -164,35 +170,40 @@ def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[s
         task = progress.add_task("Attributing", total=None, rate="")
         decode_task = None
         for event in events:
-            if event.kind == "start":
-                run = store.run(event.message)
+            if isinstance(event, RunStarted):
+                run = store.run(event.run_id)
                 progress.update(task, total=event.total)
-            elif event.kind == "decoding":
-                if decode_task is None:
-                    decode_task = progress.add_task("Decoding neurons", total=event.total, rate="")
-                else:
-                    progress.advance(decode_task)
-            elif event.kind == "warning":
-                warn(event.message)
-            elif event.kind == "info":
-                err.print(f"[dim]{event.message}[/]", highlight=False, soft_wrap=True)
-            elif event.kind in ("done", "skipped", "failed"):
-                counts[event.kind] += 1
-                progress.advance(task)
-                if event.kind == "failed":
-                    err.print(f"[red]Failed:[/] {event.message}", highlight=False, soft_wrap=True)
-                elif event.kind == "skipped" and "computed once" in event.message:
-                    err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
-                if event.kind == "done":
-                    elapsed = progress.tasks[task].elapsed or 0.0
-                    rate = counts["done"] / elapsed if elapsed else 0.0
-                    progress.update(task, rate=f"{rate:.2f} img/s")
-                    assert run is not None and event.result_id is not None
-                    summary = image_summary(store, run, event.result_id, top, convention)
-                    if json_out:
-                        emit_json([summary])
+            elif isinstance(event, Note):
+                if event.kind == "decoding":
+                    if decode_task is None:
+                        decode_task = progress.add_task("Decoding neurons", total=event.total, rate="")
                     else:
-                        summaries.append(summary)
+                        progress.advance(decode_task)
+                elif event.kind == "warning":
+                    warn(event.message)
+                else:
+                    err.print(f"[dim]{event.message}[/]", highlight=False, soft_wrap=True)
+            elif isinstance(event, ImageFailed):
+                counts["failed"] += 1
+                progress.advance(task)
+                err.print(f"[red]Failed:[/] {event.message}", highlight=False, soft_wrap=True)
+            elif isinstance(event, ImageSkipped):
+                counts["skipped"] += 1
+                progress.advance(task)
+                if event.reason == "duplicate":
+                    err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
+            elif isinstance(event, ImageDone):
+                counts["done"] += 1
+                progress.advance(task)
+                elapsed = progress.tasks[task].elapsed or 0.0
+                rate = counts["done"] / elapsed if elapsed else 0.0
+                progress.update(task, rate=f"{rate:.2f} img/s")
+                assert run is not None and event.result_id is not None
+                summary = image_summary(store, run, event.result_id, top, convention)
+                if json_out:
+                    emit_json([summary])
+                else:
+                    summaries.append(summary)
     if not json_out and summaries:
         out.print(_table(summaries, min(top, 5)))
     return counts

@@ -92,6 +92,6 @@ def _stack(preset: str | None, run_id: str | None, site: str, device: str, db: P
             runs = store.runs()
             if runs or run_id is not None:
                 chosen = store.run(run_id)
-                return run_stack(chosen, device), site or chosen["site"]
+                return run_stack(chosen, device), site or chosen.site
     with err.status(f"Loading the {preset or 'smol'} stack..."):
         return load_stack(preset or "smol", device=device), site

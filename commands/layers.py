@@ -85,7 +85,7 @@ def layers(
             emit_json({"type": "agreement", **a} for a in agree)
         return
     table = Table(
-        title=f"Unique units in each image's top {top} triples, per layer: run {chosen['id']} ({chosen['stack']}), "
+        title=f"Unique units in each image's top {top} triples, per layer: run {chosen.id} ({chosen.stack.name}), "
         f"{hist['n_images']} image(s)"
     )
     for name in ("layer", "units", "interpretable", "distinct", "share", ""):

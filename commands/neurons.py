@@ -45,6 +45,7 @@ def neurons(
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
+        store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
         rows = list_neurons(
             store,
             chosen,
@@ -59,7 +60,7 @@ def neurons(
         if json_out:
             emit_json(rows)
             return
-        title = f"Neurons of run {chosen['id']} ({chosen['stack']}, {chosen['n_images']} images)"
+        title = f"Neurons of run {chosen.id} ({chosen.stack.name}, {chosen.n_images} images)"
         table = Table(title=title)
         for name, justify in [("neuron", "left"), ("max", "right"), ("mean", "right"), ("top-100 in", "right")]:
             table.add_column(name, justify=justify, no_wrap=True)
@@ -101,7 +102,9 @@ def neuron(
     from mmtui.store.queries import neuron_detail
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
-        detail = neuron_detail(store, store.run(run), layer, index, top_images=limit)
+        chosen = store.run(run)
+        store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
+        detail = neuron_detail(store, chosen, layer, index, top_images=limit)
     if json_out:
         emit_json([detail])
         return

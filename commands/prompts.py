@@ -71,19 +71,20 @@ def prompts(
     failed = 0
     with core_errors():
         from mmtui.errors import ImageError
+        from mmtui.run.images import LoadedImage
         from mmtui.run.pipeline import read_captions
         from mmtui.store import Store
 
         scan = find_images(image_dir)
         caption_map = read_captions(captions) if captions else None
-        images = []
+        images: list[LoadedImage] = []
         for item in iter_images(scan.files[:limit] if limit else scan.files):
             if isinstance(item, ImageError):
-                if "computed once" not in str(item):
-                    failed += 1
-                    warn(str(item))
-                continue
-            images.append(item)
+                failed += 1
+                warn(str(item))
+            elif isinstance(item, LoadedImage):
+                images.append(item)
+            # else a Skip: the same photo under another name, decoded once
         if not images:
             fail(f"no readable image in {image_dir}")
         if caption_map is None:

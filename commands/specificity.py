@@ -45,7 +45,7 @@ def specificity(
         coco = CocoInstances.load(instances)
         with open_store(db_path(db)) as store:
             chosen = store.run(run)
-            result_ids = [r["id"] for r in store.results(chosen["id"], limit=limit)]
+            result_ids = [r["id"] for r in store.results(chosen.id, limit=limit)]
             stack = run_stack(chosen, device)
             with progress_bar() as progress:
                 task = progress.add_task("IoU", total=len(result_ids))
@@ -84,7 +84,7 @@ def specificity(
             ]
         )
     else:
-        table = Table(title=f"IoU of receptive fields with COCO masks, run {chosen['id']} ({chosen['stack']})")
+        table = Table(title=f"IoU of receptive fields with COCO masks, run {chosen.id} ({chosen.stack.name})")
         for name in ("category", "n", "top", "random", "diff [95% CI]", "avg top", "avg rnd"):
             table.add_column(name, justify="left" if name == "category" else "right")
         for c in [*summary["categories"], {"category": "all", **summary["overall"]}]:

@@ -24,6 +24,7 @@ KEEP = 400
 @pytest.fixture(scope="session")
 def attributed_master(tmp_path_factory: pytest.TempPathFactory, tiny_stack) -> Path:
     """A cache with N_IMAGES COCO photos attributed by the tiny stack (targets: the human captions' first nouns)."""
+    from mmtui.run.events import ImageDone
     from mmtui.run.pipeline import attribute_images, read_captions
     from mmtui.store import Store
 
@@ -39,7 +40,7 @@ def attributed_master(tmp_path_factory: pytest.TempPathFactory, tiny_stack) -> P
                 tiny_stack, store, sorted(folder.glob("*.jpg")), captions=read_captions(CAPTIONS), keep=KEEP
             )
         )
-    assert sum(e.kind == "done" for e in events) == N_IMAGES
+    assert sum(isinstance(e, ImageDone) for e in events) == N_IMAGES
     return path
 
 

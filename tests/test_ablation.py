@@ -37,7 +37,7 @@ def _prefix(stack, row):
 
 def test_empty_ablation_leaves_p_unchanged_exactly(tiny_stack, store_run):
     store, run = store_run
-    row = xs.result_rows(store, run["id"])[0]
+    row = xs.result_rows(store, run.id)[0]
     prefix = _prefix(tiny_stack, row)
     plain = target_probs(tiny_stack, prefix, row["context_ids"], row["target_token_id"])
     masks = [torch.zeros(1, tiny_stack.n_patches, tiny_stack.d_mlp, dtype=torch.bool)] * tiny_stack.n_layers
@@ -51,7 +51,7 @@ def test_empty_ablation_leaves_p_unchanged_exactly(tiny_stack, store_run):
 
 def test_k0_point_is_the_unablated_pass(tiny_stack, store_run):
     store, run = store_run
-    ids = [r["id"] for r in xs.result_rows(store, run["id"])][:1]
+    ids = [r["id"] for r in xs.result_rows(store, run.id)][:1]
     points = list(dose_response(tiny_stack, store, run, ids, [0], seeds=2, captions=False))
     assert {p.condition for p in points} == {"top", "interpretable", "random"}
     for p in points:
@@ -62,7 +62,7 @@ def test_zeroing_one_triple_changes_only_what_it_should(tiny_stack, store_run):
     """Against a manual forward with that one activation zeroed: same P; layer-0 activations differ only at the
     ablated (patch, unit); layer-1 activations before the patch are untouched (causal attention)."""
     store, run = store_run
-    row = xs.result_rows(store, run["id"])[0]
+    row = xs.result_rows(store, run.id)[0]
     prefix = _prefix(tiny_stack, row)
     layer, unit, patch = 0, 7, 5
 
@@ -117,7 +117,7 @@ def test_hook_leaves_cached_decoding_steps_alone(tiny_stack):
 
 def test_ablated_generation_differs_from_plain_only_through_the_prefix(tiny_stack, store_run):
     store, run = store_run
-    row = xs.result_rows(store, run["id"])[0]
+    row = xs.result_rows(store, run.id)[0]
     prefix = _prefix(tiny_stack, row)
     plain = generate_captions(tiny_stack, prefix, max_new_tokens=8)
     none = [None] * tiny_stack.n_layers
@@ -126,7 +126,7 @@ def test_ablated_generation_differs_from_plain_only_through_the_prefix(tiny_stac
 
 def test_random_baseline_same_layer_same_patch_seeded_and_nested(store_run):
     store, run = store_run
-    rid = xs.result_rows(store, run["id"])[0]["id"]
+    rid = xs.result_rows(store, run.id)[0]["id"]
     configs = select(store, run, rid, [10, 50], seeds=2)
     top50 = next(c for c in configs if c.condition == "top" and c.k == 50).entries
     rand = {(c.seed, c.k): c.entries for c in configs if c.condition == "random"}
@@ -144,7 +144,7 @@ def test_random_baseline_same_layer_same_patch_seeded_and_nested(store_run):
 
 def test_units_mode_ablates_every_image_position(tiny_stack, store_run):
     store, run = store_run
-    ids = [xs.result_rows(store, run["id"])[0]["id"]]
+    ids = [xs.result_rows(store, run.id)[0]["id"]]
     points = list(
         dose_response(tiny_stack, store, run, ids, [3], seeds=1, unit_mode="units", captions=False, interpretable=False)
     )
@@ -161,9 +161,9 @@ def test_units_mode_ablates_every_image_position(tiny_stack, store_run):
 
 def test_points_are_stored_and_reused(tiny_stack, store_run):
     store, run = store_run
-    ids = [r["id"] for r in xs.result_rows(store, run["id"])][:2]
+    ids = [r["id"] for r in xs.result_rows(store, run.id)][:2]
     first = list(dose_response(tiny_stack, store, run, ids, [0, 5, 20], seeds=2, captions=False))
-    rows = xs.ablation_points(store, run["id"], mode="zero", unit_mode="triples")
+    rows = xs.ablation_points(store, run.id, mode="zero", unit_mode="triples")
     assert len(rows) == len(first) == 2 * 3 * (1 + 2) + 2  # top + 2 random per k, interpretable only at k = 0
     assert not any(p.cached for p in first)
     again = list(dose_response(tiny_stack, store, run, ids, [0, 5, 20], seeds=2, captions=False))
@@ -188,7 +188,7 @@ def test_points_are_stored_and_reused(tiny_stack, store_run):
 
 def test_captions_regenerated_and_scored(tiny_stack, store_run, bert_scorer):
     store, run = store_run
-    ids = [xs.result_rows(store, run["id"])[0]["id"]]
+    ids = [xs.result_rows(store, run.id)[0]["id"]]
     points = list(
         dose_response(tiny_stack, store, run, ids, [0, 200], seeds=1, bertscore=bert_scorer, interpretable=False)
     )
@@ -204,31 +204,31 @@ def test_mean_ablation_uses_stored_unit_means(tiny_stack, store_run):
     store, run = store_run
     means = unit_means(tiny_stack, store, run)
     assert means.shape == (tiny_stack.n_layers, tiny_stack.d_mlp)
-    stored, n = xs.get_unit_means(store, run["id"], run["site"], means.shape)
+    stored, n = xs.get_unit_means(store, run.id, run.site, means.shape)
     assert n == 4 and np.allclose(stored, means.numpy())
     # by hand for one unit: mean over the images and their image positions
     acts = []
-    for row in xs.result_rows(store, run["id"]):
+    for row in xs.result_rows(store, run.id):
         prefix = _prefix(tiny_stack, row)
         embeds, _ = tiny_stack.build_inputs(prefix, [[]])
         with torch.no_grad(), tiny_stack.hooks(lambda layer, act: acts.append(act[0, :16, 9]) if layer == 1 else None):
             tiny_stack.lm.base_model(inputs_embeds=embeds, use_cache=False)
     assert float(means[1, 9]) == pytest.approx(float(torch.cat(acts).mean()), abs=1e-5)
-    ids = [xs.result_rows(store, run["id"])[0]["id"]]
+    ids = [xs.result_rows(store, run.id)[0]["id"]]
     points = list(dose_response(tiny_stack, store, run, ids, [0, 10], seeds=1, mode="mean", captions=False))
     assert {p.mode for p in points} == {"mean"}
 
 
 def test_cancel_keeps_what_was_stored(tiny_stack, store_run):
     store, run = store_run
-    ids = [r["id"] for r in xs.result_rows(store, run["id"])]
+    ids = [r["id"] for r in xs.result_rows(store, run.id)]
     cancel = threading.Event()
     got = []
     for p in dose_response(tiny_stack, store, run, ids, [0, 5], seeds=1, captions=False, batch_size=2, cancel=cancel):
         got.append(p)
         cancel.set()
     assert 0 < len(got) < 4 * 2 * 2
-    assert len(xs.ablation_points(store, run["id"])) == len(got)
+    assert len(xs.ablation_points(store, run.id)) == len(got)
 
 
 def test_bad_options(tiny_stack, store_run):
@@ -313,3 +313,23 @@ def test_ablate_command_from_a_folder(image_dir, tmp_path):
     assert "00-broken.jpg" in result.stderr
     points = [json.loads(line) for line in result.stdout.splitlines() if '"point"' in line]
     assert len({p["result_id"] for p in points}) == 1
+
+
+def test_ablate_command_finds_cached_and_duplicate_images_again(image_dir, tmp_path):
+    """A rerun attributes nothing new (every image is cached) and ablates the same results; a second copy of a
+    photo is one image. The results are found by the sha256s the run's events carry."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    first, second = sorted(image_dir.iterdir())[:2]
+    for f in (first, second):
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "zz-copy.jpg").write_bytes(first.read_bytes())
+    args = ["ablate", str(folder), "--preset", "tiny", "--k", "0,3", "--seeds", "1", "--no-regenerate"]
+    args += ["--device", "cpu", "--db", str(tmp_path / "c.db"), "--json"]
+    ids = []
+    for _ in range(2):
+        result = runner.invoke(app, args)
+        assert result.exit_code == ExitCode.OK, result.stderr
+        points = [json.loads(line) for line in result.stdout.splitlines() if '"point"' in line]
+        ids.append([p["result_id"] for p in points])
+    assert len(set(ids[0])) == 2 and ids[1] == ids[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtui.run.attribution import Target, resolve_target, score_targets
+from mmtui.run.attribution import Target, attribute, resolve_target, score_targets
 
 
 def _targets(stack, prefix, words):
@@ -85,8 +85,8 @@ def test_scores_match_finite_differences(batch):
 
 def test_batched_equals_one_by_one(tiny_stack, pil_images):
     stack = tiny_stack
-    together = stack.attribute(pil_images, target="dog")
-    alone = [stack.attribute([img], target="dog")[0] for img in pil_images]
+    together = attribute(stack, pil_images, target="dog")
+    alone = [attribute(stack, [img], target="dog")[0] for img in pil_images]
     for a, b in zip(together, alone, strict=True):
         assert a.target.token_id == b.target.token_id
         assert a.p_target == pytest.approx(b.p_target, rel=1e-4)
@@ -95,7 +95,7 @@ def test_batched_equals_one_by_one(tiny_stack, pil_images):
 
 
 def test_top_triples_are_sorted_and_consistent(tiny_stack, pil_images):
-    attr = tiny_stack.attribute(pil_images[:1], full=True)[0]
+    attr = attribute(tiny_stack, pil_images[:1], full=True)[0]
     scores = attr.top_score
     assert torch.all(scores[:-1] >= scores[1:])
     for layer, unit, patch, score in attr.top(50):
@@ -107,8 +107,8 @@ def test_top_triples_are_sorted_and_consistent(tiny_stack, pil_images):
 
 
 def test_y_kinds_and_p_target(tiny_stack, pil_images):
-    prob = tiny_stack.attribute(pil_images[:1], target="dog", y_kind="prob")[0]
-    logprob = tiny_stack.attribute(pil_images[:1], target="dog", y_kind="logprob")[0]
+    prob = attribute(tiny_stack, pil_images[:1], target="dog", y_kind="prob")[0]
+    logprob = attribute(tiny_stack, pil_images[:1], target="dog", y_kind="logprob")[0]
     assert prob.y_c == pytest.approx(prob.p_target)
     assert logprob.y_c == pytest.approx(torch.tensor(prob.p_target).log().item(), rel=1e-4)
     assert 0 < prob.p_target < 1
@@ -116,14 +116,14 @@ def test_y_kinds_and_p_target(tiny_stack, pil_images):
 
 def test_pre_site_scores_the_first_matrix_output(tiny_stack64, pil_images):
     stack = tiny_stack64
-    attr = stack.attribute(pil_images[:1], target="dog", site="pre", full=True)[0]
+    attr = attribute(stack, pil_images[:1], target="dog", site="pre", full=True)[0]
     assert attr.scores.shape == (stack.n_layers, stack.n_patches, stack.d_mlp)
-    post = stack.attribute(pil_images[:1], target="dog", site="post", full=True)[0]
+    post = attribute(stack, pil_images[:1], target="dog", site="post", full=True)[0]
     assert not torch.allclose(attr.scores, post.scores)
 
 
 def test_parameters_get_no_gradients(tiny_stack, pil_images):
-    tiny_stack.attribute(pil_images[:1])
+    attribute(tiny_stack, pil_images[:1])
     assert all(p.grad is None and not p.requires_grad for p in tiny_stack.lm.parameters())
 
 
@@ -164,7 +164,7 @@ def test_word_target_context_is_caption_up_to_its_noun(tiny_stack):
 def test_kept_triples_equal_a_full_sort(tiny_stack, pil_images, top):
     """The thresholded reduction keeps exactly the top-k of all L x P x d_mlp scores, for k below and above the
     number of units."""
-    attrs = tiny_stack.attribute(pil_images, target="dog", top=top, full=True)
+    attrs = attribute(tiny_stack, pil_images, target="dog", top=top, full=True)
     for attr in attrs:
         flat = attr.scores.reshape(-1)
         expected = flat.topk(min(top, flat.numel())).values

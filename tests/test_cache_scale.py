@@ -6,14 +6,14 @@ from __future__ import annotations
 import sqlite3
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from mmtui.defaults import NEURON_IMAGES
+from mmtui.run.events import ImageDone
 from mmtui.run.writer import StoreWriter
-from mmtui.store import ResultRecord, Store
+from mmtui.store import ResultRecord, StackIdentity, Store
 from mmtui.store.arrays import LOG8_STEPS, pack_array, pack_triples, unpack_array, unpack_triples, unpack_unit_images
 from mmtui.store.fold import LAYER_BITS, UNIT_BITS, by_layer, by_unit, merge_best_images, split_key
 from mmtui.store.migrations import migrations
@@ -115,21 +115,18 @@ def _records(n: int, seed: int = 0, units: int = D_MLP) -> list[ResultRecord]:
     return out
 
 
-def _run_args() -> dict:
-    return {
-        "stack_id": "s",
-        "stack_name": "synthetic",
-        "fingerprint": {},
-        "shape": {"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES},
-        "lm_id": "lm",
-        "prompt": "A picture of",
-        "site": "post",
-        "y_kind": "prob",
-    }
+STACK = StackIdentity(
+    id="s",
+    name="synthetic",
+    fingerprint={},
+    shape={"n_layers": N_LAYERS, "d_mlp": D_MLP, "n_patches": N_PATCHES},
+    lm_id="lm",
+    prompt="A picture of",
+)
 
 
-def _new_run(store: Store) -> str:
-    return store.ensure_run(**_run_args())
+def _new_run(store: Store, site: str = "post", y_kind: str = "prob") -> str:
+    return store.ensure_run(STACK, site=site, y_kind=y_kind)
 
 
 def _brute(
@@ -167,7 +164,7 @@ def test_the_writer_keeps_each_units_best_results(tmp_path: Path, refresh_every:
         run_id = _new_run(store)
     writer = StoreWriter(path, run_id, timeout=5.0, refresh_every=refresh_every)
     for rec in _records(45):
-        writer.put(SimpleNamespace(record=rec, result_id=None))  # type: ignore[arg-type]
+        writer.put(ImageDone(rec.image_path, rec.image_sha256, None, rec))
     assert len(list(writer.finish())) == 45
     with Store.open(path) as store:
         expected = _brute(store.db.conn, run_id)
@@ -372,7 +369,7 @@ def test_m008_keys_the_unit_tables_by_an_integer_per_run(tmp_path: Path) -> None
         " FROM neuron_stats s JOIN runs ON {} ORDER BY 1, 2, 3"
     )
     with Store.open(path) as store:
-        runs = [_new_run(store), store.ensure_run(**{**_run_args(), "y_kind": "logit"})]
+        runs = [_new_run(store), _new_run(store, y_kind="logit")]
         for i, rec in enumerate(_records(60, seed=4)):  # 30 a run: over 20 results a unit
             store.add_result(runs[i % 2], rec, stats=False)
         for run_id in runs:
@@ -392,6 +389,6 @@ def test_m008_keys_the_unit_tables_by_an_integer_per_run(tmp_path: Path) -> None
         assert {run_id: _stored(store.db.conn, run_id) for run_id in runs} == images
         assert store.db["neuron_stats"].columns_dict["run_key"] is int
         assert {tuple(ix.columns)[0] for ix in store.db["neuron_stats"].indexes} == {"run_key"}
-        third = store.ensure_run(**{**_run_args(), "site": "pre"})
+        third = _new_run(store, site="pre")
         assert store.run_key(third) == 3
-        assert store.ensure_run(**_run_args()) == runs[0] and store.run_key(runs[0]) in (1, 2)  # unchanged
+        assert _new_run(store) == runs[0] and store.run_key(runs[0]) in (1, 2)  # unchanged

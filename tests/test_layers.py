@@ -25,9 +25,9 @@ runner = CliRunner()
 def test_histogram_equals_a_direct_count(store_run):
     store, run = store_run
     hist = layer_histogram(store, run, top=30)
-    counts = [0] * run["shape"]["n_layers"]
+    counts = [0] * run.shape["n_layers"]
     distinct: set[tuple[int, int]] = set()
-    for row in xs.result_rows(store, run["id"]):
+    for row in xs.result_rows(store, run.id):
         units = {(t["layer"], t["unit"]) for t in store.top_triples(row["id"], 30)}
         distinct |= units
         for layer, _unit in units:
@@ -41,17 +41,17 @@ def test_histogram_equals_a_direct_count(store_run):
 
 def test_histogram_counts_interpretable_units(store_run):
     store, run = store_run
-    first = xs.result_rows(store, run["id"])[0]
+    first = xs.result_rows(store, run.id)[0]
     layer, unit = store.top_triples(first["id"], 1)[0]["layer"], store.top_triples(first["id"], 1)[0]["unit"]
     store.db.execute(
         "UPDATE neuron_tokens SET interpretable = 1 WHERE lm_id = ? AND layer = ? AND unit = ?",
-        [run["lm_id"], layer, unit],
+        [run.lm_id, layer, unit],
     )
     store.db.conn.commit()
     hist = layer_histogram(store, run, top=30)
     n_images = sum(
         (layer, unit) in {(t["layer"], t["unit"]) for t in store.top_triples(r["id"], 30)}
-        for r in xs.result_rows(store, run["id"])
+        for r in xs.result_rows(store, run.id)
     )
     assert hist["layers"][layer]["interpretable"] == n_images and hist["interpretable_units"] == n_images
 
@@ -69,10 +69,10 @@ def test_table1_rows_pairing_and_storage(store_run, bert_scorer):
     first = by_kind["multimodal"][0]
     texts = unit_texts(store, run, first["result_id"], 20, "raw", False)
     assert first["n_units"] == len(texts) and first["best_text"] in texts
-    path = Path(xs.result_rows(store, run["id"], [first["result_id"]])[0]["path"]).name
+    path = Path(xs.result_rows(store, run.id, [first["result_id"]])[0]["path"]).name
     best = bert_scorer.f1_mean(texts, [captions[path]] * len(texts)).max()
     assert first["value"] == pytest.approx(float(best), abs=1e-6)
-    assert len(xs.agreement_rows(store, run["id"])) == 12
+    assert len(xs.agreement_rows(store, run.id)) == 12
     table = summarize(rows)
     assert {(t["metric"], t["kind"]) for t in table} == {("bertscore", k) for k in ("multimodal", "random", "caption")}
     assert all(t["n"] == 4 and t["model"] == bert_scorer.name for t in table)

@@ -106,3 +106,15 @@ def test_prompts_command(image_dir, tmp_path):
     assert no_caps.exit_code == ExitCode.FAILED and "no metric can score the prompts" in no_caps.stderr
     missing = runner.invoke(app, ["prompts", str(tmp_path / "nowhere"), *args])
     assert missing.exit_code == ExitCode.FAILED and "no such file or folder" in missing.stderr
+
+
+def test_prompts_command_two_identical_photos(image_dir, tmp_path):
+    """The same photo under two names is decoded once (a Skip, not an error, not a crash)."""
+    first = sorted(image_dir.iterdir())[0]
+    (image_dir / "zz-copy.jpg").write_bytes(first.read_bytes())
+    args = ["--preset", "tiny", "--device", "cpu", "--db", str(tmp_path / "c.db"), "--random", "10"]
+    result = runner.invoke(app, ["prompts", str(image_dir), "--captions", str(CAPTIONS), "--json", *args])
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert "Traceback" not in result.output and "zz-copy.jpg" not in result.stderr
+    tables = [r for r in map(json.loads, result.stdout.splitlines()) if r["type"] == "table"]
+    assert {r["kind"] for r in tables} == {"random", "prompt", "caption", "nouns"}

@@ -37,11 +37,11 @@ def test_full_report(tiny_stack, store_run, bert_scorer, tmp_path):
     if not INSTANCES.is_file():
         pytest.skip(f"needs {INSTANCES}")
     store, run = store_run
-    ids = [r["id"] for r in store.results(run["id"])]
+    ids = [r["id"] for r in store.results(run.id)]
     list(dose_response(tiny_stack, store, run, ids, [0, 5, 40], seeds=2, bertscore=bert_scorer))
     captions = read_captions(CAPTIONS)
     score_agreement(store, run, captions, bertscore=bert_scorer, top=10, interpretable_only=False)
-    images = [load_image(r["path"]) for r in store.results(run["id"])]
+    images = [load_image(r["path"]) for r in store.results(run.id)]
     decode_prompts(tiny_stack, store, images[:2], captions, n_random=10, bertscore=bert_scorer)
     list(score_images(tiny_stack, store, run, CocoInstances.load(INSTANCES), n_units=2, seeds=1))
     report = build_report(store, run, tmp_path / "r", stack=tiny_stack, heatmap_images=2)
@@ -52,7 +52,7 @@ def test_full_report(tiny_stack, store_run, bert_scorer, tmp_path):
     page = report.path.read_text()
     for heading in ("Causal effect", "Layers of the top units", "Table 1", "Table 2", "Visual specificity", "Heatmaps"):
         assert heading in page
-    assert run["stack_id"] in page  # every figure names its stack
+    assert run.stack.id in page  # every figure names its stack
     numbers = json.loads((tmp_path / "r" / "numbers.json").read_text())
     dose = numbers["dose_response_zero_triples"]
     assert {(r["condition"], r["k"]) for r in dose} >= {("top", 40), ("random", 40)}

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from commands import app
 from mmtui.errors import MmtuiError
+from mmtui.run.events import ImageDone
 from mmtui.run.pipeline import Settings, attribute_images
 from mmtui.store import Store
 from mmtui.store.merge import merge_stores
@@ -32,7 +33,7 @@ def snapshot(store: Store) -> dict:
         )
     }
     tokens = store.db.execute("SELECT count(*) FROM neuron_tokens").fetchone()[0]
-    runs = sorted((r["id"], r["stack_id"]) for r in store.runs())
+    runs = sorted((r.id, r.stack.id) for r in store.runs())
     return {"results": results, "triples": triples, "stats": stats, "tokens": tokens, "runs": runs}
 
 
@@ -144,7 +145,7 @@ def test_ray_engine_equals_a_single_run(image_dir, tmp_path, single):
                     load, store, sorted(image_dir.iterdir()), Settings(target="dog", batch_size=2), workers=2
                 )
             )
-            assert sum(e.kind == "done" for e in events) == 4
+            assert sum(isinstance(e, ImageDone) for e in events) == 4
             assert_same(snapshot(store), single)
     finally:
         ray.shutdown()

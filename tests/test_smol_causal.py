@@ -9,6 +9,7 @@ units of layer 0 disturbs the model); over 30 held-out images the mean is 7% at 
 
 from __future__ import annotations
 
+from mmtui.run.events import ImageDone
 from mmtui.run.pipeline import Settings, attribute_images
 from mmtui.run.samples import sample_images
 from mmtui.store import Store
@@ -21,7 +22,7 @@ def test_top_triples_matter_and_random_ones_do_not(smol, tmp_path):
 
     with Store.open(tmp_path / "causal.db") as store:
         events = list(attribute_images(smol, store, sample_images()[:3], Settings(batch_size=3, keep=K)))
-        ids = [e.result_id for e in events if e.kind == "done"]
+        ids = [e.result_id for e in events if isinstance(e, ImageDone)]
         assert len(ids) == 3
         points = list(dose_response(smol, store, store.run(), ids, [K], seeds=1, captions=False, interpretable=False))
     top = [p.relative_drop for p in points if p.condition == "top" and p.k == K]

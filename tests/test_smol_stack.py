@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmtui import attribute
 from mmtui.run.samples import sample_captions, sample_dir, sample_images
 from mmtui.stacks.presets import SMOL_PROJECTION
 from mmtui.stacks.projection import read_card
@@ -48,7 +49,7 @@ def test_smol_attributes_two_sample_photos(smol):
 
     assert (smol.n_layers, smol.d_mlp, smol.grid, smol.projection.d_out) == (30, 1536, (7, 7), 576)
     images = [Image.open(p).convert("RGB") for p in sample_images()[:2]]
-    results = smol.attribute(images, top=100, full=True, max_new_tokens=8)
+    results = attribute(smol, images, top=100, full=True, max_new_tokens=8)
     for result in results:
         assert result.scores.shape == (30, 49, 1536)  # layers x patches x units
         assert torch.allclose(result.unit_max, result.scores.amax(dim=1))

@@ -104,11 +104,11 @@ def test_score_images_rows_are_stored_and_deterministic(tiny_stack, store_run):
         assert kinds.count("top-mean") == 1 and kinds.count("random-mean") == 2
         assert all(0.0 <= r["iou"] <= 1.0 for r in item.rows)
         assert [(r["layer"], r["unit"]) for r in item.rows if r["kind"] == "top"] == top_units(store, item.result_id, 3)
-    stored = xs.specificity_rows(store, run["id"])
+    stored = xs.specificity_rows(store, run.id)
     assert len(stored) == sum(len(i.rows) for i in first)
-    row = xs.result_rows(store, run["id"], [first[0].result_id])[0]
+    row = xs.result_rows(store, run.id, [first[0].result_id])[0]
     units = top_units(store, row["id"], 3)
-    maps = xs.get_activation_maps(store, run["stack_id"], row["image_sha256"], "post", units)
+    maps = xs.get_activation_maps(store, run.stack.id, row["image_sha256"], "post", units)
     assert set(maps) == set(units) and all(m.shape == (4, 4) for m in maps.values())
     again = list(score_images(tiny_stack, store, run, coco, n_units=3, seeds=2))
     assert [r["iou"] for i in again for r in i.rows] == [r["iou"] for i in first for r in i.rows]

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from mmtui import load_stack
+from mmtui import attribute, load_stack
 from mmtui.errors import ProjectionError, StackError
 from mmtui.run.decoding import decode_layer, unit_logits
 from mmtui.stacks.base import Stack
@@ -69,7 +69,7 @@ def _stack_with(family: str) -> Stack:
 def test_family_adapter_scores_match_autograd_on_the_site(family, pil_images):
     """For each family: the adapter's site is the output matrix's input, and g equals act * grad there."""
     stack = _stack_with(family)
-    attr = stack.attribute(pil_images[:1], target="dog", full=True)[0]
+    attr = attribute(stack, pil_images[:1], target="dog", full=True)[0]
     d_mlp = stack.adapter.out_weight(0).shape[1]
     assert attr.scores.shape == (2, 16, d_mlp)
     # independent: re-run with the output matrix's input captured by a plain forward pre-hook
@@ -127,7 +127,7 @@ def test_limber_loading_path_end_to_end(tmp_path, pil_images):
     assert stack.lm.get_output_embeddings().weight.shape[0] == n_real + 1
     assert stack.identity["image_token"] is True
     assert stack.grid == (4, 4) and stack.encoder.dim == 32
-    attr = stack.attribute(pil_images[:2], target="dog")
+    attr = attribute(stack, pil_images[:2], target="dog")
     assert len(attr) == 2 and all(0 < a.p_target < 1 for a in attr)
     ids, _ = decode_layer(stack, 0)
     assert int(ids.max()) < n_real  # <|image|> never decodes
@@ -194,7 +194,7 @@ def test_python_api(pil_images):
     import mmtui
 
     stack = mmtui.load_stack("tiny", device="cpu")
-    out = stack.attribute(pil_images[:2], target="dog")
+    out = attribute(stack, pil_images[:2], target="dog")
     assert out[0].unit_max.shape == (stack.n_layers, stack.d_mlp)
     assert out[0].target.token_id == stack.tokenize(" dog")[0]
     assert stack.lm.__class__.__name__ == "GPTJForCausalLM"

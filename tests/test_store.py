@@ -10,10 +10,13 @@ import pytest
 from sqlite_utils import Database
 
 from mmtui.errors import StoreError, StoreLockedError, StoreTooNewError
+from mmtui.run.events import ImageDone, ImageSkipped
 from mmtui.run.pipeline import attribute_images
-from mmtui.store import Store
+from mmtui.store import StackIdentity, Store
 from mmtui.store.arrays import pack_array, unpack_array
 from mmtui.store.migrations import MIGRATION_SET, migrations
+
+STACK = StackIdentity(id="s", name="x", fingerprint={}, shape={}, lm_id="l", prompt="p")
 
 
 def test_migrate_blank_database():
@@ -85,16 +88,7 @@ def test_locked_store_waits_then_says_so(tmp_path):
     holder.execute("BEGIN IMMEDIATE")
     try:
         with Store.open(path, timeout=0.2) as store, pytest.raises(StoreLockedError, match="locked by another"):
-            store.ensure_run(
-                stack_id="s",
-                stack_name="x",
-                fingerprint={},
-                shape={},
-                lm_id="l",
-                prompt="p",
-                site="post",
-                y_kind="prob",
-            )
+            store.ensure_run(STACK, site="post", y_kind="prob")
     finally:
         holder.rollback()
         holder.close()
@@ -108,9 +102,7 @@ def test_lock_released_in_time_is_waited_for(tmp_path):
     timer = threading.Timer(0.3, holder.rollback)
     timer.start()
     with Store.open(path, timeout=5) as store:
-        run_id = store.ensure_run(
-            stack_id="s", stack_name="x", fingerprint={}, shape={}, lm_id="l", prompt="p", site="post", y_kind="prob"
-        )
+        run_id = store.ensure_run(STACK, site="post", y_kind="prob")
     timer.join()
     holder.close()
     assert run_id
@@ -141,15 +133,18 @@ def test_interrupted_run_keeps_finished_images_and_resume_gives_identical_rows(t
     done = 0
     with pytest.raises(KeyboardInterrupt):
         for event in attribute_images(tiny_stack, interrupted, files, batch_size=1, target="dog"):
-            if event.kind == "done":
+            if isinstance(event, ImageDone):
                 done += 1
                 if done == 2:
                     raise KeyboardInterrupt  # Ctrl-C after two images
-    run_id = interrupted.run()["id"]
+    run_id = interrupted.run().id
     kept = len(interrupted.done_keys(run_id))  # the two seen, and any finished while they were shown
     assert 2 <= kept < len(files)
     events = list(attribute_images(tiny_stack, interrupted, files, batch_size=1, target="dog"))
-    assert sum(e.kind == "skipped" for e in events) == kept and sum(e.kind == "done" for e in events) == 4 - kept
+    assert (
+        sum(isinstance(e, ImageSkipped) for e in events) == kept
+        and sum(isinstance(e, ImageDone) for e in events) == 4 - kept
+    )
 
     straight = Store.open(tmp_path / "b.db")
     list(attribute_images(tiny_stack, straight, files, batch_size=1, target="dog"))
@@ -161,7 +156,7 @@ def test_unit_scores_and_neuron_stats(tiny_stack, image_dir, tmp_path):
     events = [
         e
         for e in attribute_images(tiny_stack, store, sorted(image_dir.iterdir())[:2], target="dog")
-        if e.kind == "done"
+        if isinstance(e, ImageDone)
     ]
     rec = events[0].record
     umax, usum = store.unit_scores(events[0].result_id)
@@ -195,12 +190,13 @@ def test_refresh_stats_equals_adding_one_by_one(tiny_stack, image_dir, tmp_path)
     """The bulk fold of results into neuron_stats gives the aggregates of the per-result upsert."""
     paths = sorted(image_dir.iterdir())
     one = Store.open(tmp_path / "one.db")
-    records = [e for e in attribute_images(tiny_stack, one, paths, target="dog") if e.kind == "done"]
-    run_id = one.run()["id"]
+    records = [e for e in attribute_images(tiny_stack, one, paths, target="dog") if isinstance(e, ImageDone)]
+    run_id = one.run().id
     bulk = Store.open(tmp_path / "bulk.db")
     eager = Store.open(tmp_path / "eager.db")
     for store in (bulk, eager):
-        store.ensure_run(**{k: v for k, v in _run_args(one, run_id).items()})
+        run = one.run(run_id)
+        store.ensure_run(run.stack, site=run.site, y_kind=run.y_kind)
     for e in records:
         bulk.add_result(run_id, e.record, stats=False)
         eager.add_result(run_id, e.record, stats=True)
@@ -210,17 +206,3 @@ def test_refresh_stats_equals_adding_one_by_one(tiny_stack, image_dir, tmp_path)
     assert list(bulk.db.execute(query)) == list(eager.db.execute(query))
     best = "SELECT s.layer, s.unit, r.image_sha256 FROM neuron_stats s JOIN results r ON r.id = s.best_result_id ORDER BY 1, 2"
     assert list(bulk.db.execute(best)) == list(eager.db.execute(best))
-
-
-def _run_args(store: Store, run_id: str) -> dict:
-    run = store.run(run_id)
-    return {
-        "stack_id": run["stack_id"],
-        "stack_name": run["stack"],
-        "fingerprint": run["fingerprint"],
-        "shape": run["shape"],
-        "lm_id": run["lm_id"],
-        "prompt": run["prompt"],
-        "site": run["site"],
-        "y_kind": run["y_kind"],
-    }

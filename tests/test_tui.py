@@ -51,6 +51,7 @@ def tiny_db(tiny_stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 COCO photos attributed by the tiny stack, once per session. Tests that write take a copy."""
     from conftest import coco_files
 
+    from mmtui.run.events import ImageDone
     from mmtui.run.pipeline import attribute_images
 
     folder = tmp_path_factory.mktemp("tui-images")
@@ -58,8 +59,8 @@ def tiny_db(tiny_stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(f, folder / f.name)
     db = folder.parent / "tiny.db"
     with Store.open(db) as store:
-        kinds = [e.kind for e in attribute_images(tiny_stack, store, sorted(folder.iterdir()))]
-    assert kinds.count("done") == 3, kinds
+        events = list(attribute_images(tiny_stack, store, sorted(folder.iterdir())))
+    assert sum(isinstance(e, ImageDone) for e in events) == 3, events
     return db
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mmtui.experiments.words import is_interpretable
-from mmtui.store import ResultRecord, Store, queries
+from mmtui.store import ResultRecord, Run, StackIdentity, Store, queries
 from mmtui.tui.state import COLUMNS
 
 KEYS = {"layer": "layer", "neuron": "neuron", "max": "max_score", "mean": "mean_score", "top": "n_top"}
@@ -93,17 +93,15 @@ def build_synthetic_store(db: Path, runs: int = 1) -> Path:
     }
     with Store.open(db) as store:
         for r in range(runs):
-            run_id = store.ensure_run(
-                stack_id=f"synthetic-{r}",
-                stack_name="synthetic",
+            stack = StackIdentity(
+                id=f"synthetic-{r}",
+                name="synthetic",
                 fingerprint={"synthetic": r},
                 shape=shape,
                 lm_id="synthetic-lm",
                 prompt="A picture of" if r == 0 else "A photo of",
-                site="post",
-                y_kind="prob",
-                settings={"keep": 48},
             )
+            run_id = store.ensure_run(stack, site="post", y_kind="prob", settings={"keep": 48})
             captions = [
                 ("horse", "a horse in a field"),
                 ("bird", "a bird \x06on a cage"),
@@ -155,13 +153,13 @@ def store(tmp_path_factory: pytest.TempPathFactory):
         yield store
 
 
-def everything(store: Store, run: dict, convention: str = "raw") -> list[dict]:
+def everything(store: Store, run: Run, convention: str = "raw") -> list[dict]:
     rows = store.db.execute(
         """SELECT s.layer, s.unit, s.max_score, s.mean_score, s.n_top, s.n_images, t.text, t.interpretable
            FROM neuron_stats s LEFT JOIN neuron_tokens t
              ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit
            WHERE s.run_key = ?""",
-        [run["lm_id"], convention, run["run_key"]],
+        [run.lm_id, convention, run.key],
     ).fetchall()
     keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable")
     out = [dict(zip(keys, r, strict=True)) for r in rows]
@@ -280,7 +278,7 @@ def test_layer_counts(store: Store) -> None:
     run = store.run()
     rows = everything(store, run)
     counts = queries.layer_counts(store, run)
-    assert [c["layer"] for c in counts] == list(range(run["shape"]["n_layers"]))
+    assert [c["layer"] for c in counts] == list(range(run.shape["n_layers"]))
     for c in counts:
         assert c["n_units"] == sum(r["layer"] == c["layer"] for r in rows)
         assert c["n_top_units"] == sum(r["layer"] == c["layer"] and r["n_top"] > 0 for r in rows)

@@ -301,7 +301,7 @@ async def test_several_runs_open_the_chooser_then_a_run(two_runs_db: Path) -> No
         await pilot.press("down", "enter")
         await settle(pilot)
         assert isinstance(app.screen, BrowseScreen)
-        assert app.screen.run["prompt"] == app.runs[1]["prompt"]
+        assert app.screen.run.prompt == app.runs[1].prompt
         await pilot.press("escape")  # back to the chooser
         assert isinstance(app.screen, RunsScreen)
 

@@ -38,7 +38,7 @@ from mmtui.experiments.ablation_ops import (
     unit_means,
 )
 from mmtui.experiments.stats import mean_interval
-from mmtui.store import Store
+from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def _point_from_row(row: dict[str, Any]) -> AblationPoint:
 def dose_response(
     stack: Stack,
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     result_ids: list[int],
     ks: Sequence[int],
     *,
@@ -161,11 +161,11 @@ def dose_response(
     """
     _check(ks, baseline, mode, unit_mode, seeds)
     ks = sorted({int(k) for k in ks})
-    site = run["site"]
-    max_new = int(run.get("settings", {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    site = run.site
+    max_new = int(run.settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     means = unit_means(stack, store, run) if mode == "mean" else None
     settings = {"site": site, "max_new_tokens": max_new, "convention": convention}
-    for row in xs.result_rows(store, run["id"], result_ids):
+    for row in xs.result_rows(store, run.id, result_ids):
         if cancel is not None and cancel.is_set():
             return
         try:
@@ -187,7 +187,7 @@ def dose_response(
             continue
         stored = {
             (p["condition"], p["k"], p["seed"]): p
-            for p in xs.ablation_points(store, run["id"], mode=mode, unit_mode=unit_mode, result_ids=[row["id"]])
+            for p in xs.ablation_points(store, run.id, mode=mode, unit_mode=unit_mode, result_ids=[row["id"]])
         }
         todo = []
         for cfg in configs:
@@ -218,7 +218,7 @@ def dose_response(
             xs.add_ablation_points(
                 store,
                 [
-                    {**asdict(p), "run_id": run["id"], "settings": {**settings, "stored_p_target": row["p_target"]}}
+                    {**asdict(p), "run_id": run.id, "settings": {**settings, "stored_p_target": row["p_target"]}}
                     for p in points
                 ],
             )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmtui.errors import ImageError, MmtuiError
-from mmtui.store import Store
+from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def _random_like(ranked: np.ndarray, d_mlp: int, seed: int, result_id: int) -> n
 
 def select(
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     result_id: int,
     ks: Sequence[int],
     *,
@@ -81,14 +81,14 @@ def select(
 ) -> list[AblationSet]:
     """The ablation sets of one image for every k and condition. Conditions whose ranking has fewer than k
     entries (k beyond the stored triples, or too few interpretable units) are left out for that k."""
-    shape = run["shape"]
+    shape = run.shape
     ranked = xs.top_triples_array(store, result_id) if unit_mode == "triples" else _top_units(store, result_id, shape)
     if len(ranked) == 0:
         raise AblationError(f"result {result_id} has no stored top triples; attribute the image again")
     k_max = min(max(ks), len(ranked))
     orders: dict[tuple[str, int | None], np.ndarray] = {("top", None): ranked[:k_max]}
     if interpretable:
-        good = xs.interpretable_units(store, run["lm_id"], convention)
+        good = xs.interpretable_units(store, run.lm_id, convention)
         keep = np.fromiter(((layer, unit) in good for layer, unit, _ in ranked.tolist()), dtype=bool, count=len(ranked))
         orders[("interpretable", None)] = ranked[keep][:k_max]
     if baseline == "random":
@@ -185,7 +185,7 @@ def generate_captions(
 
 
 # -- mean ablation ---------------------------------------------------------------------------------------
-def unit_means(stack: Stack, store: Store, run: dict[str, Any], batch_size: int = 8) -> torch.Tensor:
+def unit_means(stack: Stack, store: Store, run: Run, batch_size: int = 8) -> torch.Tensor:
     """Each unit's mean activation over the run's images and their image positions: [n_layers, d_mlp].
 
     Computed once from the captioning forward pass ([prefix] + prompt) and kept in the store.
@@ -193,12 +193,12 @@ def unit_means(stack: Stack, store: Store, run: dict[str, Any], batch_size: int 
     import torch
 
     shape = (stack.n_layers, stack.d_mlp)
-    found = xs.get_unit_means(store, run["id"], run["site"], shape)
+    found = xs.get_unit_means(store, run.id, run.site, shape)
     if found is not None:
         return torch.from_numpy(found[0])
     total = torch.zeros(shape, dtype=torch.float64)
     n_images = 0
-    rows = xs.result_rows(store, run["id"])
+    rows = xs.result_rows(store, run.id)
     images = []
     for row in rows:
         try:
@@ -216,11 +216,11 @@ def unit_means(stack: Stack, store: Store, run: dict[str, Any], batch_size: int 
         chunk = images[start : start + batch_size]
         prefix = stack.encode(chunk)
         embeds, _ = stack.build_inputs(prefix, [[] for _ in chunk])
-        with torch.no_grad(), stack.hooks(capture, site=run["site"]):
+        with torch.no_grad(), stack.hooks(capture, site=run.site):
             stack.lm.base_model(inputs_embeds=embeds, use_cache=False)
         n_images += len(chunk)
     means = (total / (n_images * n_patches)).float()
-    xs.put_unit_means(store, run["id"], run["site"], means.numpy(), n_images)
+    xs.put_unit_means(store, run.id, run.site, means.numpy(), n_images)
     return means
 
 

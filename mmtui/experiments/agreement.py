@@ -19,7 +19,7 @@ import numpy as np
 
 from mmtui.errors import MmtuiError
 from mmtui.experiments.stats import derangement, mean_interval
-from mmtui.store import COUNT_TOP, Store
+from mmtui.store import COUNT_TOP, Run, Store
 from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class _Image:
 
 
 def unit_texts(
-    store: Store, run: dict[str, Any], result_id: int, top: int, convention: str, interpretable_only: bool
+    store: Store, run: Run, result_id: int, top: int, convention: str, interpretable_only: bool
 ) -> list[str]:
     """Decoded token lists of the distinct units among a result's first `top` triples, in rank order."""
     units = [u[:2] for u in store.top_units(result_id, int(top))]  # in rank order
@@ -51,14 +51,14 @@ def unit_texts(
            JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = json_extract(tn.value, '$[0]')
                                 AND t.unit = json_extract(tn.value, '$[1]')
            ORDER BY tn.key""",
-        [json.dumps(units), run["lm_id"], convention],
+        [json.dumps(units), run.lm_id, convention],
     ).fetchall()
     return [text for text, good in rows if good or not interpretable_only]
 
 
 def score_agreement(
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     captions: dict[str, list[str]],
     *,
     bertscore: BertScorer | None,
@@ -77,14 +77,14 @@ def score_agreement(
         raise AgreementError("no metric to score with (BERTScore and CLIPScore both unavailable)")
     report = progress or (lambda *_: None)
     images = []
-    for row in xs.result_rows(store, run["id"]):
+    for row in xs.result_rows(store, run.id):
         refs = captions.get(Path(row["path"]).name, [])
         texts = unit_texts(store, run, row["id"], top, convention, interpretable_only)
         if refs:
             images.append(_Image(row["id"], row["path"], refs, row["caption"] or "", texts))
     if len(images) < 2:
         raise AgreementError(
-            f"Table 1 needs at least two images of run {run['id']} with human captions (found {len(images)}); "
+            f"Table 1 needs at least two images of run {run.id} with human captions (found {len(images)}); "
             "check that --captions names the attributed files"
         )
     partner = derangement(len(images), seed)
@@ -124,7 +124,7 @@ def score_agreement(
                     }
                 )
             report(metric, i + 1, len(images))
-    xs.add_agreement(store, run["id"], settings, rows)
+    xs.add_agreement(store, run.id, settings, rows)
     return rows
 
 

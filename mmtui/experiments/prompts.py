@@ -150,14 +150,7 @@ def decode_prompts(
         raise PromptsError("no image has human captions in the caption file (matched by file name); check --captions")
     report = progress or (lambda *_: None)
 
-    xs.ensure_stack(
-        store,
-        stack_id=stack.fingerprint_id,
-        name=stack.name,
-        fingerprint=stack.fingerprint,
-        shape=stack.shape(),
-        lm_id=stack.lm_fingerprint_id,
-    )
+    xs.ensure_stack(store, stack.identify())
     prefixes, model_captions = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]

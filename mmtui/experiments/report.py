@@ -19,7 +19,7 @@ import numpy as np
 from mmtui.experiments import agreement, layers, specificity
 from mmtui.experiments.ablation import summarize as summarize_ablation
 from mmtui.experiments.stats import ecdf
-from mmtui.store import Store
+from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
 from mmtui.store.queries import list_neurons
 
@@ -62,13 +62,13 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def _stack_line(run: dict[str, Any]) -> str:
-    fp = run["fingerprint"]
-    parts = [f"stack {run['stack']} ({run['stack_id']})"]
+def _stack_line(run: Run) -> str:
+    fp = run.stack.fingerprint
+    parts = [f"stack {run.stack.name} ({run.stack.id})"]
     parts += [f"{k}={fp[k]}" for k in ("lm", "encoder", "dtype") if fp.get(k)]
     if fp.get("projection_sha256"):
         parts.append(f"projection {fp['projection_sha256'][:12]}")
-    return ", ".join(parts) + f"; prompt {run['prompt']!r}, site {run['site']}, y {run['y_kind']}"
+    return ", ".join(parts) + f"; prompt {run.prompt!r}, site {run.site}, y {run.y_kind}"
 
 
 # -- figures -------------------------------------------------------------------------------------------
@@ -192,9 +192,7 @@ def specificity_figure(summary: dict[str, Any], out: Path, title: str) -> Path:
     return out
 
 
-def heatmap_grid(
-    stack: Stack, store: Store, run: dict[str, Any], out: Path, n_images: int = 6, n_units: int = 5
-) -> Path | None:
+def heatmap_grid(stack: Stack, store: Store, run: Run, out: Path, n_images: int = 6, n_units: int = 5) -> Path | None:
     """Rows: images; columns: the mean of the top units' maps, then each top unit (with its top tokens)."""
     from mmtui.experiments.heatmap import batch_activation_maps, encoder_view, frame_size, upsample
     from mmtui.run.images import load_image
@@ -202,17 +200,17 @@ def heatmap_grid(
     plt = _plt()
     frame = frame_size(stack)
     panels = []
-    for row in xs.result_rows(store, run["id"])[:n_images]:
+    for row in xs.result_rows(store, run.id)[:n_images]:
         units = specificity.top_units(store, row["id"], n_units)
         try:
             picture = load_image(row["path"]).image
         except Exception:  # noqa: BLE001 - an image gone from disk leaves its row out of the grid
             continue
-        stored = xs.get_activation_maps(store, run["stack_id"], row["image_sha256"], run["site"], units)
+        stored = xs.get_activation_maps(store, run.stack.id, row["image_sha256"], run.site, units)
         missing = [u for u in units if u not in stored]
         if missing:
-            maps = batch_activation_maps(stack, [picture], missing, run["site"])[0]
-            xs.put_activation_maps(store, run["stack_id"], row["image_sha256"], run["site"], missing, maps)
+            maps = batch_activation_maps(stack, [picture], missing, run.site)[0]
+            xs.put_activation_maps(store, run.stack.id, row["image_sha256"], run.site, missing, maps)
             stored.update(zip(missing, maps, strict=True))
         panels.append((row, units, [stored[u] for u in units], encoder_view(stack, picture)))
     if not panels:
@@ -223,7 +221,7 @@ def heatmap_grid(
         grids = [np.mean(maps, axis=0), *maps]
         titles = [f"{Path(row['path']).name}\ntarget {printable(row['target'])!r}: mean of top {len(units)}"]
         for layer, unit in units:
-            tok = store.tokens(run["lm_id"], "raw", layer, unit)
+            tok = store.tokens(run.lm_id, "raw", layer, unit)
             words = printable(", ".join(t.strip() for t in (tok["tokens"][:2] if tok else [])))
             titles.append(f"L{layer}.u{unit}\n{words}")
         for c in range(cols):
@@ -255,7 +253,7 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
 
 def build_report(
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     out_dir: Path | str,
     *,
     stack: Stack | None = None,
@@ -270,10 +268,10 @@ def build_report(
     sections: list[str] = []
 
     # dose-response
-    modes = xs.ablation_modes(store, run["id"])
+    modes = xs.ablation_modes(store, run.id)
     for mode, unit_mode, n in modes:
-        points = xs.ablation_points(store, run["id"], mode=mode, unit_mode=unit_mode)
-        rows = summarize_ablation(points, shape=run["shape"])
+        points = xs.ablation_points(store, run.id, mode=mode, unit_mode=unit_mode)
+        rows = summarize_ablation(points, shape=run.shape)
         name = f"dose_response_{mode}_{unit_mode}"
         title = f"{mode} ablation of {unit_mode}; baseline: random units of the same layers at the same patches; {n} images; {stack_line}"
         models = sorted({p["bertscore_model"] for p in points} - {None, "identical"})
@@ -311,7 +309,7 @@ def build_report(
     )
 
     # Table 1
-    agree = agreement.summarize(xs.agreement_rows(store, run["id"]))
+    agree = agreement.summarize(xs.agreement_rows(store, run.id))
     if agree:
         report.numbers["agreement"] = agree
         cols = [("metric", "metric"), ("kind", "kind"), ("mean", "mean"), ("lo", "95% lo"), ("hi", "95% hi")]
@@ -325,8 +323,8 @@ def build_report(
         report.missing.append("Table 1: run `mmtui layers --captions FILE`")
 
     # prompts
-    texts = xs.prompt_texts(store, run["stack_id"])
-    tests = xs.ks_tests(store, "prompts", run["stack_id"])
+    texts = xs.prompt_texts(store, run.stack.id)
+    tests = xs.ks_tests(store, "prompts", run.stack.id)
     if texts:
         settings_id = texts[0]["settings_id"]
         tests = [t for t in tests if t["settings_id"] == settings_id]
@@ -353,7 +351,7 @@ def build_report(
         report.missing.append("prompts: run `mmtui prompts IMAGE_DIR --captions FILE`")
 
     # specificity
-    spec_rows = xs.specificity_rows(store, run["id"])
+    spec_rows = xs.specificity_rows(store, run.id)
     if spec_rows:
         summary = specificity.summarize(spec_rows)
         title = f"baseline: random units of the same layers; {summary['overall']['n_images']} images; {stack_line}"
@@ -404,8 +402,8 @@ def build_report(
         "<!doctype html><meta charset='utf-8'><title>mmtui report</title><style>body{font-family:sans-serif;"
         "max-width:1200px;margin:auto}img{max-width:100%}table{border-collapse:collapse;font-size:12px;margin:8px 0}"
         "td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-        f"<h1>Multimodal neurons: run {html.escape(run['id'])}</h1><p>{html.escape(stack_line)}</p>"
-        f"<p>{run['n_images']} images in the run.</p>"
+        f"<h1>Multimodal neurons: run {html.escape(run.id)}</h1><p>{html.escape(stack_line)}</p>"
+        f"<p>{run.n_images} images in the run.</p>"
         + "".join(sections)
         + (f"<h2>Not in this report yet</h2><ul>{missing}</ul>" if missing else "")
     )

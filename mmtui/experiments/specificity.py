@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from mmtui.errors import MmtuiError
 from mmtui.experiments.stats import iou, mean_interval, quantile_mask
-from mmtui.store import Store
+from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ class ImageIoU:
 def score_images(
     stack: Stack,
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     instances: CocoInstances,
     *,
     result_ids: Sequence[int] | None = None,
@@ -252,11 +252,11 @@ def score_images(
         "single": single,
         "interpretable_only": interpretable_only,
         "convention": convention,
-        "site": run["site"],
+        "site": run.site,
     }
-    good = xs.interpretable_units(store, run["lm_id"], convention) if interpretable_only else None
+    good = xs.interpretable_units(store, run.lm_id, convention) if interpretable_only else None
     frame = frame_size(stack)
-    for row in xs.result_rows(store, run["id"], result_ids):
+    for row in xs.result_rows(store, run.id, result_ids):
         name = Path(row["path"]).name
         by_cat = instances.categories_of(name)
         if not by_cat:
@@ -286,15 +286,15 @@ def score_images(
         target = encoder_view_mask(stack, mask)  # bool [H, W] in the encoder frame
         randoms = [random_units(units, stack.d_mlp, s, row["id"]) for s in range(seeds)]
         every = list(dict.fromkeys([*units, *(u for r in randoms for u in r)]))
-        maps = dict(zip(every, batch_activation_maps(stack, [loaded.image], every, run["site"])[0], strict=True))
+        maps = dict(zip(every, batch_activation_maps(stack, [loaded.image], every, run.site)[0], strict=True))
         xs.put_activation_maps(
-            store, run["stack_id"], row["image_sha256"], run["site"], units, np.stack([maps[u] for u in units])
+            store, run.stack.id, row["image_sha256"], run.site, units, np.stack([maps[u] for u in units])
         )
 
         rows = _iou_rows(maps, units, randoms, target, frame, q)
         for r in rows:
             r.update(result_id=row["id"], category=cat, category_source=source)
-        xs.add_specificity(store, run["id"], settings, rows)
+        xs.add_specificity(store, run.id, settings, rows)
         yield ImageIoU(row["id"], row["path"], cat, source, rows)
 
 

@@ -2,7 +2,8 @@
 driver, which alone writes the SQLite cache (single writer, resumable as a local run).
 
 Install with `pip install 'mmtui[ray]'`. Images travel to the workers as bytes, so the workers need no
-shared file system; a bad image is reported by the worker that fails to decode it.
+shared file system; a bad image is reported by the worker that fails to decode it. The run itself (the run
+row, decoding, planning, writing) is `pipeline.run_attribution`'s; this module is its RayEngine.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from mmtui.errors import MmtuiError
-from mmtui.run.pipeline import Event, Settings, WorkItem, attribute_batch, batches, plan, route
-from mmtui.run.writer import StoreWriter
-from mmtui.store import Store
+from mmtui.run.events import Event
+from mmtui.run.pipeline import Settings, WorkItem, attribute_batch, run_attribution
+from mmtui.store import StackIdentity, Store
 
 
 class AttributionWorker:
@@ -26,18 +27,9 @@ class AttributionWorker:
         args = dict(load_args)
         self.stack = load_stack(args.pop("preset"), device=device, **args)
 
-    def info(self) -> dict[str, Any]:
-        s = self.stack
-        return {
-            "stack_id": s.fingerprint_id,
-            "stack_name": s.name,
-            "fingerprint": s.fingerprint,
-            "shape": s.shape(),
-            "lm_id": s.lm_fingerprint_id,
-            "prompt": s.prompt,
-            "units": s.n_layers * s.d_mlp,
-            "load": s.load_args,
-        }
+    def info(self) -> tuple[StackIdentity, dict[str, Any]]:
+        """The stack's identity and its load arguments."""
+        return self.stack.identify(), self.stack.load_args
 
     def decode(self, convention: str) -> list[list[dict]]:
         from mmtui.run.decoding import decode_units
@@ -46,6 +38,52 @@ class AttributionWorker:
 
     def run(self, batch: list[WorkItem], settings: Settings) -> list[Event]:
         return attribute_batch(self.stack, batch, settings)
+
+
+class RayEngine:
+    """The model work of a run on a pool of Ray actors: batches go to whichever is free, at most two per
+    worker in flight (every worker busy, the driver's memory bounded)."""
+
+    decodes_images = False  # the workers decode the bytes
+    decoding_steps = 1  # one worker decodes every unit in one call
+
+    def __init__(self, actors: list[Any]) -> None:
+        import ray
+
+        self.actors = actors
+        infos = ray.get([a.info.remote() for a in actors])
+        if len({identity.id for identity, _ in infos}) != 1:
+            raise MmtuiError("Ray workers loaded different stacks (check that every node has the same model files)")
+        self.identity, self.load_args = infos[0]
+
+    def decodings(self, convention: str) -> Iterator[list[dict[str, Any]]]:
+        import ray
+
+        layers = ray.get(self.actors[0].decode.remote(convention))
+        yield [row for rows in layers for row in rows]
+
+    def prepare(self, settings: Settings) -> Iterator[Event]:
+        if settings.batch_size <= 0:
+            settings.batch_size = 4  # "auto" is decided per local device only
+        yield from ()
+
+    def results(self, work: Iterator[list[WorkItem] | Event], settings: Settings) -> Iterator[list[Event]]:
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        in_flight = 0
+        for batch in work:
+            if not isinstance(batch, list):
+                yield [batch]
+                continue
+            pool.submit(lambda a, b: a.run.remote(b, settings), batch)
+            in_flight += 1
+            while in_flight >= 2 * len(self.actors):
+                yield pool.get_next_unordered()
+                in_flight -= 1
+        while in_flight:
+            yield pool.get_next_unordered()
+            in_flight -= 1
 
 
 def attribute_images_ray(
@@ -66,54 +104,11 @@ def attribute_images_ray(
     """
     try:
         import ray
-        from ray.util import ActorPool
     except ImportError as err:
         raise MmtuiError("--engine ray needs Ray: pip install 'mmtui[ray]'") from err
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     device = "cuda" if gpus_per_worker > 0 else "cpu"
     actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AttributionWorker)
-    pool_actors = [actor.remote(load_args, device) for _ in range(workers)]
-    infos = ray.get([a.info.remote() for a in pool_actors])
-    if len({i["stack_id"] for i in infos}) != 1:
-        raise MmtuiError("Ray workers loaded different stacks (check that every node has the same model files)")
-    info = infos[0]
-    paths = list(paths)
-    run_id = store.ensure_run(
-        stack_id=info["stack_id"],
-        stack_name=info["stack_name"],
-        fingerprint=info["fingerprint"],
-        shape=info["shape"],
-        lm_id=info["lm_id"],
-        prompt=info["prompt"],
-        site=settings.site,
-        y_kind=settings.y_kind,
-        settings={"keep": settings.keep, "max_new_tokens": settings.max_new_tokens, "load": info["load"]},
-    )
-    yield Event("start", message=run_id, total=len(paths))
-    if store.count_tokens(info["lm_id"], settings.convention) != info["units"]:
-        yield Event("decoding", message="decoding units on a worker", total=1)
-        for rows in ray.get(pool_actors[0].decode.remote(settings.convention)):
-            store.add_tokens(info["lm_id"], settings.convention, rows)
-        yield Event("decoding", total=1)
-    pool = ActorPool(pool_actors)
-    warned: set[str] = set()
-    in_flight = 0
-    size = settings.batch_size if settings.batch_size > 0 else 4  # "auto" is decided per local device only
-    writer = StoreWriter(store.path, run_id, timeout=store.timeout)
-    try:
-        for batch in batches(plan(paths, settings, store.done_keys(run_id), decode=False), size):
-            if isinstance(batch, Event):
-                yield from route([batch], writer, warned)
-                continue
-            pool.submit(lambda a, b: a.run.remote(b, settings), batch)
-            in_flight += 1
-            while in_flight >= 2 * workers:  # keep every worker busy, the driver's memory bounded
-                yield from route(pool.get_next_unordered(), writer, warned)
-                in_flight -= 1
-        while in_flight:
-            yield from route(pool.get_next_unordered(), writer, warned)
-            in_flight -= 1
-        yield from writer.finish()
-    finally:
-        writer.close()
+    engine = RayEngine([actor.remote(load_args, device) for _ in range(workers)])
+    yield from run_attribution(engine, store, paths, settings)

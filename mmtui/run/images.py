@@ -155,6 +155,8 @@ class Skip:
 
     path: Path
     reason: str
+    sha256: str
+    duplicate: bool  # the same bytes as an earlier file (else: in another shard)
 
 
 def in_shard(sha256: str, shard: tuple[int, int] | None) -> bool:
@@ -188,10 +190,10 @@ def iter_images(
         try:
             data, sha = read_image_bytes(path)
             if not in_shard(sha, shard):
-                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}")  # type: ignore[index]
+                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}", sha, duplicate=False)  # type: ignore[index]
                 continue
             if sha in first_path:
-                yield Skip(Path(path), f"same image as {first_path[sha]}; computed once")
+                yield Skip(Path(path), f"same image as {first_path[sha]}; computed once", sha, duplicate=True)
                 continue
             first_path[sha] = Path(path)
             raw = RawImage(Path(path), sha, data)

@@ -1,8 +1,11 @@
 """The attribute run: images -> stack -> store, resumable, one transaction per image.
 
-`attribute_images` is a generator of Events so that both the CLI (rich) and the TUI (Textual) can show
-progress; the caller decides what to print. A bad image, an image with no usable target or a caption
-file without that image each become one `failed` event and the run goes on.
+`run_attribution` is the one orchestrator of a run: it opens the run, decodes the neurons once per LM, plans
+the images (what is cached, duplicated or has no target), writes every result through the StoreWriter, and
+yields Events (mmtui.run.events) so that both the CLI (rich) and the TUI (Textual) can show progress. Where the
+model work happens is an Engine: `LocalEngine` (this process; `attribute_images`) or the Ray actors of
+mmtui.run.distributed. A bad image, an image with no usable target or a caption file without that image each
+become one ImageFailed event and the run goes on.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import Full, Queue
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -23,22 +26,22 @@ import torch
 from mmtui.errors import ImageError, TargetError
 from mmtui.run.attribution import DEFAULT_TOP, Attribution, Target, caption_and_score
 from mmtui.run.decoding import decode_units
+from mmtui.run.events import Event, ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
 from mmtui.run.images import LoadedImage, RawImage, Skip, iter_images
 from mmtui.run.writer import StoreWriter
 from mmtui.stacks.base import DEFAULT_MAX_NEW_TOKENS, Stack
-from mmtui.store import ResultRecord, Store
+from mmtui.store import ResultRecord, StackIdentity, Store
 
-
-@dataclass
-class Event:
-    """kind: start | decoding | skipped | done | failed | warning | info."""
-
-    kind: str
-    path: str = ""
-    message: str = ""
-    record: ResultRecord | None = None
-    result_id: int | None = None
-    total: int = 0
+__all__ = [
+    "Engine",
+    "Event",
+    "LocalEngine",
+    "Settings",
+    "WorkItem",
+    "attribute_images",
+    "read_captions",
+    "run_attribution",
+]
 
 
 # -- human captions ------------------------------------------------------------------------------------
@@ -117,18 +120,6 @@ def to_record(
     )
 
 
-def ensure_decoded(stack: Stack, store: Store, convention: str = "raw") -> Iterator[Event]:
-    """Decode every unit once per LM and convention into the store."""
-    if store.count_tokens(stack.lm_fingerprint_id, convention) == stack.n_layers * stack.d_mlp:
-        return  # complete (an interrupted decoding is redone; rows are replaced)
-    yield Event(
-        "decoding", message=f"decoding {stack.n_layers * stack.d_mlp:,} units ({convention})", total=stack.n_layers
-    )
-    for rows in decode_units(stack, convention):
-        store.add_tokens(stack.lm_fingerprint_id, convention, rows)
-        yield Event("decoding", total=stack.n_layers)
-
-
 @dataclass
 class Settings:
     """What an attribute run does per image, beside the stack (plain data: it travels to Ray workers)."""
@@ -142,6 +133,10 @@ class Settings:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     convention: str = "raw"
     shard: tuple[int, int] | None = None
+
+    def stored(self, load_args: dict[str, Any]) -> dict[str, Any]:
+        """What the run row records of these settings (`Store.ensure_run`), with how to load the stack again."""
+        return {"keep": self.keep, "max_new_tokens": self.max_new_tokens, "load": load_args}
 
 
 @dataclass
@@ -161,24 +156,27 @@ def plan(
     """
     for item in iter_images(paths, settings.shard, decode=decode):
         if isinstance(item, ImageError):
-            yield Event("failed", item.path, str(item))
+            yield ImageFailed(item.path, str(item))
             continue
         if isinstance(item, Skip):
-            yield Event("skipped", str(item.path), f"{item.path}: {item.reason}")
+            reason = "duplicate" if item.duplicate else "shard"
+            yield ImageSkipped(str(item.path), reason, f"{item.path}: {item.reason}", item.sha256)
             continue
         word, human = settings.target, None
         if word is None and settings.captions is not None:
             found = settings.captions.get(item.path.name)
             picked = human_target(found) if found else None
             if picked is None:
-                yield Event(
-                    "failed", str(item.path), f"{item.path}: no caption with a noun for this image in the caption file"
+                yield ImageFailed(
+                    str(item.path),
+                    f"{item.path}: no caption with a noun for this image in the caption file",
+                    item.sha256,
                 )
                 continue
             word, human = picked
         spec = "auto" if word is None else (f"human:{word}" if human is not None else f"word:{word}")
         if (item.sha256, spec) in done:
-            yield Event("skipped", str(item.path), "already in the cache")
+            yield ImageSkipped(str(item.path), "cached", "already in the cache", item.sha256)
             continue
         done.add((item.sha256, spec))
         yield WorkItem(item, spec, word, human)
@@ -187,7 +185,7 @@ def plan(
 def attribute_batch(
     stack: Stack, batch: list[WorkItem], settings: Settings, pixels: torch.Tensor | None = None
 ) -> list[Event]:
-    """Attribute one batch: `done` Events carry the record to store, `failed` ones name the image and why.
+    """Attribute one batch: ImageDone events carry the record to store, ImageFailed ones name the image and why.
 
     pixels: the batch already preprocessed (`stack.pixels`), e.g. by a prefetch thread.
     """
@@ -201,7 +199,7 @@ def attribute_batch(
                     work.image = work.image.decode()
                 decoded.append(work)
             except ImageError as err:
-                events.append(Event("failed", str(work.image.path), str(err)))
+                events.append(ImageFailed(str(work.image.path), str(err), work.image.sha256))
         batch = decoded
         if not batch:
             return events
@@ -219,7 +217,7 @@ def attribute_batch(
     rows, attrs = [], []
     for i, (work, result) in enumerate(zip(batch, scored, strict=True)):
         if isinstance(result, TargetError):
-            events.append(Event("failed", str(work.image.path), f"{work.image.path}: {result}"))
+            events.append(ImageFailed(str(work.image.path), f"{work.image.path}: {result}", work.image.sha256))
         else:
             rows.append(i)
             attrs.append(result)
@@ -228,14 +226,14 @@ def attribute_batch(
         work = batch[i]
         if attr.target.split:
             events.append(
-                Event(
+                Note(
                     "warning",
-                    str(work.image.path),
                     f"target {attr.target.word!r} is several tokens for this tokenizer; using its first, {attr.target.token!r}",
+                    str(work.image.path),
                 )
             )
         record = to_record(stack, work.image, work.spec, attr, work.human, seconds)
-        events.append(Event("done", str(work.image.path), record=record))
+        events.append(ImageDone(str(work.image.path), work.image.sha256, None, record))
     return events
 
 
@@ -243,7 +241,7 @@ def batches(items: Iterable[WorkItem | Event], size: int) -> Iterator[list[WorkI
     """Group work items into lists of `size`; Events pass straight through."""
     batch: list[WorkItem] = []
     for item in items:
-        if isinstance(item, Event):
+        if not isinstance(item, WorkItem):
             yield item
             continue
         batch.append(item)
@@ -255,69 +253,121 @@ def batches(items: Iterable[WorkItem | Event], size: int) -> Iterator[list[WorkI
 
 
 def route(events: Iterable[Event], writer: StoreWriter, warned: set[str]) -> Iterator[Event]:
-    """Send `done` Events to the writer (they come back from `writer.ready()` once stored); pass the others on,
-    a split-word warning once."""
+    """Send ImageDone events to the writer (they come back from `writer.ready()` once stored, with their result
+    ids); pass the others on, a split-word warning once."""
     for event in events:
-        if event.kind == "warning":
+        if isinstance(event, Note) and event.kind == "warning":
             if event.message in warned:
                 continue
             warned.add(event.message)
-        if event.kind == "done" and event.record is not None:
+        if isinstance(event, ImageDone):
             writer.put(event)
         else:
             yield event
     yield from writer.ready()
 
 
-def open_run(stack: Stack, store: Store, settings: Settings) -> str:
-    return store.ensure_run(
-        stack_id=stack.fingerprint_id,
-        stack_name=stack.name,
-        fingerprint=stack.fingerprint,
-        shape=stack.shape(),
-        lm_id=stack.lm_fingerprint_id,
-        prompt=stack.prompt,
-        site=settings.site,
-        y_kind=settings.y_kind,
-        settings={"keep": settings.keep, "max_new_tokens": settings.max_new_tokens, "load": stack.load_args},
-    )
+class Engine(Protocol):
+    """Where the model work of a run happens; `run_attribution` does the rest.
 
-
-def attribute_images(
-    stack: Stack, store: Store, paths: Iterable[Path], settings: Settings | None = None, **kwargs
-) -> Iterator[Event]:
-    """Attribute every image not yet in the store; yields an Event per image (and a few for decoding).
-
-    The target of each image: `settings.target` for all, else the first noun of its human caption in
-    `settings.captions`, else the first noun of the model's greedy caption. Finished images are committed one
-    by one, so an interruption loses at most the batch in flight and a rerun resumes. Keyword arguments
-    override fields of `settings`.
+    identity: the stack's (every replica's). load_args: how to load it again (recorded with the run).
+    decodes_images: whether the images are decoded here (LoadedImage) or travel as bytes (RawImage).
+    decoding_steps: how many lists of rows `decodings` yields (the progress total).
     """
-    settings = Settings(**{**(settings.__dict__ if settings else {}), **kwargs})
+
+    identity: StackIdentity
+    load_args: dict[str, Any]
+    decodes_images: bool
+    decoding_steps: int
+
+    def decodings(self, convention: str) -> Iterator[list[dict[str, Any]]]:
+        """Every unit's decoded tokens (mmtui.run.decoding rows), in `decoding_steps` lists."""
+        ...
+
+    def prepare(self, settings: Settings) -> Iterator[Event]:
+        """Fix what depends on the engine (e.g. an automatic batch size) in `settings`, saying what it chose."""
+        ...
+
+    def results(self, work: Iterator[list[WorkItem] | Event], settings: Settings) -> Iterator[list[Event]]:
+        """The Events of each batch of `work` (an Event in `work` comes back as it is, in its turn)."""
+        ...
+
+
+class LocalEngine:
+    """The model work in this process: the next batches are read, decoded and preprocessed on a thread while
+    the model works on the current one."""
+
+    decodes_images = True
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.identity = stack.identify()
+        self.load_args = stack.load_args
+        self.decoding_steps = stack.n_layers
+
+    def decodings(self, convention: str) -> Iterator[list[dict[str, Any]]]:
+        return decode_units(self.stack, convention)
+
+    def prepare(self, settings: Settings) -> Iterator[Event]:
+        if settings.batch_size <= 0:
+            settings.batch_size = auto_batch_size(self.stack, settings.max_new_tokens)
+            yield Note("info", f"batch size {settings.batch_size} (chosen to fit {self.stack.device})")
+
+    def results(self, work: Iterator[list[WorkItem] | Event], settings: Settings) -> Iterator[list[Event]]:
+        def prepared() -> Iterator[tuple[list[WorkItem], torch.Tensor] | Event]:
+            for batch in work:
+                yield (
+                    batch if not isinstance(batch, list) else (batch, self.stack.pixels([w.image.image for w in batch]))
+                )
+
+        for item in prefetch(prepared(), depth=2):
+            yield [item] if not isinstance(item, tuple) else attribute_batch(self.stack, item[0], settings, item[1])
+
+
+def run_attribution(engine: Engine, store: Store, paths: Iterable[Path], settings: Settings) -> Iterator[Event]:
+    """Attribute every image of `paths` not yet in the store on `engine`; yields RunStarted, then an Event per
+    image (and Notes: decoding progress, warnings, the batch size chosen).
+
+    Finished images are committed one by one, so an interruption loses at most the batches in flight and a
+    rerun resumes.
+    """
     paths = list(paths)
-    run_id = open_run(stack, store, settings)
-    yield Event("start", message=run_id, total=len(paths))
-    yield from ensure_decoded(stack, store, settings.convention)
-    if settings.batch_size <= 0:
-        settings.batch_size = auto_batch_size(stack, settings.max_new_tokens)
-        yield Event("info", message=f"batch size {settings.batch_size} (chosen to fit {stack.device})")
-    warned: set[str] = set()
-
+    settings = replace(settings)  # the engine may fix the batch size in it
+    run_id = store.ensure_run(
+        engine.identity, site=settings.site, y_kind=settings.y_kind, settings=settings.stored(engine.load_args)
+    )
+    yield RunStarted(run_id, len(paths))
+    lm_id, convention = engine.identity.lm_id, settings.convention
+    if store.count_tokens(lm_id, convention) != engine.identity.units:  # an interrupted decoding is redone
+        steps = engine.decoding_steps
+        yield Note("decoding", f"decoding {engine.identity.units:,} units ({convention})", total=steps)
+        for rows in engine.decodings(convention):
+            store.add_tokens(lm_id, convention, rows)  # rows are replaced
+            yield Note("decoding", total=steps)
+    yield from engine.prepare(settings)
     done = store.done_keys(run_id)  # read here: the store's connection belongs to this thread
-
-    def prepared() -> Iterator[tuple[list[WorkItem], torch.Tensor] | Event]:
-        """Read, decode and preprocess the next batches while the model works on this one."""
-        for batch in batches(plan(paths, settings, done), settings.batch_size):
-            yield batch if isinstance(batch, Event) else (batch, stack.pixels([w.image.image for w in batch]))
-
+    work = batches(plan(paths, settings, done, decode=engine.decodes_images), settings.batch_size)
+    warned: set[str] = set()
     writer = StoreWriter(store.path, run_id, timeout=store.timeout)
     try:
-        for item in prefetch(prepared(), depth=2):
-            events = [item] if isinstance(item, Event) else attribute_batch(stack, item[0], settings, item[1])
+        for events in engine.results(work, settings):
             yield from route(events, writer, warned)
         yield from writer.finish()
     finally:
         writer.close()  # on an interruption too: every finished image is written
+
+
+def attribute_images(
+    stack: Stack, store: Store, paths: Iterable[Path], settings: Settings | None = None, **kwargs: Any
+) -> Iterator[Event]:
+    """Attribute every image not yet in the store, in this process (`run_attribution` on a LocalEngine).
+
+    The target of each image: `settings.target` for all, else the first noun of its human caption in
+    `settings.captions`, else the first noun of the model's greedy caption. Keyword arguments override fields
+    of `settings`.
+    """
+    settings = Settings(**{**(settings.__dict__ if settings else {}), **kwargs})
+    yield from run_attribution(LocalEngine(stack), store, paths, settings)
 
 
 T = TypeVar("T")

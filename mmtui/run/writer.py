@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import TYPE_CHECKING
@@ -21,13 +22,13 @@ from mmtui.errors import StoreError
 from mmtui.store import STATS_EVERY, Store, pack_result
 
 if TYPE_CHECKING:
-    from mmtui.run.pipeline import Event
+    from mmtui.run.events import ImageDone
 
 _STOP = object()
 
 
 class StoreWriter:
-    """Write `done` Events' records in the background; `ready()` hands them back with their result ids."""
+    """Write ImageDone events' records in the background; `ready()` hands them back with their result ids."""
 
     def __init__(
         self,
@@ -56,8 +57,8 @@ class StoreWriter:
                     if item is _STOP:
                         break
                     event, packed = item
-                    event.result_id = store.add_result(self.run_id, event.record, stats=False, packed=packed.result())
-                    self.outbox.put(event)
+                    result_id = store.add_result(self.run_id, event.record, stats=False, packed=packed.result())
+                    self.outbox.put(replace(event, result_id=result_id))
                     unrefreshed += 1
                     if unrefreshed >= self.refresh_every or time.monotonic() - last > self.refresh_seconds:
                         store.refresh_stats(self.run_id)
@@ -66,11 +67,9 @@ class StoreWriter:
         except BaseException as err:  # handed to the run, which re-raises it
             self.outbox.put(err)
 
-    def put(self, event: Event) -> None:
-        """Queue a `done` Event's record; re-raises the writer's failure if it has stopped."""
-        record = event.record
-        assert record is not None
-        packed = self._packers.submit(pack_result, record)
+    def put(self, event: ImageDone) -> None:
+        """Queue an ImageDone event's record; re-raises the writer's failure if it has stopped."""
+        packed = self._packers.submit(pack_result, event.record)
         while True:
             if not self._thread.is_alive():
                 self._raise_failure()
@@ -94,15 +93,15 @@ class StoreWriter:
             except Empty:
                 return items
 
-    def ready(self) -> Iterator[Event]:
-        """The Events written so far (each with its result_id); re-raises a failure of the writer."""
+    def ready(self) -> Iterator[ImageDone]:
+        """The ImageDone events written so far (each with its result_id); re-raises a failure of the writer."""
         for item in self._drain():
             if isinstance(item, BaseException):
                 raise item
             yield item
 
-    def finish(self) -> Iterator[Event]:
-        """Wait for every queued write (and the last stats refresh), then hand back the remaining Events."""
+    def finish(self) -> Iterator[ImageDone]:
+        """Wait for every queued write (and the last stats refresh), then hand back the remaining events."""
         self.close()
         yield from self.ready()
 

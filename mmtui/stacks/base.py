@@ -11,20 +11,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
+from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from mmtui.stacks.lm import LMAdapter
 from mmtui.stacks.projection import Projection
 from mmtui.stacks.vision import VisionEncoder
-
-if TYPE_CHECKING:
-    from mmtui.run.attribution import Attribution
-
-from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from mmtui.store import StackIdentity
 
 
 def _short_version(module_name: str) -> str:
@@ -98,6 +95,17 @@ class Stack:
         lm = {k: v for k, v in self.identity.items() if k.startswith("lm") or k == "image_token"}
         blob = json.dumps({**lm, "real_vocab": self.real_vocab}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def identify(self) -> StackIdentity:
+        """What a run records of this stack (Store.ensure_run)."""
+        return StackIdentity(
+            id=self.fingerprint_id,
+            name=self.name,
+            fingerprint=self.fingerprint,
+            shape=self.shape(),
+            lm_id=self.lm_fingerprint_id,
+            prompt=self.prompt,
+        )
 
     def shape(self) -> dict[str, Any]:
         return {
@@ -250,11 +258,3 @@ class Stack:
         finally:
             for handle in handles:
                 handle.remove()
-
-    def attribute(
-        self, images: Sequence[Image.Image], target: str | Sequence[str | None] | None = None, **kwargs: Any
-    ) -> list[Attribution]:
-        """Activation x gradient scores of every (layer, unit, patch) for each image; see mmtui.run.attribution."""
-        from mmtui.run.attribution import attribute
-
-        return attribute(self, images, target=target, **kwargs)

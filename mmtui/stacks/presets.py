@@ -29,6 +29,7 @@ from mmtui.stacks.vision import (
     load_efficientnet_lite0,
     timm_transform,
 )
+from mmtui.store import Run
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SMOL_PROJECTION = DATA / "smol-projection.safetensors"
@@ -260,20 +261,20 @@ def load_stack(
     )
 
 
-def load_stack_for_run(run: dict[str, Any], device: str = "auto") -> Stack:
+def load_stack_for_run(run: Run, device: str = "auto") -> Stack:
     """Load the stack a stored run was made with (from its recorded load arguments) and check its fingerprint.
 
     run: a row of Store.runs(). Raises StackError when the parts on this machine differ from the run's.
     """
-    args = dict(run.get("settings", {}).get("load") or {"preset": run["stack"], "prompt": run["prompt"]})
-    args.setdefault("prompt", run["prompt"])
-    want = run["fingerprint"]
+    args = dict(run.settings.get("load") or {"preset": run.stack.name, "prompt": run.prompt})
+    args.setdefault("prompt", run.prompt)
+    want = run.stack.fingerprint
     dtype = want.get("dtype")
     stack = load_stack(args.pop("preset"), device=device, dtype=dtype, **args)
-    if stack.fingerprint_id != run["stack_id"]:
+    if stack.fingerprint_id != run.stack.id:
         differ = sorted(k for k in set(want) | set(stack.fingerprint) if want.get(k) != stack.fingerprint.get(k))
         raise StackError(
-            f"run {run['id']} was made with a different stack than the one loaded now (differs in: "
+            f"run {run.id} was made with a different stack than the one loaded now (differs in: "
             f"{', '.join(differ)}); load the same models and versions, or attribute again"
         )
     return stack

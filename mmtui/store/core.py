@@ -69,6 +69,97 @@ class ResultRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StackIdentity:
+    """What a run records of its stack (`Stack.identify()`): fingerprint id and name, the fingerprint itself,
+    the shape, the LM's own fingerprint id (its neuron decodings) and the prompt."""
+
+    id: str
+    name: str
+    fingerprint: dict[str, Any]
+    shape: dict[str, Any]
+    lm_id: str
+    prompt: str
+
+    @property
+    def units(self) -> int:
+        """MLP units of the LM: n_layers x d_mlp."""
+        return int(self.shape["n_layers"]) * int(self.shape["d_mlp"])
+
+
+@dataclass(frozen=True)
+class Run:
+    """A stored run (`Store.run`, `Store.runs`): its id and integer key, its stack, what was attributed (site,
+    y_kind), its settings, and how many results and images it holds."""
+
+    id: str
+    key: int
+    stack: StackIdentity
+    site: str
+    y_kind: str
+    settings: dict[str, Any]
+    created: str
+    n_results: int = 0
+    n_images: int = 0
+    last_write: str | None = None
+
+    @property
+    def shape(self) -> dict[str, Any]:
+        return self.stack.shape
+
+    @property
+    def lm_id(self) -> str:
+        return self.stack.lm_id
+
+    @property
+    def prompt(self) -> str:
+        return self.stack.prompt
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Run:
+        """From a row of the query in `Store.runs` (JSON columns still text)."""
+        stack = StackIdentity(
+            id=row["stack_id"],
+            name=row["stack"],
+            fingerprint=json.loads(row["fingerprint"]),
+            shape=json.loads(row["shape"]),
+            lm_id=row["lm_id"],
+            prompt=row["prompt"],
+        )
+        return cls(
+            id=row["id"],
+            key=int(row["run_key"]),
+            stack=stack,
+            site=row["site"],
+            y_kind=row["y_kind"],
+            settings=json.loads(row["settings"]),
+            created=row["created"],
+            n_results=int(row["n_results"]),
+            n_images=int(row["n_images"]),
+            last_write=row["last_write"],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The run as `mmtui runs --json` prints it."""
+        return {
+            "id": self.id,
+            "run_key": self.key,
+            "stack_id": self.stack.id,
+            "stack": self.stack.name,
+            "prompt": self.stack.prompt,
+            "site": self.site,
+            "y_kind": self.y_kind,
+            "settings": self.settings,
+            "created": self.created,
+            "shape": self.stack.shape,
+            "fingerprint": self.stack.fingerprint,
+            "lm_id": self.stack.lm_id,
+            "n_results": self.n_results,
+            "n_images": self.n_images,
+            "last_write": self.last_write,
+        }
+
+
 Packed = tuple[bytes, bytes, bytes]  # a result's unit_max, unit_sum and top triples, packed
 
 
@@ -172,26 +263,16 @@ class Store:
 
     # -- stacks and runs ---------------------------------------------------------------------------------
     def ensure_run(
-        self,
-        *,
-        stack_id: str,
-        stack_name: str,
-        fingerprint: dict,
-        shape: dict,
-        lm_id: str,
-        prompt: str,
-        site: str,
-        y_kind: str,
-        settings: dict | None = None,
+        self, stack: StackIdentity, *, site: str, y_kind: str, settings: dict[str, Any] | None = None
     ) -> str:
         """Record the stack and run if new; returns the run id."""
-        run_id = run_id_for(stack_id, prompt, site, y_kind)
+        run_id = run_id_for(stack.id, stack.prompt, site, y_kind)
         with self._write():
-            self.ensure_stack(stack_id=stack_id, name=stack_name, fingerprint=fingerprint, shape=shape, lm_id=lm_id)
+            self.ensure_stack(stack)
             self.db.execute(
                 """INSERT OR IGNORE INTO runs (id, stack_id, prompt, site, y_kind, settings, created, run_key)
                    VALUES (?, ?, ?, ?, ?, ?, ?, (SELECT coalesce(max(run_key), 0) + 1 FROM runs))""",
-                [run_id, stack_id, prompt, site, y_kind, json.dumps(settings or {}, sort_keys=True), _now()],
+                [run_id, stack.id, stack.prompt, site, y_kind, json.dumps(settings or {}, sort_keys=True), _now()],
             )
         return run_id
 
@@ -205,22 +286,22 @@ class Store:
             key = self._run_keys[run_id] = int(row[0])
         return key
 
-    def ensure_stack(self, *, stack_id: str, name: str, fingerprint: dict, shape: dict, lm_id: str) -> None:
+    def ensure_stack(self, stack: StackIdentity) -> None:
         """Record a stack if new (inside the caller's write transaction, or in its own)."""
         with self.db.atomic():
             self.db["stacks"].insert(
                 {
-                    "id": stack_id,
-                    "name": name,
-                    "fingerprint": json.dumps(fingerprint, sort_keys=True),
-                    "shape": json.dumps(shape),
-                    "lm_id": lm_id,
+                    "id": stack.id,
+                    "name": stack.name,
+                    "fingerprint": json.dumps(stack.fingerprint, sort_keys=True),
+                    "shape": json.dumps(stack.shape),
+                    "lm_id": stack.lm_id,
                     "created": _now(),
                 },
                 ignore=True,
             )
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[Run]:
         """Every run with its stack and counts, newest first."""
         sql = """
             SELECT runs.id, runs.run_key, runs.stack_id, stacks.name AS stack, runs.prompt, runs.site, runs.y_kind,
@@ -231,34 +312,28 @@ class Store:
             FROM runs JOIN stacks ON stacks.id = runs.stack_id
             ORDER BY coalesce(last_write, runs.created) DESC
         """
-        rows = []
-        for row in self.db.query(sql):
-            row["shape"] = json.loads(row["shape"])
-            row["fingerprint"] = json.loads(row["fingerprint"])
-            row["settings"] = json.loads(row["settings"])
-            rows.append(row)
-        return rows
+        return [Run.from_row(row) for row in self.db.query(sql)]
 
-    def run(self, run_id: str | None = None) -> dict[str, Any]:
-        """The run whose id starts with `run_id`, or the most recently written one."""
+    def run(self, run_id: str | None = None) -> Run:
+        """The run whose id starts with `run_id`, or the most recently written one. Reads only: a reader of the
+        per-unit tables calls `fold_pending` first."""
         runs = self.runs()
         if not runs:
             raise NotFoundError(f"{self.path} holds no runs yet; run `mmtui attribute IMAGE_DIR` first")
         if run_id is None:
-            self._settle(runs[0]["id"])
             return runs[0]
-        matches = [r for r in runs if r["id"].startswith(run_id)]
+        matches = [r for r in runs if r.id.startswith(run_id)]
         if len(matches) != 1:
-            ids = ", ".join(r["id"] for r in runs)
+            ids = ", ".join(r.id for r in runs)
             what = "no run" if not matches else "several runs"
             raise NotFoundError(f"{what} with id {run_id!r} in {self.path} (runs: {ids}); see `mmtui runs`")
-        self._settle(matches[0]["id"])
         return matches[0]
 
-    def _settle(self, run_id: str) -> None:
-        """Count results an interrupted fast run left out of neuron_stats (a no-op when there are none)."""
-        if self.pending_stats(run_id):
-            self.refresh_stats(run_id)
+    def fold_pending(self, run_id: str) -> int:
+        """Fold the results a running (or interrupted) run has not yet counted into neuron_stats and
+        neuron_images, so the per-unit tables count every finished image; returns how many (0: nothing to do,
+        and nothing written)."""
+        return self.refresh_stats(run_id) if self.pending_stats(run_id) else 0
 
     # -- results -----------------------------------------------------------------------------------------
     def done_keys(self, run_id: str) -> set[tuple[str, str]]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmtui.errors import NotFoundError
-from mmtui.store import Store
+from mmtui.store import StackIdentity, Store
 
 NO_SEED = -1  # the seed column of rows whose selection is deterministic (top, interpretable)
 
@@ -43,10 +43,10 @@ def unpack_f32(blob: bytes, shape: Sequence[int]) -> np.ndarray:
 
 
 # -- stacks and images (for experiments that do not start from an attribution run) ----------------------
-def ensure_stack(store: Store, *, stack_id: str, name: str, fingerprint: dict, shape: dict, lm_id: str) -> None:
+def ensure_stack(store: Store, stack: StackIdentity) -> None:
     """Record a stack (as Store.ensure_run does) so that rows keyed by stack id have their parent."""
     with store._write():
-        store.ensure_stack(stack_id=stack_id, name=name, fingerprint=fingerprint, shape=shape, lm_id=lm_id)
+        store.ensure_stack(stack)
 
 
 def ensure_image(store: Store, *, sha256: str, path: str, width: int, height: int) -> None:

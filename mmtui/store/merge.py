@@ -90,22 +90,12 @@ def merge_stores(target: Store, sources: Sequence[Path]) -> Iterator[MergeEvent]
         check_same_stack(target, opened)
         for source in opened:
             for run in source.runs():
-                run_id = target.ensure_run(
-                    stack_id=run["stack_id"],
-                    stack_name=run["stack"],
-                    fingerprint=run["fingerprint"],
-                    shape=run["shape"],
-                    lm_id=run["lm_id"],
-                    prompt=run["prompt"],
-                    site=run["site"],
-                    y_kind=run["y_kind"],
-                    settings=run["settings"],
-                )
-                _copy_tokens(target, source, run["lm_id"])
+                run_id = target.ensure_run(run.stack, site=run.site, y_kind=run.y_kind, settings=run.settings)
+                _copy_tokens(target, source, run.lm_id)
                 done = target.done_keys(run_id)
                 added = 0
                 try:
-                    for record in stored_records(source, run["id"]):
+                    for record in stored_records(source, run.id):
                         key = (record.image_sha256, record.target_spec)
                         if key in done:
                             yield MergeEvent("skipped", str(source.path), record.image_path)

@@ -12,7 +12,7 @@ from typing import Any
 
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError
-from mmtui.store import Store
+from mmtui.store import Run, Store
 
 SORTS = {"score": "max_score", "count": "n_top", "mean": "mean_score"}
 
@@ -22,9 +22,7 @@ def _tokens(store: Store, lm_id: str, convention: str, layer: int, unit: int, n:
     return [t for t in found["tokens"][:n]] if found else []
 
 
-def image_summary(
-    store: Store, run: dict[str, Any], result_id: int, top: int = 10, convention: str = "raw"
-) -> dict[str, Any]:
+def image_summary(store: Store, run: Run, result_id: int, top: int = 10, convention: str = "raw") -> dict[str, Any]:
     """One image's result: target, P(target), caption and its top triples with decoded tokens."""
     row = store.db.execute(
         """SELECT images.path, results.image_sha256, results.target, results.target_token_id, results.target_token,
@@ -47,15 +45,15 @@ def image_summary(
         "y_c",
     )
     out = dict(zip(keys, row, strict=True))
-    out["y_kind"] = run["y_kind"]
-    out["run"] = run["id"]
+    out["y_kind"] = run.y_kind
+    out["run"] = run.id
     out["top"] = [
         {
             "layer": t["layer"],
             "neuron": t["unit"],
             "patch": t["patch"],
             "score": t["score"],
-            "tokens": _tokens(store, run["lm_id"], convention, t["layer"], t["unit"]),
+            "tokens": _tokens(store, run.lm_id, convention, t["layer"], t["unit"]),
         }
         for t in store.top_triples(result_id, top)
     ]
@@ -64,7 +62,7 @@ def image_summary(
 
 def list_neurons(
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     *,
     layer: int | None = None,
     image: str | None = None,
@@ -95,7 +93,7 @@ def list_neurons(
         "LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit"
     )
     if image is not None:
-        result = store.result(run["id"], image)
+        result = store.result(run.id, image)
         units = [u[:4] for u in store.top_units(result["id"])]  # (layer, unit, best score, best rank)
         sql = f"""
             SELECT s.layer, s.unit, json_extract(tn.value, '$[2]') AS image_score,
@@ -107,7 +105,7 @@ def list_neurons(
             {tokens_join}
             {"WHERE " + " AND ".join(filters) if filters else ""}
             ORDER BY image_score DESC, image_rank"""
-        params = [json.dumps(units), run["run_key"], run["lm_id"], convention, *filter_args]
+        params = [json.dumps(units), run.key, run.lm_id, convention, *filter_args]
     else:
         sql = f"""
             SELECT s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.mean_score, t.tokens, t.interpretable
@@ -115,7 +113,7 @@ def list_neurons(
             {tokens_join}
             WHERE {" AND ".join(["s.run_key = ?", *filters])}
             ORDER BY {_by_layer_rows(f"s.{SORTS[sort]}", layer)} DESC, s.layer, s.unit"""
-        params = [run["lm_id"], convention, run["run_key"], *filter_args]
+        params = [run.lm_id, convention, run.key, *filter_args]
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     for row in store.db.query(sql, params):
@@ -125,20 +123,20 @@ def list_neurons(
         yield row
 
 
-def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, top_images: int = 10) -> dict[str, Any]:
+def neuron_detail(store: Store, run: Run, layer: int, unit: int, *, top_images: int = 10) -> dict[str, Any]:
     """One unit: decoded tokens (every stored convention), aggregates, and the images where it ranks highest
     (at most NEURON_IMAGES = 20: the cache keeps each unit's best 20 results)."""
-    shape = run["shape"]
+    shape = run.shape
     if not (0 <= layer < shape["n_layers"] and 0 <= unit < shape["d_mlp"]):
         raise NotFoundError(
             f"no neuron L{layer}.u{unit}: this stack has layers 0-{shape['n_layers'] - 1} and units 0-{shape['d_mlp'] - 1}"
         )
     stats = store.db.execute(
         "SELECT n_top, n_images, max_score, mean_score FROM neuron_stats WHERE run_key = ? AND layer = ? AND unit = ?",
-        [run["run_key"], layer, unit],
+        [run.key, layer, unit],
     ).fetchone()
-    decoded = {c: store.tokens(run["lm_id"], c, layer, unit) for c in store.conventions(run["lm_id"])}
-    best = store.best_images(run["run_key"], layer, unit)[: min(top_images, NEURON_IMAGES)]
+    decoded = {c: store.tokens(run.lm_id, c, layer, unit) for c in store.conventions(run.lm_id)}
+    best = store.best_images(run.key, layer, unit)[: min(top_images, NEURON_IMAGES)]
     listed = {
         row["result_id"]: row
         for row in store.db.query(
@@ -158,7 +156,7 @@ def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, t
     return {
         "layer": layer,
         "neuron": unit,
-        "run": run["id"],
+        "run": run.id,
         "stats": dict(zip(keys, stats, strict=True)) if stats else {k: 0 for k in keys},
         "decoded": decoded,
         "images": images,
@@ -211,11 +209,11 @@ def _text_range(store: Store, lm_id: str, convention: str) -> tuple[int, int] | 
     return row[0] << 40, (row[0] << 40) | ((1 << 40) - 1)
 
 
-def _text_hits(store: Store, run: dict[str, Any], token: str, convention: str) -> list[int] | None:
+def _text_hits(store: Store, run: Run, token: str, convention: str) -> list[int] | None:
     """Keys (neuron_text rowids) of the units whose decoded text contains `token`, when fewer than
     TEXT_HITS_CAP; None without the text index or for a commoner token (walking the sorted units finds a
     page sooner). One pass over the index (tokens of 3+ characters) or over its text (shorter ones)."""
-    span = _text_range(store, run["lm_id"], convention)
+    span = _text_range(store, run.lm_id, convention)
     if span is None:
         return None
     rows = store.db.execute(
@@ -227,7 +225,7 @@ def _text_hits(store: Store, run: dict[str, Any], token: str, convention: str) -
 
 def _neuron_query(
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     select: str,
     *,
     tokens_select: str = "",
@@ -242,14 +240,14 @@ def _neuron_query(
     -> neuron_stats (or the tokens, by text) walked in sort order with each unit's tokens looked up.
     CROSS JOIN fixes SQLite's loop order to that plan. `tokens_select` is added to `select` when the plan joins
     the tokens (t); they are left out when nothing filters or sorts by them. Also says whether it joined them."""
-    where, args = ["s.run_key = ?"], [run["run_key"]]
+    where, args = ["s.run_key = ?"], [run.key]
     if layer is not None:
         where.append("s.layer = ?")
         args.append(layer)
     if interpretable is not None:
         where.append("t.interpretable = ?")
         args.append(int(interpretable))
-    tokens_args = [run["lm_id"], convention]
+    tokens_args = [run.lm_id, convention]
     on_tokens = "t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit"
     hits = _text_hits(store, run, token, convention) if token else None
     if hits is not None:
@@ -280,7 +278,7 @@ def _neuron_query(
 
 def neuron_page(
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     *,
     sort: str = "max",
     descending: bool = True,
@@ -320,7 +318,7 @@ def neuron_page(
             f"SELECT {stats}, t.text, t.interpretable FROM ({page}) s LEFT JOIN neuron_tokens t"
             f" ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit{order_by}"
         )
-        args = [*args, int(limit), int(offset), run["lm_id"], convention]
+        args = [*args, int(limit), int(offset), run.lm_id, convention]
     else:
         args = [*args, int(limit), int(offset)]
     rows = store.db.execute(page, args).fetchall()
@@ -333,7 +331,7 @@ def neuron_page(
 
 def count_neurons(
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     *,
     layer: int | None = None,
     token: str | None = None,
@@ -348,14 +346,14 @@ def count_neurons(
     return int(store.db.execute(sql, args).fetchone()[0])
 
 
-def layer_counts(store: Store, run: dict[str, Any]) -> list[dict[str, Any]]:
+def layer_counts(store: Store, run: Run) -> list[dict[str, Any]]:
     """Every layer of the run's stack: units stored (n_units) and units among some image's top 100 (n_top_units)."""
     rows = store.db.execute(
         """SELECT layer, count(*), sum(n_top > 0) FROM neuron_stats WHERE run_key = ? GROUP BY layer""",
-        [run["run_key"]],
+        [run.key],
     ).fetchall()
     found = {r[0]: (r[1], r[2] or 0) for r in rows}
     return [
         {"layer": layer, "n_units": found.get(layer, (0, 0))[0], "n_top_units": found.get(layer, (0, 0))[1]}
-        for layer in range(run["shape"]["n_layers"])
+        for layer in range(run.shape["n_layers"])
     ]

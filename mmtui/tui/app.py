@@ -8,12 +8,12 @@ chooser (several runs), the browser (one run, or --run), or a screen saying why 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 
+from mmtui.store import Run
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import StoreFailed, StoreOpened
 from mmtui.tui.screens.browse import BrowseScreen
@@ -53,7 +53,7 @@ class BrowseApp(ShowsWorkerErrors, App[None]):
         self.show_heatmaps = False  # `h` turns heatmaps on for the session
         self.session: Session | None = None
         self.stacks = StackHolder(device)
-        self.runs: list[dict[str, Any]] = []
+        self.runs: list[Run] = []
 
     def on_mount(self) -> None:
         self.push_screen(LoadingScreen(f"Opening {self.db_path.name} …"))
@@ -73,9 +73,9 @@ class BrowseApp(ShowsWorkerErrors, App[None]):
     def show_runs(self, message: StoreOpened) -> None:
         self.runs = message.runs
         if self.run_id is not None:
-            chosen = [r for r in self.runs if r["id"].startswith(self.run_id)]
+            chosen = [r for r in self.runs if r.id.startswith(self.run_id)]
             if len(chosen) != 1:
-                ids = ", ".join(r["id"] for r in self.runs)
+                ids = ", ".join(r.id for r in self.runs)
                 what = "No run" if not chosen else "Several runs"
                 self.switch_screen(
                     ProblemScreen("Run not found", f"{what} with id {self.run_id!r} in {self.db_path} (runs: {ids}).")

@@ -15,6 +15,7 @@ from mmtui.tui.widgets.picture import overlay
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
+    from mmtui.store import Run
 
 OUTLINE_Q = 0.95  # the paper's threshold for a unit's receptive field (method.md, experiment 3)
 
@@ -57,7 +58,7 @@ def heatmap_picture(
     return drawn, float(grid_map.max()), (int(grid_map.shape[0]), int(grid_map.shape[1]))
 
 
-def ablation_total(store: Any, run: dict[str, Any], result_ids: list[int], spec: Any) -> int:
+def ablation_total(store: Any, run: Run, result_ids: list[int], spec: Any) -> int:
     """How many dose-response points `spec` asks for (conditions short of k triples are left out)."""
     from mmtui.experiments.ablation import select
 

@@ -14,6 +14,7 @@ from textual.message import Message
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from mmtui.store import Run
     from mmtui.tui.state import AblationSpec, NeuronQuery
 
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 class StoreOpened(Message):
     """The store opened and holds these runs (newest first)."""
 
-    runs: list[dict[str, Any]]
+    runs: list[Run]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mmtui.errors import MmtuiError, StackError, StoreError, StoreLockedError, StoreTooNewError
-from mmtui.store import Store
+from mmtui.store import Run, Store
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -31,7 +31,7 @@ class StoreProblem(Exception):
         self.message = message
 
 
-def open_store(path: Path) -> tuple[Store, list[dict[str, Any]]]:
+def open_store(path: Path) -> tuple[Store, list[Run]]:
     """Open the store read for browsing and list its runs. Raises StoreProblem, never a raw database error."""
     if not path.exists():
         raise StoreProblem(
@@ -124,19 +124,19 @@ class StackHolder:
         self._stacks: dict[str, Stack] = {}
         self._lock = threading.Lock()
 
-    def loaded(self, run: dict[str, Any]) -> bool:
-        return run["stack_id"] in self._stacks
+    def loaded(self, run: Run) -> bool:
+        return run.stack.id in self._stacks
 
-    def get(self, run: dict[str, Any]) -> Stack:
+    def get(self, run: Run) -> Stack:
         """The stack of `run`; loads it the first time (seconds to minutes). Raises MmtuiError (StackError)."""
         with self._lock:
-            if run["stack_id"] not in self._stacks:
+            if run.stack.id not in self._stacks:
                 from mmtui.stacks.presets import load_stack_for_run
 
                 try:
-                    self._stacks[run["stack_id"]] = load_stack_for_run(run, self.device)
+                    self._stacks[run.stack.id] = load_stack_for_run(run, self.device)
                 except MmtuiError:
                     raise
                 except (OSError, ValueError, RuntimeError) as error:
-                    raise StackError(f"cannot load the stack of run {run['id']}: {error}") from error
-            return self._stacks[run["stack_id"]]
+                    raise StackError(f"cannot load the stack of run {run.id}: {error}") from error
+            return self._stacks[run.stack.id]

@@ -24,7 +24,7 @@ from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
 from mmtui.errors import MmtuiError
-from mmtui.store import Store
+from mmtui.store import Run, Store
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import (
     AblationFailed,
@@ -59,7 +59,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
         Binding("c", "cancel", "Cancel run"),
     ]
 
-    def __init__(self, run: dict[str, Any], result_ids: list[int] | None, label: str) -> None:
+    def __init__(self, run: Run, result_ids: list[int] | None, label: str) -> None:
         """result_ids None: the first N images of the run (N in the form)."""
         super().__init__()
         self.run = run
@@ -73,21 +73,21 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
 
     def default_ks(self) -> tuple[int, ...]:
         """The paper's grid, up to the triples each image has stored."""
-        shape = self.run["shape"]
+        shape = self.run.shape
         stored = shape["n_layers"] * shape["d_mlp"] * shape["n_patches"]
-        most = min(int(self.run.get("settings", {}).get("keep") or stored), stored)
+        most = min(int(self.run.settings.get("keep") or stored), stored)
         ks = [k for k in DEFAULT_KS if k <= most]
         return tuple(ks if most in ks else [*ks, most])
 
     def compose(self) -> ComposeResult:
-        yield TitleBar(f"ablation · {self.label} · run {self.run['id']}")
+        yield TitleBar(f"ablation · {self.label} · run {self.run.id}")
         with Vertical(id="ablation-form"):
             with Horizontal(classes="form-row"):
                 yield Label("images", classes="form-label")
                 if self.result_ids is None:
-                    first = min(DEFAULT_RUN_IMAGES, self.run["n_images"])
+                    first = min(DEFAULT_RUN_IMAGES, self.run.n_images)
                     yield Input(str(first), id="n-images", type="integer", compact=True, classes="form-short")
-                    yield Label(f"first of the run's {self.run['n_images']:,}", classes="form-note")
+                    yield Label(f"first of the run's {self.run.n_images:,}", classes="form-note")
                 else:
                     yield Label(f"{self.label} ({len(self.result_ids)})", classes="form-note")
             with Horizontal(classes="form-row"):
@@ -147,7 +147,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
 
     # -- the form ----------------------------------------------------------------------------------------
     def read_form(self) -> AblationSpec | None:
-        most = int(self.run.get("settings", {}).get("keep", 0)) or None
+        most = int(self.run.settings.get("keep", 0)) or None
         try:
             ks = parse_ks(self.query_one("#ks", Input).value, most=most)
             seeds = int(self.query_one("#seeds", Input).value or "0")
@@ -230,10 +230,10 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
         try:
             # a connection of its own: the points are written from this thread while the browser reads
             with Store.open(self.run_path(), create=False) as store:
-                ids = list(spec.result_ids) or _all_result_ids(store, self.run["id"])[:n_images]
+                ids = list(spec.result_ids) or _all_result_ids(store, self.run.id)[:n_images]
                 spec = replace(spec, result_ids=tuple(ids))
                 if not stacks.loaded(self.run):
-                    self.post_message(StackLoading(self.run["stack"]))
+                    self.post_message(StackLoading(self.run.stack.name))
                 stack = stacks.get(self.run)
                 bertscore = self.load_bertscore(spec, stack) if spec.captions else None
                 total = ablation_total(store, self.run, ids, spec)
@@ -255,7 +255,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
                 ):
                     points.append(point)
                     self.post_message(AblationProgressed(point, len(points), total))
-                summary = summarize(points, shape=self.run["shape"]) if points else []
+                summary = summarize(points, shape=self.run.shape) if points else []
         except MmtuiError as error:
             self.post_message(AblationFailed(str(error), points))
             return
@@ -335,7 +335,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
     def refresh_summary(self) -> None:
         from mmtui.experiments.ablation import summarize
 
-        self.summary = summarize(self.points, shape=self.run["shape"]) if self.points else []
+        self.summary = summarize(self.points, shape=self.run.shape) if self.points else []
         self.show_summary()
 
     def show_summary(self) -> None:

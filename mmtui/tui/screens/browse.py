@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Footer, Input, OptionList, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
-from mmtui.store import Store
+from mmtui.store import Run, Store
 from mmtui.store.queries import count_neurons, layer_counts, neuron_page
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import LayersLoaded, NeuronRequested, NeuronsCounted, NeuronsLoaded, QueryFailed
@@ -27,8 +27,8 @@ from mmtui.tui.widgets.neuron_table import NeuronTable
 from mmtui.tui.widgets.title import TitleBar
 
 
-def run_title(run: dict[str, Any]) -> str:
-    return f"run {run['id']} · {run['stack']} · {run['n_images']:,} images · {run_shape(run)}"
+def run_title(run: Run) -> str:
+    return f"run {run.id} · {run.stack.name} · {run.n_images:,} images · {run_shape(run)}"
 
 
 class BrowseScreen(ShowsWorkerErrors, Screen[None]):
@@ -47,7 +47,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
         ],
     ]
 
-    def __init__(self, run: dict[str, Any]) -> None:
+    def __init__(self, run: Run) -> None:
         super().__init__()
         self.run = run
         self.query_state = NeuronQuery()
@@ -94,7 +94,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
         if not self.settled:
             # results an interrupted fast attribute run left out of the aggregates are counted in first
             try:
-                self.session.read(Store.run, self.run["id"])
+                self.session.read(Store.fold_pending, self.run.id)
             except MmtuiError as error:
                 self.post_message(QueryFailed(str(error)))
                 return
@@ -285,7 +285,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
             if unit is not None:
                 self.post_message(NeuronRequested(*unit))
 
-        self.app.push_screen(JumpScreen(self.run["shape"]), jumped)
+        self.app.push_screen(JumpScreen(self.run.shape), jumped)
 
     def action_images(self) -> None:
         from mmtui.tui.screens.images import ImagesScreen

@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
+from mmtui.store import Run
 from mmtui.store.queries import image_summary
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageSummaryLoaded, NeuronRequested, QueryFailed
@@ -32,14 +33,14 @@ class ImageScreen(ShowsWorkerErrors, Screen[None]):
         Binding("a", "ablate", "Ablate this image"),
     ]
 
-    def __init__(self, run: dict[str, Any], result_id: int) -> None:
+    def __init__(self, run: Run, result_id: int) -> None:
         super().__init__()
         self.run = run
         self.result_id = result_id
         self.summary: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
-        yield TitleBar(f"image · run {self.run['id']}")
+        yield TitleBar(f"image · run {self.run.id}")
         with Horizontal(id="image-body"):
             yield HeatmapPane(self.run, self.app.graphics, id="image-picture")  # type: ignore[attr-defined]
             with Vertical(id="image-side"):

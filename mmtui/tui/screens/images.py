@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 
 from mmtui.errors import MmtuiError
+from mmtui.store import Run
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageRequested, ImagesListed, QueryFailed
 from mmtui.tui.text import image_name, printable, prob
@@ -28,12 +29,12 @@ class ImagesScreen(ShowsWorkerErrors, Screen[None]):
         Binding("a", "ablate", "Ablate"),
     ]
 
-    def __init__(self, run: dict[str, Any]) -> None:
+    def __init__(self, run: Run) -> None:
         super().__init__()
         self.run = run
 
     def compose(self) -> ComposeResult:
-        yield TitleBar(f"run {self.run['id']} · images")
+        yield TitleBar(f"run {self.run.id} · images")
         yield DataTable(id="images", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
@@ -47,7 +48,7 @@ class ImagesScreen(ShowsWorkerErrors, Screen[None]):
     @work(thread=True, exclusive=True, group="images", exit_on_error=False)
     def list_images(self) -> None:
         try:
-            rows = self.app.session.read(_results, self.run["id"])  # type: ignore[attr-defined]
+            rows = self.app.session.read(_results, self.run.id)  # type: ignore[attr-defined]
         except MmtuiError as error:
             self.post_message(QueryFailed(str(error)))
             return
@@ -65,7 +66,7 @@ class ImagesScreen(ShowsWorkerErrors, Screen[None]):
                 Text(printable(r["caption"]), no_wrap=True, overflow="ellipsis"),
                 key=str(r["id"]),
             )
-        self.query_one(TitleBar).show(f"run {self.run['id']} · {len(message.rows):,} images")
+        self.query_one(TitleBar).show(f"run {self.run.id} · {len(message.rows):,} images")
 
     @on(QueryFailed)
     def show_failure(self, message: QueryFailed) -> None:

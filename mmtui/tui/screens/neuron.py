@@ -18,6 +18,7 @@ from textual.worker import get_current_worker
 from mmtui.defaults import CONVENTIONS, NEURON_IMAGES
 from mmtui.errors import MmtuiError
 from mmtui.experiments.words import is_word
+from mmtui.store import Run
 from mmtui.store.queries import neuron_detail
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import ImageRequested, NeuronDetailLoaded, QueryFailed
@@ -37,14 +38,14 @@ class NeuronScreen(ShowsWorkerErrors, Screen[None]):
         Binding("a", "ablate", "Ablate its images"),
     ]
 
-    def __init__(self, run: dict[str, Any], layer: int, unit: int) -> None:
+    def __init__(self, run: Run, layer: int, unit: int) -> None:
         super().__init__()
         self.run = run
         self.neuron = (layer, unit)
         self.detail: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
-        yield TitleBar(f"{neuron_label(*self.neuron)} · run {self.run['id']}")
+        yield TitleBar(f"{neuron_label(*self.neuron)} · run {self.run.id}")
         yield Static("", id="neuron-stats")
         with Horizontal(id="neuron-top"):
             with Vertical(id="tokens-pane"):
@@ -92,7 +93,7 @@ class NeuronScreen(ShowsWorkerErrors, Screen[None]):
             Text.assemble(
                 (neuron_label(*self.neuron), "bold"),
                 f"   max score {score(s['max_score'])}   mean {score(s['mean_score'])}   ",
-                f"in the top 100 of {s['n_top']:,} image(s)   stored for {s['n_images']:,} of {self.run['n_images']:,}",
+                f"in the top 100 of {s['n_top']:,} image(s)   stored for {s['n_images']:,} of {self.run.n_images:,}",
             )
         )
         self.show_tokens(d["decoded"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -11,19 +9,20 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from mmtui.store import Run
 from mmtui.tui.text import printable
 from mmtui.tui.widgets.title import TitleBar
 
 
-def run_shape(run: dict[str, Any]) -> str:
-    shape = run["shape"]
+def run_shape(run: Run) -> str:
+    shape = run.shape
     return f"{shape['n_layers']} × {shape['d_mlp']:,} units, {shape['n_patches']} patches"
 
 
 class RunsScreen(Screen[None]):
     BINDINGS = [Binding("enter", "choose", "Browse run", show=True)]
 
-    def __init__(self, runs: list[dict[str, Any]]) -> None:
+    def __init__(self, runs: list[Run]) -> None:
         super().__init__()
         self.runs = runs
 
@@ -39,15 +38,15 @@ class RunsScreen(Screen[None]):
             table.add_column(header, key=header)
         for r in self.runs:
             table.add_row(
-                r["id"],
-                r["stack"],
-                Text(f"{r['n_images']:,}", justify="right"),
+                r.id,
+                r.stack.name,
+                Text(f"{r.n_images:,}", justify="right"),
                 run_shape(r),
-                printable(repr(r["prompt"])),
-                r["site"],
-                r["y_kind"],
-                (r["last_write"] or r["created"] or "-")[:16].replace("T", " "),
-                key=r["id"],
+                printable(repr(r.prompt)),
+                r.site,
+                r.y_kind,
+                (r.last_write or r.created or "-")[:16].replace("T", " "),
+                key=r.id,
             )
         table.focus()
 
@@ -63,5 +62,5 @@ class RunsScreen(Screen[None]):
     def open_run(self, run_id: str) -> None:
         from mmtui.tui.screens.browse import BrowseScreen
 
-        run = next(r for r in self.runs if r["id"] == run_id)
+        run = next(r for r in self.runs if r.id == run_id)
         self.app.push_screen(BrowseScreen(run))

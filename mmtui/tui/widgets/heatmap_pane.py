@@ -18,6 +18,7 @@ from textual.widgets import Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
+from mmtui.store import Run
 from mmtui.tui.compute import heatmap_picture, read_picture
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import HeatmapComputed, HeatmapFailed, PictureLoaded, StackLoading
@@ -32,7 +33,7 @@ class HeatmapPane(ShowsWorkerErrors, Vertical):
     HeatmapPane > #picture-caption { height: auto; max-height: 3; }
     """
 
-    def __init__(self, run: dict[str, Any], graphics: str, **kwargs: Any) -> None:
+    def __init__(self, run: Run, graphics: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.run = run
         self.graphics = graphics
@@ -126,12 +127,12 @@ class HeatmapPane(ShowsWorkerErrors, Vertical):
     def compute(self, result_id: int, unit: tuple[int, int], picture: Image) -> None:
         stacks = self.app.stacks  # type: ignore[attr-defined]
         if not stacks.loaded(self.run):
-            self.post_message(StackLoading(self.run["stack"]))
+            self.post_message(StackLoading(self.run.stack.name))
         try:
             stack = stacks.get(self.run)
             if get_current_worker().is_cancelled:
                 return
-            drawn, peak, grid = heatmap_picture(stack, picture, unit[0], unit[1], self.run["site"])
+            drawn, peak, grid = heatmap_picture(stack, picture, unit[0], unit[1], self.run.site)
         except MmtuiError as error:
             self.post_message(HeatmapFailed(str(error)))
             return
