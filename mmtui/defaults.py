@@ -8,3 +8,5 @@ NEURON_IMAGES = 20  # the cache keeps each unit's best 20 results per run (neuro
 SITES = ("post", "pre")
 Y_KINDS = ("prob", "logit", "logprob")
 CONVENTIONS = ("raw", "ln_f")
+DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # the ablation's k grid (method.md, experiment 4)
+GRAPHICS = ("auto", "pixels", "halfblock")  # how the browser draws images

@@ -155,10 +155,15 @@ def test_neurons_filters(filled_db, image_dir):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert rows and [r["image_score"] for r in rows] == sorted((r["image_score"] for r in rows), reverse=True)
     token = rows[0]["tokens"][0].strip()
-    result = runner.invoke(app, ["neurons", "--token", token, "--json"])
-    assert all(
-        any(token.lower() in t.lower() for t in json.loads(line)["tokens"]) for line in result.stdout.splitlines()
-    )
+    result = runner.invoke(app, ["neurons", "--token", token.upper(), "--json", "--limit", "1000"])
+    whole = [json.loads(line) for line in result.stdout.splitlines()]
+    assert whole and all(any(token.lower() == t.strip().lower() for t in r["tokens"]) for r in whole)
+    result = runner.invoke(app, ["neurons", "--token-contains", token[1:], "--json", "--limit", "1000"])
+    part = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(any(token[1:].lower() in t.lower() for t in r["tokens"]) for r in part)
+    assert {(r["layer"], r["neuron"]) for r in whole} <= {(r["layer"], r["neuron"]) for r in part}
+    result = runner.invoke(app, ["neurons", "--token", "a", "--token-contains", "a"])
+    assert result.exit_code == 2 and "not both" in result.stderr
 
 
 def test_neuron_out_of_range(filled_db):

@@ -226,6 +226,7 @@ async def test_filter_by_token_text(db: Path) -> None:
         words = sorted({w for text in texts for w in text.split(", ") if w.isalpha() and len(w) >= 3})
         word = words[len(words) // 2]
         expected = queries.neuron_page(store, run, token=word, limit=1000)
+        contained = queries.neuron_page(store, run, token=word[1:], contains=True, limit=1000)
         total = queries.count_neurons(store, run)
     assert 0 < len(expected) < total
     hook = Recorder()
@@ -245,6 +246,10 @@ async def test_filter_by_token_text(db: Path) -> None:
         assert hook.last(NeuronsLoaded).query.token == ""
         assert hook.last(NeuronsCounted).total == total
         assert not app.screen.query_one("#filter", Input).display
+        await pilot.press("slash", "~", *word[1:])  # the prefix ~: tokens containing the text
+        await settle(pilot)
+        loaded = hook.last(NeuronsLoaded)
+        assert loaded.rows == contained and len(contained) >= len(expected)
 
 
 @pytest.mark.anyio

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from mmtui.experiments.words import is_interpretable
 from mmtui.run.decoding import unit_logits
 from mmtui.stacks.lm import LMAdapter
+from mmtui.words import is_interpretable
 
 # (layer, unit, the tokens the paper prints for it)
 PAPER_UNITS: list[tuple[int, int, list[str]]] = [

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
-from mmtui.store.queries import NEURON_COLUMNS
+from mmtui.defaults import DEFAULT_KS
+from mmtui.store.queries import NEURON_COLUMNS, token_filter
 
-DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # the paper's grid (method.md, experiment 4)
+CONTAINS_PREFIX = "~"  # the neuron filter `~dog`: tokens containing `dog`; plain `dog`: a whole token `dog`
 PAGE = 100  # rows the neuron table loads at a time (more as the cursor nears the end); a screen shows ~40
 
 # the table's columns in display order: key (as queries.NEURON_COLUMNS), header, whether high is "best"
@@ -37,6 +39,19 @@ class NeuronQuery:
     token: str = ""
     convention: str = "raw"
     limit: int = PAGE
+
+    @property
+    def token_filter(self) -> tuple[str | None, bool]:
+        """The token filter as typed -> (text, contains): `dog` finds the units with a decoded token `dog`
+        (case and the space before it ignored), `~dog` those whose tokens contain `dog` (e.g. `endogenous`)."""
+        if self.token.startswith(CONTAINS_PREFIX):
+            return token_filter(self.token[len(CONTAINS_PREFIX) :], contains=True), True
+        return token_filter(self.token), False
+
+    def filters(self) -> dict[str, Any]:
+        """The keyword arguments of queries.neuron_page / count_neurons for this query's filters."""
+        token, contains = self.token_filter
+        return {"layer": self.layer, "token": token, "contains": contains, "convention": self.convention}
 
     def sorted_by(self, column: str) -> NeuronQuery:
         """Sort by `column`; the same column again flips the direction (a new one starts at its natural order)."""

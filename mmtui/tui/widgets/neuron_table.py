@@ -67,7 +67,12 @@ class NeuronTable(DataTable):
     def show(self, rows: list[dict[str, Any]], query: NeuronQuery) -> None:
         """Replace the rows, keeping the cursor on the same unit when it is still shown."""
         keep = self.current_key()
-        self.match = re.compile(re.escape(query.token), re.IGNORECASE) if query.token else None
+        token, contains = query.token_filter
+        if token is None:
+            self.match = None
+        else:  # a whole token: the token itself, not the same letters inside a longer one
+            pattern = re.escape(token) if contains else rf"(?<![^\s,]){re.escape(token)}(?![^\s,])"
+            self.match = re.compile(pattern, re.IGNORECASE)
         self.set_headers(query)
         self.clear()
         self.rows_shown = []
