@@ -76,7 +76,7 @@ def neurons(
         table.add_column("decoded tokens", overflow="fold")
         for r in rows:
             cells = [
-                f"L{r['layer']}.u{r['neuron']}",
+                f"L{r['layer']}.u{r['unit']}",
                 f"{r['max_score']:.3g}",
                 f"{r['mean_score']:.3g}",
                 str(r["n_top"]),

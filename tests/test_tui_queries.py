@@ -19,7 +19,7 @@ from mmtui.store import ResultRecord, Store, queries
 from mmtui.tui.state import COLUMNS
 from mmtui.words import is_interpretable
 
-KEYS = {"layer": "layer", "neuron": "neuron", "max": "max_score", "mean": "mean_score", "top": "n_top"}
+KEYS = {"layer": "layer", "neuron": "unit", "max": "max_score", "mean": "mean_score", "top": "n_top"}
 KEYS |= {"images": "n_images", "tokens": "text"}
 
 
@@ -164,7 +164,7 @@ def everything(store: Store, run: dict, convention: str = "raw") -> list[dict]:
            WHERE s.run_key = ?""",
         [run["lm_id"], convention, run["run_key"]],
     ).fetchall()
-    keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable", "tokens")
+    keys = ("layer", "unit", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable", "tokens")
     out = [dict(zip(keys, r, strict=True)) for r in rows]
     for r in out:
         r["interpretable"] = None if r["interpretable"] is None else bool(r["interpretable"])
@@ -187,11 +187,11 @@ def brute(
         kept = [r for r in kept if any(t.strip().lower() == token.strip().lower() for t in r["tokens"])]
     key = KEYS[sort]
     if sort == "layer":
-        kept.sort(key=lambda r: (r["layer"], r["neuron"]), reverse=descending)
+        kept.sort(key=lambda r: (r["layer"], r["unit"]), reverse=descending)
     elif sort == "neuron":
-        kept.sort(key=lambda r: (r["neuron"], r["layer"]), reverse=descending)
+        kept.sort(key=lambda r: (r["unit"], r["layer"]), reverse=descending)
     else:
-        kept.sort(key=lambda r: (r["layer"], r["neuron"]))
+        kept.sort(key=lambda r: (r["layer"], r["unit"]))
         kept.sort(key=lambda r: r[key], reverse=descending)  # stable: ties stay by layer, unit
     return kept
 
@@ -318,7 +318,7 @@ def test_a_token_is_a_whole_token_unless_asked_to_contain(tmp_path: Path) -> Non
     db = build_synthetic_store(tmp_path / "w.db")
     with Store.open(db) as store:
         run = store.run()
-        units = [(r["layer"], r["neuron"]) for r in queries.neuron_page(store, run, limit=3)]
+        units = [(r["layer"], r["unit"]) for r in queries.neuron_page(store, run, limit=3)]
         decoded = dict(zip(units, [[" Dog", " cat"], ["endogenous", " bone"], [" 5%", " a_b"]], strict=True))
         dog, endogenous, odd = units
         rows = [
@@ -343,8 +343,8 @@ def test_a_token_is_a_whole_token_unless_asked_to_contain(tmp_path: Path) -> Non
                 ]:
                     page = queries.neuron_page(store, run, token=token, contains=contains, limit=None)
                     listed = queries.list_neurons(store, run, token=token, contains=contains, limit=None)
-                    found = {(r["layer"], r["neuron"]) for r in page}
-                    assert found == {(r["layer"], r["neuron"]) for r in listed}
+                    found = {(r["layer"], r["unit"]) for r in page}
+                    assert found == {(r["layer"], r["unit"]) for r in listed}
                     assert found & set(decoded) == want, (token, contains, cap)
                     assert found <= set(decoded)
                     assert queries.count_neurons(store, run, token=token, contains=contains) == len(found)

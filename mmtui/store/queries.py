@@ -1,6 +1,6 @@
 """Read-only views of the store shared by the CLI and the TUI: plain dicts with stable keys, streamed.
 
-A neuron is (layer, unit), both 0-based; in JSON the unit's key is "neuron" (as `mmtui neuron LAYER INDEX`).
+A neuron is (layer, unit), both 0-based, under the keys "layer" and "unit" in every row (and every --json line).
 Never imports torch.
 """
 
@@ -52,7 +52,7 @@ def image_summary(
     out["top"] = [
         {
             "layer": t["layer"],
-            "neuron": t["unit"],
+            "unit": t["unit"],
             "patch": t["patch"],
             "score": t["score"],
             "tokens": _tokens(store, run["lm_id"], convention, t["layer"], t["unit"]),
@@ -128,7 +128,6 @@ def list_neurons(
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     for row in store.db.query(sql, params):
-        row["neuron"] = row.pop("unit")
         row["tokens"] = json.loads(row["tokens"]) if row["tokens"] else []
         row["interpretable"] = bool(row["interpretable"]) if row["interpretable"] is not None else None
         yield row
@@ -166,7 +165,7 @@ def neuron_detail(store: Store, run: dict[str, Any], layer: int, unit: int, *, t
     keys = ("n_top", "n_images", "max_score", "mean_score")
     return {
         "layer": layer,
-        "neuron": unit,
+        "unit": unit,
         "run": run["id"],
         "stats": dict(zip(keys, stats, strict=True)) if stats else {k: 0 for k in keys},
         "decoded": decoded,
@@ -334,7 +333,7 @@ def neuron_page(
 ) -> list[dict[str, Any]]:
     """One page of a run's units sorted by any column of NEURON_COLUMNS, either direction (ties: layer, unit).
 
-    Rows: layer, neuron, max_score, mean_score, n_top, n_images, text (decoded tokens joined by ", ", or None),
+    Rows: layer, unit, max_score, mean_score, n_top, n_images, text (decoded tokens joined by ", ", or None),
     interpretable (None when not decoded), tokens (the decoded tokens, [] when not decoded). token: units with a
     decoded token equal to it (case-insensitive, whitespace around the token ignored); with `contains`, units
     whose decoded tokens' text contains it. Sorting by tokens lists the decoded units only. limit None: all.
@@ -367,7 +366,7 @@ def neuron_page(
     else:
         args = [*args, -1 if limit is None else int(limit), int(offset)]
     rows = store.db.execute(page, args).fetchall()
-    keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable", "tokens")
+    keys = ("layer", "unit", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable", "tokens")
     out = [dict(zip(keys, row, strict=True)) for row in rows]
     for row in out:
         row["interpretable"] = None if row["interpretable"] is None else bool(row["interpretable"])

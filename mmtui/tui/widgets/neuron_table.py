@@ -90,13 +90,13 @@ class NeuronTable(DataTable):
             mark = Text("● ", style="green") if r["interpretable"] else Text("  ")
             self.add_row(
                 Text(str(r["layer"]), justify="right"),
-                Text(str(r["neuron"]), justify="right"),
+                Text(str(r["unit"]), justify="right"),
                 Text(score(r["max_score"]), justify="right"),
                 Text(score(r["mean_score"]), justify="right"),
                 Text(f"{r['n_top']:,}", justify="right"),
                 Text(f"{r['n_images']:,}", justify="right"),
                 mark + self.tokens_cell(tokens),
-                key=f"{r['layer']}.{r['neuron']}",
+                key=f"{r['layer']}.{r['unit']}",
             )
 
     def tokens_cell(self, tokens: str) -> Text:
