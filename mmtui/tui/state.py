@@ -83,19 +83,3 @@ def parse_neuron(text: str) -> tuple[int, int] | None:
     """`7.12134`, `L7.u12134`, `7 12134`, `7:12134` -> (7, 12134); anything else -> None."""
     found = _NEURON.match(text)
     return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-def parse_ks(text: str, most: int | None = None) -> tuple[int, ...]:
-    """`0, 50 100;200` -> (0, 50, 100, 200), sorted and unique. Raises ValueError with a message a person can act on."""
-    parts = [p for p in re.split(r"[\s,;]+", text.strip()) if p]
-    if not parts:
-        raise ValueError("give at least one k, e.g. 0,50,100,200")
-    try:
-        ks = sorted({int(p) for p in parts})
-    except ValueError:
-        raise ValueError(f"k values are whole numbers separated by commas, not {text!r}") from None
-    if ks[0] < 0:
-        raise ValueError("k values cannot be negative")
-    if most is not None and ks[-1] > most:
-        raise ValueError(f"k = {ks[-1]} is more than the {most} triples stored per image")
-    return tuple(ks)
