@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmtui.experiments.words import dictionary, is_interpretable  # noqa: E402
 from mmtui.store import STATS_EVERY, ResultRecord, StackIdentity, Store  # noqa: E402
+from mmtui.words import dictionary, is_interpretable  # noqa: E402
 
 N_LAYERS, D_MLP, GRID, KEEP = 28, 16_384, 14, 6_400
 DEFAULT_DB = Path("/tmp/mmtui-bench")

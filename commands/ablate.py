@@ -43,13 +43,13 @@ DEFAULT_K = "0,50,100,200,400,800,1600,3200,6400"
 
 
 def parse_ks(text: str) -> list[int]:
+    """--k as a sorted list (mmtui.defaults.parse_ks, the TUI's parser too); a bad one fails with its reason."""
+    from mmtui.defaults import parse_ks as parse
+
     try:
-        ks = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        fail(f"--k {text!r}: give whole numbers separated by commas, such as 0,50,100")
-    if not ks or ks[0] < 0:
-        fail(f"--k {text!r}: give one or more whole numbers >= 0")
-    return ks
+        return list(parse(text))
+    except ValueError as error:
+        fail(f"--k {text!r}: {error}")
 
 
 @app.command()

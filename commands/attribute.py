@@ -218,7 +218,7 @@ def _table(summaries: list[dict], top: int) -> Table:
     table.add_column("top neurons", overflow="fold")
     for s in summaries:
         lines = [
-            f"L{t['layer']}.u{t['neuron']} @{t['patch']}: {t['score']:.3g}  {', '.join(x.strip() for x in t['tokens'][:5])}"
+            f"L{t['layer']}.u{t['unit']} @{t['patch']}: {t['score']:.3g}  {', '.join(x.strip() for x in t['tokens'][:5])}"
             for t in s["top"][:top]
         ]
         table.add_row(Path(s["image"]).name, s["target"], f"{s['p_target']:.4f}", s["caption"], "\n".join(lines))

@@ -10,8 +10,7 @@ from typing import Annotated
 import typer
 
 from commands._app import DbOption, DeviceOption, app, db_path, fail
-
-GRAPHICS = ("auto", "pixels", "halfblock")
+from mmtui.defaults import GRAPHICS
 
 
 @app.command()

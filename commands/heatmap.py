@@ -62,7 +62,7 @@ def heatmap(
     flat = int(grid.argmax())
     record = {
         "layer": layer,
-        "neuron": neuron,
+        "unit": neuron,
         "image": str(image),
         "site": site or "post",
         "grid": [[round(float(v), 5) for v in row] for row in grid],

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out
+from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, fail, out
 from mmtui.defaults import NEURON_IMAGES
 
 RunOption = Annotated[
@@ -27,7 +27,12 @@ def neurons(
         str, typer.Option("--sort", help="score (max), count (images where it is in the top 100) or mean.")
     ] = "score",
     token: Annotated[
-        str | None, typer.Option("--token", help="Only neurons whose decoded tokens contain this text.")
+        str | None,
+        typer.Option("--token", help="Only neurons with this decoded token (whole token; case and spaces ignored)."),
+    ] = None,
+    token_contains: Annotated[
+        str | None,
+        typer.Option("--token-contains", help="Only neurons whose decoded tokens contain this text (any case)."),
     ] = None,
     interpretable: Annotated[
         bool | None,
@@ -43,6 +48,8 @@ def neurons(
     from mmtui.store import Store
     from mmtui.store.queries import list_neurons
 
+    if token is not None and token_contains is not None:
+        fail("give --token (a whole token) or --token-contains (any text), not both")
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
         store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
@@ -52,7 +59,8 @@ def neurons(
             layer=layer,
             image=image,
             sort=sort,
-            token=token,
+            token=token if token_contains is None else token_contains,
+            contains=token_contains is not None,
             interpretable=interpretable,
             limit=limit,
             convention=decode,
@@ -69,7 +77,7 @@ def neurons(
         table.add_column("decoded tokens", overflow="fold")
         for r in rows:
             cells = [
-                f"L{r['layer']}.u{r['neuron']}",
+                f"L{r['layer']}.u{r['unit']}",
                 f"{r['max_score']:.3g}",
                 f"{r['mean_score']:.3g}",
                 str(r["n_top"]),

@@ -4,13 +4,20 @@ against random units of the same layers."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from commands._app import DbOption, DeviceOption, JsonOption, app, core_errors, db_path, emit_json, fail, out, warn
 from commands._experiments import RunOption, fmt, open_store, progress_bar, run_stack
+
+
+def iou_json(image: str, row: dict[str, Any]) -> dict[str, Any]:
+    """One IoU row for --json: a unit's row names it by "layer" and "unit"; a mean over units (top-mean,
+    random-mean) has null there (the store keeps -1)."""
+    mean = row["layer"] < 0
+    return {"type": "iou", "image": image, **row, **({"layer": None, "unit": None} if mean else {})}
 
 
 @app.command()
@@ -65,7 +72,7 @@ def specificity(
                     progress.advance(task)
                     rows.extend(item.rows)
                     if json_out:
-                        emit_json({"type": "iou", "image": item.image, **r} for r in item.rows)
+                        emit_json(iou_json(item.image, r) for r in item.rows)
     if skipped:
         warn(f"{len(skipped)} image(s) left out, e.g. {skipped[0]}")
     if not rows:

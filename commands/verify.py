@@ -36,6 +36,6 @@ def verify(
     for r in rows:
         found = r["note"] or f"{r['matched']} of {len(dict.fromkeys(r['paper']))}"
         table.add_row(
-            f"L{r['layer']}.u{r['neuron']}", ", ".join(r["paper"]), ", ".join(t.strip() for t in r["tokens"]), found
+            f"L{r['layer']}.u{r['unit']}", ", ".join(r["paper"]), ", ".join(t.strip() for t in r["tokens"]), found
         )
     out.print(table)

@@ -33,7 +33,7 @@ def test_attribute_json_lines(image_dir):
     for row in lines:
         assert {"image", "sha256", "target", "target_token_id", "p_target", "top"} <= row.keys()
         assert len(row["top"]) == 3
-        assert {"layer", "neuron", "score", "tokens"} <= row["top"][0].keys()
+        assert {"layer", "unit", "score", "tokens"} <= row["top"][0].keys()
         assert len(row["top"][0]["tokens"]) == 10
     assert "Attributing" in result.stderr  # progress goes to stderr, never stdout
 
@@ -134,7 +134,7 @@ def test_neurons_and_neuron_and_runs(filled_db):
     assert len(rows) == 5
     assert [r["max_score"] for r in rows] == sorted((r["max_score"] for r in rows), reverse=True)
     first = rows[0]
-    result = runner.invoke(app, ["neuron", str(first["layer"]), str(first["neuron"]), "--json"])
+    result = runner.invoke(app, ["neuron", str(first["layer"]), str(first["unit"]), "--json"])
     detail = json.loads(result.stdout)
     assert detail["stats"]["max_score"] == pytest.approx(first["max_score"])
     assert detail["images"] and detail["decoded"]["raw"]["tokens"] == first["tokens"]
@@ -155,10 +155,15 @@ def test_neurons_filters(filled_db, image_dir):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert rows and [r["image_score"] for r in rows] == sorted((r["image_score"] for r in rows), reverse=True)
     token = rows[0]["tokens"][0].strip()
-    result = runner.invoke(app, ["neurons", "--token", token, "--json"])
-    assert all(
-        any(token.lower() in t.lower() for t in json.loads(line)["tokens"]) for line in result.stdout.splitlines()
-    )
+    result = runner.invoke(app, ["neurons", "--token", token.upper(), "--json", "--limit", "1000"])
+    whole = [json.loads(line) for line in result.stdout.splitlines()]
+    assert whole and all(any(token.lower() == t.strip().lower() for t in r["tokens"]) for r in whole)
+    result = runner.invoke(app, ["neurons", "--token-contains", token[1:], "--json", "--limit", "1000"])
+    part = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(any(token[1:].lower() in t.lower() for t in r["tokens"]) for r in part)
+    assert {(r["layer"], r["unit"]) for r in whole} <= {(r["layer"], r["unit"]) for r in part}
+    result = runner.invoke(app, ["neurons", "--token", "a", "--token-contains", "a"])
+    assert result.exit_code == 2 and "not both" in result.stderr
 
 
 def test_neuron_out_of_range(filled_db):

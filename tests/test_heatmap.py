@@ -96,7 +96,7 @@ def test_heatmap_command(image_dir, tmp_path):
     result = runner.invoke(app, ["heatmap", "1", "7", str(image), "--out", str(png), "--json", *args])
     assert result.exit_code == ExitCode.OK, result.stderr
     row = json.loads(result.stdout)
-    assert {"layer", "neuron", "image", "grid", "max", "argmax_patch", "png", "site"} <= row.keys()
+    assert {"layer", "unit", "image", "grid", "max", "argmax_patch", "png", "site"} <= row.keys()
     assert np.asarray(row["grid"]).shape == (4, 4) and png.is_file()
     table = runner.invoke(app, ["heatmap", "1", "7", str(image), "--out", str(png), *args])
     assert table.exit_code == 0 and "patch grid" in table.stdout

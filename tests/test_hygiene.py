@@ -17,7 +17,7 @@ HEAVY = ("torch", "transformers", "timm", "torchvision")
     "statement",
     [
         "import mmtui",
-        "import mmtui.store, mmtui.store.queries, mmtui.experiments.words, mmtui.errors, mmtui.defaults",
+        "import mmtui.store, mmtui.store.queries, mmtui.words, mmtui.errors, mmtui.defaults",
         "from commands import app",
         "from commands import main",
     ],
@@ -65,3 +65,25 @@ def test_every_command_has_help_and_is_in_the_readme(name):
     assert command.help and len(command.help.strip()) > 20
     readme = (ROOT / "README.md").read_text()
     assert re.search(rf"mmtui {re.escape(name)}\b", readme), f"`mmtui {name}` is not in README.md"
+
+
+def test_only_the_store_runs_sql():
+    """No module of mmtui outside mmtui/store imports sqlite3 or sqlite_utils, or reaches for a store's
+    connection (`.db`): the store's functions are the only way to its tables (lint-imports checks the imports too)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "mmtui").rglob("*.py")):
+        if (ROOT / "mmtui" / "store") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n.split(".")[0] in ("sqlite3", "sqlite_utils") or n == "mmtui.store._sqlite_utils" for n in names):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {names}")
+            if isinstance(node, ast.Attribute) and node.attr == "db":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} reads .db")
+    assert not found, found

@@ -202,9 +202,7 @@ async def test_sort_by_keys_and_by_clicking_a_header(db: Path) -> None:
         await settle(pilot)
         loaded = hook.last(NeuronsLoaded)
         assert (loaded.query.sort, loaded.query.descending) == ("layer", False)
-        assert [(r["layer"], r["neuron"]) for r in loaded.rows] == sorted(
-            (r["layer"], r["neuron"]) for r in loaded.rows
-        )
+        assert [(r["layer"], r["unit"]) for r in loaded.rows] == sorted((r["layer"], r["unit"]) for r in loaded.rows)
         await pilot.press("1")  # again: reversed
         await settle(pilot)
         assert hook.last(NeuronsLoaded).query.descending
@@ -227,6 +225,7 @@ async def test_filter_by_token_text(db: Path) -> None:
         words = sorted({w for text in texts for w in text.split(", ") if w.isalpha() and len(w) >= 3})
         word = words[len(words) // 2]
         expected = queries.neuron_page(store, run, token=word, limit=1000)
+        contained = queries.neuron_page(store, run, token=word[1:], contains=True, limit=1000)
         total = queries.count_neurons(store, run)
     assert 0 < len(expected) < total
     hook = Recorder()
@@ -246,6 +245,10 @@ async def test_filter_by_token_text(db: Path) -> None:
         assert hook.last(NeuronsLoaded).query.token == ""
         assert hook.last(NeuronsCounted).total == total
         assert not app.screen.query_one("#filter", Input).display
+        await pilot.press("slash", "~", *word[1:])  # the prefix ~: tokens containing the text
+        await settle(pilot)
+        loaded = hook.last(NeuronsLoaded)
+        assert loaded.rows == contained and len(contained) >= len(expected)
 
 
 @pytest.mark.anyio
@@ -261,7 +264,7 @@ async def test_go_to_a_neuron(db: Path) -> None:
         await hook.wait_for(pilot, NeuronDetailLoaded)
         assert isinstance(app.screen, NeuronScreen)
         detail = hook.last(NeuronDetailLoaded).detail
-        assert (detail["layer"], detail["neuron"]) == (1, 3)
+        assert (detail["layer"], detail["unit"]) == (1, 3)
         assert app.screen.query_one("#tokens", DataTable).row_count == 10
 
 
@@ -277,7 +280,7 @@ async def test_open_a_neuron_then_its_best_image(db: Path) -> None:
         await hook.wait_for(pilot, NeuronDetailLoaded)
         await hook.wait_for(pilot, PictureLoaded)
         detail = hook.last(NeuronDetailLoaded).detail
-        assert (detail["layer"], detail["neuron"]) == (best["layer"], best["neuron"])
+        assert (detail["layer"], detail["unit"]) == (best["layer"], best["unit"])
         assert detail["stats"]["max_score"] == pytest.approx(best["max_score"])
         assert detail["images"][0]["score"] == pytest.approx(best["max_score"])
         assert app.screen.query_one("#top-images", DataTable).row_count == len(detail["images"])
@@ -290,7 +293,7 @@ async def test_open_a_neuron_then_its_best_image(db: Path) -> None:
         store, _ = open_store(db)
         with store:
             stored = store.top_triples(detail["images"][0]["result_id"], 100)
-        assert [(t["layer"], t["neuron"], t["patch"]) for t in summary["top"]] == [
+        assert [(t["layer"], t["unit"], t["patch"]) for t in summary["top"]] == [
             (t["layer"], t["unit"], t["patch"]) for t in stored
         ]
         assert app.screen.query_one("#image-neurons", DataTable).row_count == len(stored)
@@ -319,7 +322,7 @@ async def test_heatmap_is_the_units_activations_over_the_image(db: Path, tiny_st
         assert (computed.result_id, computed.layer, computed.unit) == (
             image["result_id"],
             detail["layer"],
-            detail["neuron"],
+            detail["unit"],
         )
         expected = unit_activation_maps(tiny_stack, load_image(image["image"]).image, [(computed.layer, computed.unit)])
         assert computed.grid == tuple(tiny_stack.grid)

@@ -6,6 +6,7 @@ and no text index at all (an SQLite without FTS5); and migration m003's text ind
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import tempfile
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmtui.experiments.words import is_interpretable
 from mmtui.store import ResultRecord, Run, StackIdentity, Store, queries
 from mmtui.tui.state import COLUMNS
+from mmtui.words import is_interpretable
 
-KEYS = {"layer": "layer", "neuron": "neuron", "max": "max_score", "mean": "mean_score", "top": "n_top"}
+KEYS = {"layer": "layer", "neuron": "unit", "max": "max_score", "mean": "mean_score", "top": "n_top"}
 KEYS |= {"images": "n_images", "tokens": "text"}
 
 
@@ -155,30 +156,40 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 def everything(store: Store, run: Run, convention: str = "raw") -> list[dict]:
     rows = store.db.execute(
-        """SELECT s.layer, s.unit, s.max_score, s.mean_score, s.n_top, s.n_images, t.text, t.interpretable
+        """SELECT s.layer, s.unit, s.max_score, s.mean_score, s.n_top, s.n_images, t.text, t.interpretable, t.tokens
            FROM neuron_stats s LEFT JOIN neuron_tokens t
              ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit
            WHERE s.run_key = ?""",
         [run.lm_id, convention, run.key],
     ).fetchall()
-    keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable")
+    keys = ("layer", "unit", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable", "tokens")
     out = [dict(zip(keys, r, strict=True)) for r in rows]
     for r in out:
         r["interpretable"] = None if r["interpretable"] is None else bool(r["interpretable"])
+        r["tokens"] = json.loads(r["tokens"]) if r["tokens"] else []
     return out
 
 
-def brute(rows: list[dict], *, sort: str, descending: bool, layer: int | None = None, token: str = "") -> list[dict]:
+def _strip_tokens(rows: list[dict]) -> list[dict]:
+    """The rows without their token lists (a brute-force whole-token filter reads them)."""
+    return [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
+
+
+def brute(
+    rows: list[dict], *, sort: str, descending: bool, layer: int | None = None, token: str = "", contains: bool = True
+) -> list[dict]:
     kept = [r for r in rows if (layer is None or r["layer"] == layer)]
-    if token:
+    if contains and token:
         kept = [r for r in kept if r["text"] is not None and token.lower() in r["text"].lower()]
+    elif token.strip():  # a whole decoded token, any case, whitespace around it ignored
+        kept = [r for r in kept if any(t.strip().lower() == token.strip().lower() for t in r["tokens"])]
     key = KEYS[sort]
     if sort == "layer":
-        kept.sort(key=lambda r: (r["layer"], r["neuron"]), reverse=descending)
+        kept.sort(key=lambda r: (r["layer"], r["unit"]), reverse=descending)
     elif sort == "neuron":
-        kept.sort(key=lambda r: (r["neuron"], r["layer"]), reverse=descending)
+        kept.sort(key=lambda r: (r["unit"], r["layer"]), reverse=descending)
     else:
-        kept.sort(key=lambda r: (r["layer"], r["neuron"]))
+        kept.sort(key=lambda r: (r["layer"], r["unit"]))
         kept.sort(key=lambda r: r[key], reverse=descending)  # stable: ties stay by layer, unit
     return kept
 
@@ -188,7 +199,10 @@ TOKENS = ["", "horse", "HoRsE", "ing", "s", "zz", "50%", "a_b", "*star", "[x]", 
 
 @pytest.mark.parametrize("token", TOKENS)
 @pytest.mark.parametrize("cap", [queries.TEXT_HITS_CAP, 2])
-def test_pages_match_a_brute_force_reading(store: Store, token: str, cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("contains", [True, False])
+def test_pages_match_a_brute_force_reading(
+    store: Store, token: str, cap: int, contains: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(queries, "TEXT_HITS_CAP", cap)  # 2: every token takes the sorted-walk plan
     run = store.run()
     rows = everything(store, run)
@@ -196,15 +210,17 @@ def test_pages_match_a_brute_force_reading(store: Store, token: str, cap: int, m
         for descending in (True, False):
             for layer in (None, 1):
                 got = queries.neuron_page(
-                    store, run, sort=key, descending=descending, layer=layer, token=token, limit=1000
+                    store, run, sort=key, descending=descending, layer=layer, token=token, contains=contains, limit=1000
                 )
-                want = brute(rows, sort=key, descending=descending, layer=layer, token=token)
+                want = brute(rows, sort=key, descending=descending, layer=layer, token=token, contains=contains)
+                got, want = _strip_tokens(got), _strip_tokens(want)
                 if key == "tokens":  # ties in text are ordered by the index, not by (layer, unit)
                     assert [r["text"] for r in got] == [r["text"] for r in want]
                     assert sorted(map(str, got)) == sorted(map(str, want))
                 else:
                     assert got == want, (key, descending, layer, token)
-                assert queries.count_neurons(store, run, layer=layer, token=token) == len(want)
+                count = queries.count_neurons(store, run, layer=layer, token=token, contains=contains)
+                assert count == len(want)
 
 
 def test_a_sort_within_a_layer_reads_that_layer_by_the_primary_key(
@@ -292,3 +308,43 @@ def test_random_sorts_are_stable_under_many_queries(store: Store) -> None:
         key = rng.choice([c[0] for c in COLUMNS])
         args = {"sort": key, "descending": rng.random() < 0.5, "token": rng.choice(TOKENS), "limit": 7}
         assert queries.neuron_page(store, run, **args) == queries.neuron_page(store, run, **args)
+
+
+def test_a_token_is_a_whole_token_unless_asked_to_contain(tmp_path: Path) -> None:
+    """`dog` finds the unit decoding ` Dog`, not the one decoding `endogenous` (which `contains` finds); `%` and
+    `_` are text, not LIKE wildcards; the CLI's list and the browser's page agree, on every plan."""
+    db = build_synthetic_store(tmp_path / "w.db")
+    with Store.open(db) as store:
+        run = store.run()
+        units = [(r["layer"], r["unit"]) for r in queries.neuron_page(store, run, limit=3)]
+        decoded = dict(zip(units, [[" Dog", " cat"], ["endogenous", " bone"], [" 5%", " a_b"]], strict=True))
+        dog, endogenous, odd = units
+        rows = [
+            {"layer": la, "unit": u, "tokens": t, "token_ids": [1, 2], "logits": [1.0, 0.5], "interpretable": False}
+            for (la, u), t in decoded.items()
+        ]
+        store.add_tokens("synthetic-lm", "raw", rows)
+        for cap in (queries.TEXT_HITS_CAP, 2):
+            queries.TEXT_HITS_CAP, saved = cap, queries.TEXT_HITS_CAP
+            try:
+                for token, contains, want in [
+                    ("dog", False, {dog}),
+                    (" DOG ", False, {dog}),
+                    ("dog", True, {dog, endogenous}),
+                    ("%", False, set()),
+                    ("_", False, set()),
+                    ("%", True, {odd}),
+                    ("_", True, {odd}),
+                    ("5%", False, {odd}),
+                    ("a_b", False, {odd}),
+                    ("a%b", True, set()),
+                ]:
+                    page = queries.neuron_page(store, run, token=token, contains=contains, limit=None)
+                    listed = queries.list_neurons(store, run, token=token, contains=contains, limit=None)
+                    found = {(r["layer"], r["unit"]) for r in page}
+                    assert found == {(r["layer"], r["unit"]) for r in listed}
+                    assert found & set(decoded) == want, (token, contains, cap)
+                    assert found <= set(decoded)
+                    assert queries.count_neurons(store, run, token=token, contains=contains) == len(found)
+            finally:
+                queries.TEXT_HITS_CAP = saved

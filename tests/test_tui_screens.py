@@ -73,7 +73,7 @@ def test_snapshot_layer_sorted_filtered(snap_compare, synthetic_db: Path) -> Non
         await settle(pilot)
         await pilot.press("shift+tab", "down", "down", "tab")  # layer 1
         await pilot.press("5")  # sort by top-100 count
-        await pilot.press("slash", *"ra")
+        await pilot.press("slash", *"~ra")
         await settle(pilot)
 
     assert snap_compare(make_app(synthetic_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)

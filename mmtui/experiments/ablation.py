@@ -51,7 +51,6 @@ CONDITIONS = ("top", "random", "interpretable")
 MODES = ("zero", "mean")
 UNIT_MODES = ("triples", "units")
 BASELINES = ("random", "none")
-DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)
 __all__ = [
     "AblationError",
     "AblationPoint",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS
 from mmtui.errors import ImageError, MmtuiError
 from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
     import torch
 
     from mmtui.stacks.base import Stack
-
-DEFAULT_MAX_NEW_TOKENS = 20
 
 
 class AblationError(MmtuiError):
@@ -232,6 +231,3 @@ def load_result_image(row: dict[str, Any]) -> Any:
     if loaded.sha256 != row["image_sha256"]:
         raise ImageError(row["path"], "the file changed since it was attributed; attribute it again")
     return loaded.image
-
-
-# -- the dose-response loop -------------------------------------------------------------------------------

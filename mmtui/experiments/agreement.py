@@ -9,7 +9,6 @@ Reported: the mean over images of each.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from mmtui.errors import MmtuiError
 from mmtui.experiments.stats import derangement, mean_interval
 from mmtui.store import COUNT_TOP, Run, Store
 from mmtui.store import experiments as xs
+from mmtui.store.queries import decoded_texts
 
 if TYPE_CHECKING:
     from mmtui.experiments.metrics import BertScorer, ClipScorer
@@ -46,13 +46,7 @@ def unit_texts(
 ) -> list[str]:
     """Decoded token lists of the distinct units among a result's first `top` triples, in rank order."""
     units = [u[:2] for u in store.top_units(result_id, int(top))]  # in rank order
-    rows = store.db.execute(
-        """SELECT t.text, t.interpretable FROM json_each(?) tn
-           JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = json_extract(tn.value, '$[0]')
-                                AND t.unit = json_extract(tn.value, '$[1]')
-           ORDER BY tn.key""",
-        [json.dumps(units), run.lm_id, convention],
-    ).fetchall()
+    rows = [d for d in decoded_texts(store, run.lm_id, convention, units) if d is not None]
     return [text for text, good in rows if good or not interpretable_only]
 
 

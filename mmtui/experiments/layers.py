@@ -4,11 +4,11 @@ in each image's top triples, all and interpretable only. Reads the store only; n
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
 from mmtui.store import COUNT_TOP, Run, Store
+from mmtui.store.queries import decoded_texts, result_ids
 
 
 def layer_histogram(store: Store, run: Run, *, top: int = COUNT_TOP, convention: str = "raw") -> dict[str, Any]:
@@ -18,16 +18,15 @@ def layer_histogram(store: Store, run: Run, *, top: int = COUNT_TOP, convention:
     Also the totals, the interpretable rate (method.md asks to report it; the paper keeps ~50%) and n_images.
     """
     counts: Counter[tuple[int, int]] = Counter()
-    for (result_id,) in store.db.execute("SELECT id FROM results WHERE run_id = ?", [run.id]).fetchall():
+    results = result_ids(store, run.id)
+    for result_id in results:
         counts.update(u[:2] for u in store.top_units(result_id, int(top)))
-    rows = store.db.execute(
-        """SELECT json_extract(tn.value, '$[0]'), json_extract(tn.value, '$[1]'), json_extract(tn.value, '$[2]'),
-                  coalesce(t.interpretable, 0)
-            FROM json_each(?) tn
-            LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = json_extract(tn.value, '$[0]')
-                                     AND t.unit = json_extract(tn.value, '$[1]')""",
-        [json.dumps([[layer, unit, n] for (layer, unit), n in counts.items()]), run.lm_id, convention],
-    ).fetchall()
+    units = list(counts)
+    decoded = decoded_texts(store, run.lm_id, convention, units)
+    rows = [
+        (layer, unit, counts[layer, unit], d is not None and d[1])
+        for (layer, unit), d in zip(units, decoded, strict=True)
+    ]
     n_layers = run.shape["n_layers"]
     per = [
         {"layer": i, "units": 0, "interpretable": 0, "distinct": 0, "distinct_interpretable": 0}
@@ -44,7 +43,7 @@ def layer_histogram(store: Store, run: Run, *, top: int = COUNT_TOP, convention:
     good_total = sum(c["interpretable"] for c in per)
     for cell in per:
         cell["share"] = cell["units"] / total if total else 0.0
-    n_images = store.db.execute("SELECT count(*) FROM results WHERE run_id = ?", [run.id]).fetchone()[0]
+    n_images = len(results)
     return {
         "run": run.id,
         "top": top,

@@ -387,13 +387,13 @@ def build_report(
     neurons = list(list_neurons(store, run, sort="count", limit=top_neurons))
     report.numbers["top_neurons"] = neurons
     for n in neurons:
-        n["unit"] = f"L{n['layer']}.u{n['neuron']}"
+        n["name"] = f"L{n['layer']}.u{n['unit']}"
         n["words"] = ", ".join(t.strip() for t in n["tokens"])
     sections.append(
         "<h2>Top multimodal neurons (by images whose top 100 they enter)</h2>"
         + _table(
             neurons,
-            [("unit", "neuron"), ("n_top", "in top 100 of"), ("max_score", "max g"), ("interpretable", "interpretable")]
+            [("name", "neuron"), ("n_top", "in top 100 of"), ("max_score", "max g"), ("interpretable", "interpretable")]
             + [("words", "decoded tokens")],
         )
     )

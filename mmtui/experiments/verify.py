@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from mmtui.experiments.words import is_interpretable
 from mmtui.run.decoding import unit_logits
 from mmtui.stacks.lm import LMAdapter
+from mmtui.words import is_interpretable
 
 # (layer, unit, the tokens the paper prints for it)
 PAPER_UNITS: list[tuple[int, int, list[str]]] = [
@@ -54,7 +54,7 @@ def verify_units(
     rows = []
     n_layers, d_mlp = lm.adapter.n_layers, lm.adapter.d_mlp
     for layer, unit, paper in units:
-        row: dict[str, Any] = {"layer": layer, "neuron": unit, "paper": paper}
+        row: dict[str, Any] = {"layer": layer, "unit": unit, "paper": paper}
         if not (layer < n_layers and unit < d_mlp):
             row.update(tokens=[], matched=None, note=f"not in this LM ({n_layers} layers x {d_mlp} units)")
         else:

@@ -17,8 +17,6 @@ from mmtui.defaults import DEFAULT_KEEP, Y_KINDS
 from mmtui.errors import TargetError
 from mmtui.stacks.base import DEFAULT_MAX_NEW_TOKENS, Stack
 
-DEFAULT_TOP = DEFAULT_KEEP
-
 
 @dataclass
 class Target:
@@ -162,7 +160,7 @@ def score_targets(
     *,
     y_kind: str = "prob",
     site: str = "post",
-    top: int = DEFAULT_TOP,
+    top: int = DEFAULT_KEEP,
     full: bool = False,
 ) -> list[Attribution]:
     """One forward and one backward pass for a batch whose targets are known.
@@ -190,7 +188,7 @@ def caption_and_score(
     *,
     y_kind: str = "prob",
     site: str = "post",
-    top: int = DEFAULT_TOP,
+    top: int = DEFAULT_KEEP,
     full: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> list[Attribution | TargetError]:
@@ -372,7 +370,7 @@ def attribute(
     sources: Sequence[str | None] | None = None,
     y_kind: str = "prob",
     site: str = "post",
-    top: int = DEFAULT_TOP,
+    top: int = DEFAULT_KEEP,
     full: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> list[Attribution]:

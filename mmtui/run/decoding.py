@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mmtui.defaults import CONVENTIONS
-from mmtui.experiments.words import is_interpretable
 from mmtui.stacks.base import Stack
+from mmtui.words import is_interpretable
 
 DEFAULT_K = 10
 

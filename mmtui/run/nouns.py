@@ -38,10 +38,6 @@ def _pipeline() -> tuple[Any, str]:
     )
 
 
-def tagger_name() -> str:
-    return _pipeline()[1]
-
-
 def first_noun(text: str, start: int = 0) -> Noun | None:
     """The first noun (or proper noun) of `text` that begins at or after character `start`.
 

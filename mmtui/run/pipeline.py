@@ -23,8 +23,9 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from mmtui.defaults import DEFAULT_KEEP
 from mmtui.errors import ImageError, TargetError
-from mmtui.run.attribution import DEFAULT_TOP, Attribution, Target, caption_and_score
+from mmtui.run.attribution import Attribution, Target, caption_and_score
 from mmtui.run.decoding import decode_units
 from mmtui.run.events import Event, ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
 from mmtui.run.images import LoadedImage, RawImage, Skip, iter_images
@@ -127,7 +128,7 @@ class Settings:
     target: str | None = None
     captions: dict[str, list[str]] | None = None
     batch_size: int = 4  # 0: as many as fit the device (see auto_batch_size)
-    keep: int = DEFAULT_TOP
+    keep: int = DEFAULT_KEEP
     site: str = "post"
     y_kind: str = "prob"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS

@@ -596,6 +596,11 @@ class Store:
         rows = self.db.execute("SELECT DISTINCT convention FROM neuron_tokens WHERE lm_id = ?", [lm_id])
         return [r[0] for r in rows]
 
+    def transaction(self) -> _WriteTxn:
+        """`with store.transaction():` one write transaction (BEGIN IMMEDIATE, committed at the end, rolled back
+        on an error); a lock held too long raises StoreLockedError. For the store package's writers."""
+        return _WriteTxn(self)
+
 
 class _WriteTxn:
     def __init__(self, store: Store) -> None:

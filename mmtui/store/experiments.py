@@ -10,19 +10,15 @@ import hashlib
 import json
 import zlib
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
 from mmtui.errors import NotFoundError
 from mmtui.store import StackIdentity, Store
+from mmtui.store.core import _now
 
 NO_SEED = -1  # the seed column of rows whose selection is deterministic (top, interpretable)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def settings_json(settings: dict[str, Any]) -> str:
@@ -45,12 +41,12 @@ def unpack_f32(blob: bytes, shape: Sequence[int]) -> np.ndarray:
 # -- stacks and images (for experiments that do not start from an attribution run) ----------------------
 def ensure_stack(store: Store, stack: StackIdentity) -> None:
     """Record a stack (as Store.ensure_run does) so that rows keyed by stack id have their parent."""
-    with store._write():
+    with store.transaction():
         store.ensure_stack(stack)
 
 
 def ensure_image(store: Store, *, sha256: str, path: str, width: int, height: int) -> None:
-    with store._write():
+    with store.transaction():
         store.db["images"].upsert(
             {"sha256": sha256, "path": path, "width": width, "height": height, "added": _now()}, pk="sha256"
         )
@@ -133,7 +129,7 @@ def add_ablation_points(store: Store, rows: Iterable[dict[str, Any]]) -> None:
         values.append([row[c] for c in ABLATION_COLUMNS] + [_now()])
     cols = ", ".join(ABLATION_COLUMNS) + ", created"
     marks = ", ".join("?" * (len(ABLATION_COLUMNS) + 1))
-    with store._write():
+    with store.transaction():
         store.db.conn.executemany(f"INSERT OR REPLACE INTO ablation_points ({cols}) VALUES ({marks})", values)
 
 
@@ -185,7 +181,7 @@ def get_unit_means(store: Store, run_id: str, site: str, shape: Sequence[int]) -
 
 
 def put_unit_means(store: Store, run_id: str, site: str, means: np.ndarray, n_images: int) -> None:
-    with store._write():
+    with store.transaction():
         store.db.execute(
             "INSERT OR REPLACE INTO unit_means (run_id, site, n_images, means, created) VALUES (?, ?, ?, ?, ?)",
             [run_id, site, n_images, pack_f32(means), _now()],
@@ -198,7 +194,7 @@ def put_activation_maps(
 ) -> None:
     """maps: [n_units, grid_h, grid_w], one per unit in `units`."""
     _, grid_h, grid_w = maps.shape
-    with store._write():
+    with store.transaction():
         store.db.conn.executemany(
             "INSERT OR REPLACE INTO activation_maps (stack_id, image_sha256, site, layer, unit, grid_h, grid_w, acts) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -232,7 +228,7 @@ PROMPT_COLUMNS = ("kind", "image_sha256", "idx", "text", "bertscore", "bertscore
 def add_prompt_texts(store: Store, stack_id: str, settings: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
     sid, sjson = settings_id(settings), settings_json(settings)
     values = [[stack_id, sid, *[r.get(c) for c in PROMPT_COLUMNS], sjson, _now()] for r in rows]
-    with store._write():
+    with store.transaction():
         store.db.conn.executemany(
             "INSERT OR REPLACE INTO prompt_texts (stack_id, settings_id, kind, image_sha256, idx, text, bertscore, "
             "bertscore_model, clipscore, clipscore_model, settings, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -275,7 +271,7 @@ def put_ks_test(
     p: float,
     model: str | None,
 ) -> None:
-    with store._write():
+    with store.transaction():
         store.db.execute(
             "INSERT OR REPLACE INTO ks_tests (experiment, scope, settings_id, metric, sample_a, sample_b, n_a, n_b, d, "
             "p, model, settings, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -317,7 +313,7 @@ def add_specificity(store: Store, run_id: str, settings: dict[str, Any], rows: I
         row = dict(r)
         row["seed"] = NO_SEED if row.get("seed") is None else int(row["seed"])
         values.append([run_id, sid, *[row[c] for c in SPECIFICITY_COLUMNS], sjson, _now()])
-    with store._write():
+    with store.transaction():
         store.db.conn.executemany(
             "INSERT OR REPLACE INTO specificity (run_id, settings_id, result_id, category, category_source, kind, seed, "
             "layer, unit, iou, settings, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -347,14 +343,6 @@ def specificity_rows(store: Store, run_id: str, settings_id_: str | None = None)
     return rows
 
 
-def done_specificity(store: Store, run_id: str, settings: dict[str, Any]) -> set[int]:
-    rows = store.db.execute(
-        "SELECT DISTINCT result_id FROM specificity WHERE run_id = ? AND settings_id = ?",
-        [run_id, settings_id(settings)],
-    )
-    return {int(r[0]) for r in rows}
-
-
 # -- agreement (Table 1) ---------------------------------------------------------------------------------
 AGREEMENT_COLUMNS = ("result_id", "kind", "metric", "value", "model", "n_units", "best_text", "partner_result_id")
 
@@ -362,7 +350,7 @@ AGREEMENT_COLUMNS = ("result_id", "kind", "metric", "value", "model", "n_units",
 def add_agreement(store: Store, run_id: str, settings: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
     sid, sjson = settings_id(settings), settings_json(settings)
     values = [[run_id, sid, *[r.get(c) for c in AGREEMENT_COLUMNS], sjson, _now()] for r in rows]
-    with store._write():
+    with store.transaction():
         store.db.conn.executemany(
             "INSERT OR REPLACE INTO agreement (run_id, settings_id, result_id, kind, metric, value, model, n_units, "
             "best_text, partner_result_id, settings, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -1,20 +1,20 @@
 """Read-only views of the store shared by the CLI and the TUI: plain dicts with stable keys, streamed.
 
-A neuron is (layer, unit), both 0-based; in JSON the unit's key is "neuron" (as `mmtui neuron LAYER INDEX`).
+A neuron is (layer, unit), both 0-based, under the keys "layer" and "unit" in every row (and every --json line).
 Never imports torch.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError
 from mmtui.store import Run, Store
 
-SORTS = {"score": "max_score", "count": "n_top", "mean": "mean_score"}
+SORTS = {"score": "max", "count": "top", "mean": "mean"}  # the CLI's sorts as columns of NEURON_COLUMNS
 
 
 def _tokens(store: Store, lm_id: str, convention: str, layer: int, unit: int, n: int = 10) -> list[str]:
@@ -50,7 +50,7 @@ def image_summary(store: Store, run: Run, result_id: int, top: int = 10, convent
     out["top"] = [
         {
             "layer": t["layer"],
-            "neuron": t["unit"],
+            "unit": t["unit"],
             "patch": t["patch"],
             "score": t["score"],
             "tokens": _tokens(store, run.lm_id, convention, t["layer"], t["unit"]),
@@ -68,56 +68,64 @@ def list_neurons(
     image: str | None = None,
     sort: str = "score",
     token: str | None = None,
+    contains: bool = False,
     interpretable: bool | None = None,
     limit: int | None = 50,
     convention: str = "raw",
 ) -> Iterator[dict[str, Any]]:
-    """Units of a run with their aggregates and decoded tokens, best first.
+    """Units of a run with their aggregates and decoded tokens, best first: the browser's `neuron_page`
+    sorted by `sort` (SORTS), one token filter for both.
 
     image: only the units among that image's stored triples (score = the unit's best triple there).
-    token: only units whose decoded tokens contain this text (case-insensitive).
+    token: only units with a decoded token equal to it (case-insensitive, whitespace around the token
+    ignored); with `contains`, units whose decoded tokens' text contains it.
     """
     if sort not in SORTS:
         raise NotFoundError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
+    if image is None:
+        rows = neuron_page(
+            store,
+            run,
+            sort=SORTS[sort],
+            layer=layer,
+            token=token,
+            contains=contains,
+            interpretable=interpretable,
+            limit=limit,
+            convention=convention,
+        )
+        for row in rows:
+            del row["text"]
+            yield row
+        return
     filters, filter_args = [], []
     if layer is not None:
         filters.append("s.layer = ?")
         filter_args.append(layer)
+    token = token_filter(token, contains)
     if token:
-        filters.append("t.text LIKE ?")
-        filter_args.append(f"%{token}%")
+        where, args = _token_where(token, contains)
+        filters += where
+        filter_args += args
     if interpretable is not None:
         filters.append("t.interpretable = ?")
         filter_args.append(int(interpretable))
-    tokens_join = (
-        "LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit"
-    )
-    if image is not None:
-        result = store.result(run.id, image)
-        units = [u[:4] for u in store.top_units(result["id"])]  # (layer, unit, best score, best rank)
-        sql = f"""
-            SELECT s.layer, s.unit, json_extract(tn.value, '$[2]') AS image_score,
-                   json_extract(tn.value, '$[3]') AS image_rank, s.n_top, s.n_images,
-                   s.max_score, s.mean_score, t.tokens, t.interpretable
-            FROM json_each(?) tn
-            JOIN neuron_stats s ON s.run_key = ? AND s.layer = json_extract(tn.value, '$[0]')
-                                AND s.unit = json_extract(tn.value, '$[1]')
-            {tokens_join}
-            {"WHERE " + " AND ".join(filters) if filters else ""}
-            ORDER BY image_score DESC, image_rank"""
-        params = [json.dumps(units), run.key, run.lm_id, convention, *filter_args]
-    else:
-        sql = f"""
-            SELECT s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.mean_score, t.tokens, t.interpretable
-            FROM neuron_stats s
-            {tokens_join}
-            WHERE {" AND ".join(["s.run_key = ?", *filters])}
-            ORDER BY {_by_layer_rows(f"s.{SORTS[sort]}", layer)} DESC, s.layer, s.unit"""
-        params = [run.lm_id, convention, run.key, *filter_args]
+    result = store.result(run.id, image)
+    units = [u[:4] for u in store.top_units(result["id"])]  # (layer, unit, best score, best rank)
+    sql = f"""
+        SELECT s.layer, s.unit, json_extract(tn.value, '$[2]') AS image_score,
+               json_extract(tn.value, '$[3]') AS image_rank, s.n_top, s.n_images,
+               s.max_score, s.mean_score, t.tokens, t.interpretable
+        FROM json_each(?) tn
+        JOIN neuron_stats s ON s.run_key = ? AND s.layer = json_extract(tn.value, '$[0]')
+                            AND s.unit = json_extract(tn.value, '$[1]')
+        LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit
+        {"WHERE " + " AND ".join(filters) if filters else ""}
+        ORDER BY image_score DESC, image_rank"""
+    params = [json.dumps(units), run.key, run.lm_id, convention, *filter_args]
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     for row in store.db.query(sql, params):
-        row["neuron"] = row.pop("unit")
         row["tokens"] = json.loads(row["tokens"]) if row["tokens"] else []
         row["interpretable"] = bool(row["interpretable"]) if row["interpretable"] is not None else None
         yield row
@@ -155,7 +163,7 @@ def neuron_detail(store: Store, run: Run, layer: int, unit: int, *, top_images: 
     keys = ("n_top", "n_images", "max_score", "mean_score")
     return {
         "layer": layer,
-        "neuron": unit,
+        "unit": unit,
         "run": run.id,
         "stats": dict(zip(keys, stats, strict=True)) if stats else {k: 0 for k in keys},
         "decoded": decoded,
@@ -188,6 +196,33 @@ def _by_layer_rows(column: str, layer: int | None) -> str:
 def _like(token: str) -> str:
     """A LIKE pattern (ESCAPE '\\') for text containing `token`."""
     return "%" + token.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def token_filter(token: str | None, contains: bool = False) -> str | None:
+    """The text a token filter looks for, or None for no filter. A whole token ignores the whitespace around
+    it (decoded tokens are matched stripped); an empty one filters nothing."""
+    if token is None:
+        return None
+    text = token if contains else token.strip()
+    return text or None
+
+
+# A whole decoded token equal to the filter, ignoring case (ASCII, as LIKE) and whitespace around the token.
+_WHOLE_TOKEN = (
+    "EXISTS (SELECT 1 FROM json_each(t.tokens) WHERE lower(trim(json_each.value, ' ' || char(9, 10, 11, 12, 13)))"
+    " = lower(?))"
+)
+
+
+def _token_where(token: str, contains: bool, *, prefiltered: bool = False) -> tuple[list[str], list[Any]]:
+    """The conditions on the decoded tokens (t) of a token filter and their arguments: the text contains
+    `token` (LIKE, escaped), and for a whole token also one decoded token equal to it. `prefiltered`: the
+    text index has already kept only the units whose text contains it."""
+    where, args = ([], []) if prefiltered else (["t.text LIKE ? ESCAPE '\\'"], [_like(token)])
+    if not contains:
+        where.append(_WHOLE_TOKEN)
+        args.append(token)
+    return where, args
 
 
 def _glob(token: str) -> str:
@@ -231,6 +266,7 @@ def _neuron_query(
     tokens_select: str = "",
     layer: int | None,
     token: str | None,
+    contains: bool = False,
     interpretable: bool | None,
     convention: str,
     by_text: bool = False,
@@ -249,14 +285,17 @@ def _neuron_query(
         args.append(int(interpretable))
     tokens_args = [run.lm_id, convention]
     on_tokens = "t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit"
+    token = token_filter(token, contains)
     hits = _text_hits(store, run, token, convention) if token else None
     if hits is not None:
         source = (
             "json_each(?) hits CROSS JOIN neuron_stats s"
             f" ON s.layer = (hits.value >> 20) & {_LOW_BITS} AND s.unit = hits.value & {_LOW_BITS}"
         )
-        if interpretable is None and not by_text:
+        if interpretable is None and not by_text and contains:
             return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [json.dumps(hits), *args], False
+        exact, exact_args = _token_where(token, contains, prefiltered=True)
+        where, args = where + exact, args + exact_args
         source += f" LEFT JOIN neuron_tokens t ON {on_tokens}"
         return (
             f"SELECT {select}{tokens_select} FROM {source} WHERE {' AND '.join(where)}",
@@ -264,8 +303,8 @@ def _neuron_query(
             True,
         )
     if token:
-        where.append("t.text LIKE ? ESCAPE '\\'")
-        args.append(_like(token))
+        exact, exact_args = _token_where(token, contains)
+        where, args = where + exact, args + exact_args
     if by_text:
         source = "neuron_tokens t CROSS JOIN neuron_stats s ON s.layer = t.layer AND s.unit = t.unit"
         where += ["t.lm_id = ?", "t.convention = ?"]
@@ -284,16 +323,18 @@ def neuron_page(
     descending: bool = True,
     layer: int | None = None,
     token: str | None = None,
+    contains: bool = False,
     interpretable: bool | None = None,
-    limit: int = 500,
+    limit: int | None = 500,
     offset: int = 0,
     convention: str = "raw",
 ) -> list[dict[str, Any]]:
     """One page of a run's units sorted by any column of NEURON_COLUMNS, either direction (ties: layer, unit).
 
-    Rows: layer, neuron, max_score, mean_score, n_top, n_images, text (decoded tokens joined by ", ", or None),
-    interpretable (None when not decoded). token: case-insensitive substring of the decoded tokens' text.
-    Sorting by tokens lists the decoded units only.
+    Rows: layer, unit, max_score, mean_score, n_top, n_images, text (decoded tokens joined by ", ", or None),
+    interpretable (None when not decoded), tokens (the decoded tokens, [] when not decoded). token: units with a
+    decoded token equal to it (case-insensitive, whitespace around the token ignored); with `contains`, units
+    whose decoded tokens' text contains it. Sorting by tokens lists the decoded units only. limit None: all.
     """
     if sort not in NEURON_COLUMNS:
         raise NotFoundError(f"unknown sort column {sort!r}; use one of {', '.join(NEURON_COLUMNS)}")
@@ -305,9 +346,10 @@ def neuron_page(
         store,
         run,
         stats,
-        tokens_select=", t.text, t.interpretable",
+        tokens_select=", t.text, t.interpretable, t.tokens",
         layer=layer,
         token=token,
+        contains=contains,
         interpretable=interpretable,
         convention=convention,
         by_text=sort == "tokens",
@@ -315,17 +357,18 @@ def neuron_page(
     page = f"{sql}{order_by} LIMIT ? OFFSET ?"
     if not joined:  # cut the page first, then look up the tokens of its rows only
         page = (
-            f"SELECT {stats}, t.text, t.interpretable FROM ({page}) s LEFT JOIN neuron_tokens t"
+            f"SELECT {stats}, t.text, t.interpretable, t.tokens FROM ({page}) s LEFT JOIN neuron_tokens t"
             f" ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit{order_by}"
         )
-        args = [*args, int(limit), int(offset), run.lm_id, convention]
+        args = [*args, -1 if limit is None else int(limit), int(offset), run.lm_id, convention]
     else:
-        args = [*args, int(limit), int(offset)]
+        args = [*args, -1 if limit is None else int(limit), int(offset)]
     rows = store.db.execute(page, args).fetchall()
-    keys = ("layer", "neuron", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable")
+    keys = ("layer", "unit", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable", "tokens")
     out = [dict(zip(keys, row, strict=True)) for row in rows]
     for row in out:
         row["interpretable"] = None if row["interpretable"] is None else bool(row["interpretable"])
+        row["tokens"] = json.loads(row["tokens"]) if row["tokens"] else []
     return out
 
 
@@ -335,13 +378,21 @@ def count_neurons(
     *,
     layer: int | None = None,
     token: str | None = None,
+    contains: bool = False,
     interpretable: bool | None = None,
     convention: str = "raw",
 ) -> int:
     """How many units `neuron_page` pages through with these filters. A token common to most units takes a
     few hundred ms at GPT-J scale (the browser counts in the background, after showing the page)."""
     sql, args, _ = _neuron_query(
-        store, run, "count(*)", layer=layer, token=token, interpretable=interpretable, convention=convention
+        store,
+        run,
+        "count(*)",
+        layer=layer,
+        token=token,
+        contains=contains,
+        interpretable=interpretable,
+        convention=convention,
     )
     return int(store.db.execute(sql, args).fetchone()[0])
 
@@ -357,3 +408,24 @@ def layer_counts(store: Store, run: Run) -> list[dict[str, Any]]:
         {"layer": layer, "n_units": found.get(layer, (0, 0))[0], "n_top_units": found.get(layer, (0, 0))[1]}
         for layer in range(run.shape["n_layers"])
     ]
+
+
+# -- reads for the experiments (layers, agreement) -----------------------------------------------------------
+def result_ids(store: Store, run_id: str) -> list[int]:
+    """The ids of a run's results, in storing order."""
+    return [r[0] for r in store.db.execute("SELECT id FROM results WHERE run_id = ? ORDER BY id", [run_id])]
+
+
+def decoded_texts(
+    store: Store, lm_id: str, convention: str, units: Sequence[tuple[int, int]]
+) -> list[tuple[str, bool] | None]:
+    """Per (layer, unit), in order: its decoded tokens' text and whether it is interpretable, or None when the
+    unit is not decoded in this convention. One query for all."""
+    rows = store.db.execute(
+        """SELECT t.text, t.interpretable FROM json_each(?) tn
+           LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ?
+                AND t.layer = json_extract(tn.value, '$[0]') AND t.unit = json_extract(tn.value, '$[1]')
+           ORDER BY tn.key""",
+        [json.dumps([list(u) for u in units]), lm_id, convention],
+    ).fetchall()
+    return [None if text is None else (text, bool(good)) for text, good in rows]

@@ -7,7 +7,6 @@ runs in a worker thread.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mmtui.errors import MmtuiError, StackError, StoreError, StoreLockedError, StoreTooNewError
 from mmtui.store import Run, Store
+from mmtui.store.reading import Interrupted, interrupt, list_runs, read
+
+__all__ = ["Interrupted", "Session", "StackHolder", "StoreProblem", "open_store"]
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -48,11 +50,11 @@ def open_store(path: Path) -> tuple[Store, list[Run]]:
     except StoreError as error:
         raise StoreProblem("Not an mmtui store", str(error)) from error
     try:
-        runs = store.runs()
-    except sqlite3.Error as error:
+        runs = list_runs(store)
+    except StoreError as error:
         store.close()
         raise StoreProblem(
-            "Store cannot be read", f"{path}: {error}. The file may be damaged; pass --db to open another."
+            "Store cannot be read", f"{error}. The file may be damaged; pass --db to open another."
         ) from error
     if not runs:
         store.close()
@@ -61,10 +63,6 @@ def open_store(path: Path) -> tuple[Store, list[Run]]:
             f"{path} holds no runs yet.\n\nRun `mmtui attribute IMAGE_DIR --db {path}` to attribute some images first.",
         )
     return store, runs
-
-
-class Interrupted(Exception):
-    """A background read was stopped because a newer one replaced it."""
 
 
 class _Connection:
@@ -76,14 +74,7 @@ class _Connection:
 
     def read(self, query: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self.lock:
-            try:
-                return query(self.store, *args, **kwargs)
-            except sqlite3.OperationalError as error:
-                if "interrupted" in str(error):
-                    raise Interrupted() from error
-                raise StoreError(f"{self.store.path}: {error}; the store may be damaged or in use") from error
-            except sqlite3.Error as error:
-                raise StoreError(f"{self.store.path}: {error}; the store may be damaged or in use") from error
+            return read(self.store, query, *args, **kwargs)
 
 
 class Session:
@@ -106,11 +97,11 @@ class Session:
     def read_in_background(self, query: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Like `read`, on the background connection, stopping the background read under way (which raises
         Interrupted in its own thread)."""
-        self.back.store.db.conn.interrupt()
+        interrupt(self.back.store)
         return self.back.read(query, *args, **kwargs)
 
     def close(self) -> None:
-        self.back.store.db.conn.interrupt()
+        interrupt(self.back.store)
         for connection in (self.front, self.back):
             with connection.lock:
                 connection.store.close()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
-from mmtui.store.queries import NEURON_COLUMNS
+from mmtui.defaults import DEFAULT_KS
+from mmtui.store.queries import NEURON_COLUMNS, token_filter
 
-DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # the paper's grid (method.md, experiment 4)
+CONTAINS_PREFIX = "~"  # the neuron filter `~dog`: tokens containing `dog`; plain `dog`: a whole token `dog`
 PAGE = 100  # rows the neuron table loads at a time (more as the cursor nears the end); a screen shows ~40
 
 # the table's columns in display order: key (as queries.NEURON_COLUMNS), header, whether high is "best"
@@ -37,6 +39,19 @@ class NeuronQuery:
     token: str = ""
     convention: str = "raw"
     limit: int = PAGE
+
+    @property
+    def token_filter(self) -> tuple[str | None, bool]:
+        """The token filter as typed -> (text, contains): `dog` finds the units with a decoded token `dog`
+        (case and the space before it ignored), `~dog` those whose tokens contain `dog` (e.g. `endogenous`)."""
+        if self.token.startswith(CONTAINS_PREFIX):
+            return token_filter(self.token[len(CONTAINS_PREFIX) :], contains=True), True
+        return token_filter(self.token), False
+
+    def filters(self) -> dict[str, Any]:
+        """The keyword arguments of queries.neuron_page / count_neurons for this query's filters."""
+        token, contains = self.token_filter
+        return {"layer": self.layer, "token": token, "contains": contains, "convention": self.convention}
 
     def sorted_by(self, column: str) -> NeuronQuery:
         """Sort by `column`; the same column again flips the direction (a new one starts at its natural order)."""
@@ -68,19 +83,3 @@ def parse_neuron(text: str) -> tuple[int, int] | None:
     """`7.12134`, `L7.u12134`, `7 12134`, `7:12134` -> (7, 12134); anything else -> None."""
     found = _NEURON.match(text)
     return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-def parse_ks(text: str, most: int | None = None) -> tuple[int, ...]:
-    """`0, 50 100;200` -> (0, 50, 100, 200), sorted and unique. Raises ValueError with a message a person can act on."""
-    parts = [p for p in re.split(r"[\s,;]+", text.strip()) if p]
-    if not parts:
-        raise ValueError("give at least one k, e.g. 0,50,100,200")
-    try:
-        ks = sorted({int(p) for p in parts})
-    except ValueError:
-        raise ValueError(f"k values are whole numbers separated by commas, not {text!r}") from None
-    if ks[0] < 0:
-        raise ValueError("k values cannot be negative")
-    if most is not None and ks[-1] > most:
-        raise ValueError(f"k = {ks[-1]} is more than the {most} triples stored per image")
-    return tuple(ks)

@@ -23,6 +23,7 @@ from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, P
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
+from mmtui.defaults import DEFAULT_KS, parse_ks
 from mmtui.errors import MmtuiError
 from mmtui.store import Run, Store
 from mmtui.tui.failures import ShowsWorkerErrors
@@ -34,7 +35,7 @@ from mmtui.tui.messages import (
     AblationStarted,
     StackLoading,
 )
-from mmtui.tui.state import DEFAULT_KS, AblationSpec, parse_ks
+from mmtui.tui.state import AblationSpec
 from mmtui.tui.text import image_name, printable, prob
 from mmtui.tui.widgets.title import TitleBar
 

@@ -67,7 +67,9 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
                 yield LayerBars(id="layers")
             with Vertical(id="neurons-pane"):
                 yield NeuronTable(id="neurons")
-                yield Input(placeholder="filter: decoded token text, e.g. horse", id="filter")
+                yield Input(
+                    placeholder="filter: a decoded token, e.g. horse; ~horse: tokens containing horse", id="filter"
+                )
         yield Static("", id="status")
         yield Footer()
 
@@ -108,7 +110,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
     def read_page(self, query: NeuronQuery, offset: int) -> None:
         """In a worker thread: one page of the table from the store, posted as NeuronsLoaded."""
         start = time.perf_counter()
-        filters = {"layer": query.layer, "token": query.token or None, "convention": query.convention}
+        filters = query.filters()
         try:
             rows = self.session.read(
                 neuron_page,
@@ -128,7 +130,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
 
     @work(thread=True, exclusive=True, group="count", exit_on_error=False)
     def count(self, query: NeuronQuery) -> None:
-        filters = {"layer": query.layer, "token": query.token or None, "convention": query.convention}
+        filters = query.filters()
         try:
             total = self.session.read_in_background(count_neurons, self.run, **filters)
         except Interrupted:
@@ -191,8 +193,9 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
             f"layer {q.layer}" if q.layer is not None else "all layers",
             f"sorted by {header} {'▼' if q.descending else '▲'}",
         ]
-        if q.token:
-            parts.append(f"tokens contain {q.token!r}")
+        token, contains = q.token_filter
+        if token:
+            parts.append(f"tokens contain {token!r}" if contains else f"a token is {token!r}")
         self.query_one("#status", Static).update(" · ".join(parts))
         total = "…" if self.total is None else f"{self.total:,}"
         self.query_one("#neurons-pane").border_title = f"Neurons · {total}"

@@ -93,11 +93,11 @@ class ImageScreen(ShowsWorkerErrors, Screen[None]):
         for rank, t in enumerate(s["top"]):
             table.add_row(
                 Text(str(rank), justify="right"),
-                neuron_label(t["layer"], t["neuron"]),
+                neuron_label(t["layer"], t["unit"]),
                 Text(str(t["patch"]), justify="right"),
                 Text(score(t["score"]), justify="right"),
                 Text(", ".join(token(x) for x in t["tokens"]), no_wrap=True, overflow="ellipsis"),
-                key=f"{rank}:{t['layer']}.{t['neuron']}",
+                key=f"{rank}:{t['layer']}.{t['unit']}",
             )
         self.query_one(HeatmapPane).show_image(self.result_id, s["image"], s["sha256"], self.highlighted_unit())
 

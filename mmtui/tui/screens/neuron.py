@@ -17,7 +17,6 @@ from textual.worker import get_current_worker
 
 from mmtui.defaults import CONVENTIONS, NEURON_IMAGES
 from mmtui.errors import MmtuiError
-from mmtui.experiments.words import is_word
 from mmtui.store import Run
 from mmtui.store.queries import neuron_detail
 from mmtui.tui.failures import ShowsWorkerErrors
@@ -26,6 +25,7 @@ from mmtui.tui.text import image_name, printable, prob, score, token
 from mmtui.tui.widgets.heatmap_pane import HeatmapPane
 from mmtui.tui.widgets.neuron_table import neuron_label
 from mmtui.tui.widgets.title import TitleBar
+from mmtui.words import is_word
 
 TOP_IMAGES = NEURON_IMAGES  # all the cache keeps per unit
 CONVENTION_NAMES = {"raw": "raw (paper)", "ln_f": "ln_f gain"}

@@ -67,7 +67,12 @@ class NeuronTable(DataTable):
     def show(self, rows: list[dict[str, Any]], query: NeuronQuery) -> None:
         """Replace the rows, keeping the cursor on the same unit when it is still shown."""
         keep = self.current_key()
-        self.match = re.compile(re.escape(query.token), re.IGNORECASE) if query.token else None
+        token, contains = query.token_filter
+        if token is None:
+            self.match = None
+        else:  # a whole token: the token itself, not the same letters inside a longer one
+            pattern = re.escape(token) if contains else rf"(?<![^\s,]){re.escape(token)}(?![^\s,])"
+            self.match = re.compile(pattern, re.IGNORECASE)
         self.set_headers(query)
         self.clear()
         self.rows_shown = []
@@ -85,13 +90,13 @@ class NeuronTable(DataTable):
             mark = Text("● ", style="green") if r["interpretable"] else Text("  ")
             self.add_row(
                 Text(str(r["layer"]), justify="right"),
-                Text(str(r["neuron"]), justify="right"),
+                Text(str(r["unit"]), justify="right"),
                 Text(score(r["max_score"]), justify="right"),
                 Text(score(r["mean_score"]), justify="right"),
                 Text(f"{r['n_top']:,}", justify="right"),
                 Text(f"{r['n_images']:,}", justify="right"),
                 mark + self.tokens_cell(tokens),
-                key=f"{r['layer']}.{r['neuron']}",
+                key=f"{r['layer']}.{r['unit']}",
             )
 
     def tokens_cell(self, tokens: str) -> Text:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-WORDS_FILE = Path(__file__).resolve().parent.parent / "data" / "scowl-words.txt.gz"
+WORDS_FILE = Path(__file__).resolve().parent / "data" / "scowl-words.txt.gz"
 MIN_LETTERS = 3
 MIN_WORDS = 7
 TOP_TOKENS = 10
