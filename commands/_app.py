@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from mmtui.errors import MmtuiError
+from mmtui.errors import MmtuiError, is_corruption
 
 
 class ExitCode(IntEnum):
@@ -81,6 +82,14 @@ def core_errors() -> Iterator[None]:
         yield
     except MmtuiError as error:
         fail(str(error).replace("[", r"\["))
+    except sqlite3.DatabaseError as error:  # met after the open (a damaged page read later): one line, no traceback
+        if not is_corruption(error):
+            raise
+        cache = _last_db or "CACHE.db"
+        fail(
+            f"the cache file {cache} is damaged ({error}); nothing more is written to it. Salvage what is readable "
+            f"with `sqlite3 {cache} .recover | sqlite3 recovered.db` and pass --db recovered.db"
+        )
     except KeyboardInterrupt:
         err.print(INTERRUPTED, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
@@ -93,5 +102,10 @@ def emit_json(rows: Iterable[dict[str, Any]]) -> None:
         sys.stdout.flush()
 
 
+_last_db: Path | None = None  # the cache the command resolved, for the damaged-cache message of core_errors
+
+
 def db_path(db: Path | None) -> Path:
-    return db if db is not None else Path(os.environ.get("MMTUI_DB", DEFAULT_DB))
+    global _last_db
+    _last_db = db if db is not None else Path(os.environ.get("MMTUI_DB", DEFAULT_DB))
+    return _last_db

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 
 class MmtuiError(Exception):
     """Base of every error the core raises on purpose; its message is shown to the user as is."""
@@ -39,9 +41,19 @@ class StoreLockedError(StoreError):
     """Another process holds the write lock for longer than we wait."""
 
 
+class StoreCorruptError(StoreError):
+    """The cache file is damaged (SQLite: database disk image is malformed); nothing more is written to it."""
+
+
 class StoreTooNewError(StoreError):
     """The database was written by a newer mmtui (an unknown migration is applied)."""
 
 
 class NotFoundError(MmtuiError):
     """A neuron, image or run asked for is not in the store."""
+
+
+def is_corruption(error: BaseException) -> bool:
+    """Whether an SQLite error says the cache file is damaged (not locked, not a wrong query)."""
+    text = str(error).lower()
+    return isinstance(error, sqlite3.DatabaseError) and ("malformed" in text or "corrupt" in text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,15 +132,64 @@ def decode_image(data: bytes, path: Path | str) -> Image.Image:
         raise ImageError(str(path), f"corrupt or truncated image ({err}); re-export or remove it") from err
 
 
-def read_image_bytes(path: Path | str) -> tuple[bytes, str]:
-    """(bytes, sha256) of a file. Raises ImageError when it cannot be read."""
-    path = Path(path)
+MAX_IMAGE_MB_ENV = "MMTUI_MAX_IMAGE_MB"
+DEFAULT_MAX_IMAGE_MB = 256  # far above any photo; bounds the memory one file can take
+
+
+def max_image_bytes() -> int:
+    """The largest image file read, in bytes: $MMTUI_MAX_IMAGE_MB MiB (default 256)."""
+    text = os.environ.get(MAX_IMAGE_MB_ENV, "").strip()
     try:
-        data = path.read_bytes()
+        mib = float(text) if text else DEFAULT_MAX_IMAGE_MB
+    except ValueError:
+        mib = DEFAULT_MAX_IMAGE_MB
+    return int(max(mib, 0) * 1024 * 1024)
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _too_large(path: Path, cap: int) -> ImageError:
+    return ImageError(
+        str(path),
+        f"file larger than the {cap / 2**20:g} MiB cap on an image file; "
+        f"downscale it, or raise the cap with {MAX_IMAGE_MB_ENV}=N (MiB)",
+    )
+
+
+def read_image_bytes(path: Path | str) -> tuple[bytes, str]:
+    """(bytes, sha256) of a file. Raises ImageError when it cannot be read.
+
+    Only regular files are read (a FIFO, device or socket named like an image is an error, without waiting on
+    it), and at most `max_image_bytes()` of them (a larger file is an error, before it is read).
+    """
+    path = Path(path)
+    cap = max_image_bytes()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
     except FileNotFoundError as err:
         raise ImageError(str(path), "file not found (moved, deleted, or a broken link); check the path") from err
     except OSError as err:
         raise ImageError(str(path), f"cannot read this file ({err.strerror or err}); check its permissions") from err
+    with os.fdopen(fd, "rb") as file:
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+                raise ImageError(str(path), f"{kind}, not an image file; only regular files are read, remove it")
+            if info.st_size > cap:
+                raise _too_large(path, cap)
+            data = file.read(cap + 1)
+        except OSError as err:
+            raise ImageError(str(path), f"cannot read this file ({err.strerror or err}); check it") from err
+    if len(data) > cap:  # grew while read
+        raise _too_large(path, cap)
     return data, hashlib.sha256(data).hexdigest()
 
 

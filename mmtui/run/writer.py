@@ -51,6 +51,9 @@ class StoreWriter:
     def _work(self, path: Path, timeout: float) -> None:
         try:
             with Store.open(path, timeout=timeout).for_bulk_writes() as store:
+                # a damaged cache stops the run before its first write, not after (reads every page once, while
+                # the model computes the first batch)
+                store.check_integrity()
                 unrefreshed, last = 0, time.monotonic()
                 while True:
                     item = self.inbox.get()

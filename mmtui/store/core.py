@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,7 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmtui.defaults import NEURON_IMAGES
-from mmtui.errors import NotFoundError, StoreError, StoreLockedError, StoreTooNewError
+from mmtui.errors import (
+    NotFoundError,
+    StoreCorruptError,
+    StoreError,
+    StoreLockedError,
+    StoreTooNewError,
+    is_corruption,
+)
 from mmtui.store._sqlite_utils import Database
 from mmtui.store.migrations import migrations
 
@@ -174,11 +183,27 @@ def pack_result(rec: ResultRecord) -> Packed:
     )
 
 
-def _translate(error: sqlite3.OperationalError, path: Path, timeout: float) -> StoreError:
+def storable_path(path: str | Path) -> str:
+    """A path as text SQLite can store: a name that is not valid UTF-8 (os.fsdecode gives it lone surrogates,
+    which sqlite3 refuses) keeps its undecodable bytes as backslash escapes (`\\xe9`); valid names are unchanged.
+    The image's key is the sha256 of its bytes, so this text is for display and lookup only."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def corrupt_error(path: Path, error: BaseException | str) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"{path} is damaged ({error}); nothing more is written to it. Salvage what is readable with "
+        f"`sqlite3 {path} .recover | sqlite3 recovered.db` and pass --db recovered.db, or move it aside"
+    )
+
+
+def _translate(error: sqlite3.OperationalError, path: Path, waited: float) -> StoreError:
+    if is_corruption(error):
+        return corrupt_error(path, error)
     text = str(error)
     if "locked" in text or "busy" in text:
         return StoreLockedError(
-            f"{path} is locked by another mmtui process (waited {timeout:.0f} s); "
+            f"{path} is locked by another mmtui process (waited {waited:.0f} s); "
             "wait for it to finish, or pass --db to use another cache file"
         )
     return StoreError(f"{path}: {text}; check the file, or pass --db to use another cache file")
@@ -211,6 +236,9 @@ class Store:
             if not create:
                 raise StoreError(f"no cache at {path}; run `mmtui attribute IMAGE_DIR` first, or pass --db")
             path.parent.mkdir(parents=True, exist_ok=True)
+        # a WAL file left beside the cache: the last process did not close it (a crash, a kill, a power cut)
+        unclean = os.path.getsize(f"{path}-wal") > 0 if os.path.exists(f"{path}-wal") else False
+        started = time.monotonic()
         try:
             conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=not threads)
             db = Database(conn)
@@ -221,12 +249,35 @@ class Store:
                 db.enable_wal()
             # in WAL mode, NORMAL never corrupts the file; a power cut may lose the last commits, not a crash
             db.execute("PRAGMA synchronous = NORMAL")
-            migrations.apply(db)
+            if unclean:
+                store.check_integrity()
+            store._migrate()
         except sqlite3.DatabaseError as error:
+            if is_corruption(error):
+                raise corrupt_error(path, error) from error
             if isinstance(error, sqlite3.OperationalError):
-                raise _translate(error, path, timeout) from error
+                raise _translate(error, path, time.monotonic() - started) from error
             raise StoreError(f"{path} is not an mmtui cache ({error}); pass --db to use another file") from error
         return store
+
+    def _migrate(self) -> None:
+        """Apply the pending migrations under one write lock: of several processes opening a fresh cache at once,
+        one upgrades it and the others wait, then find nothing left to do."""
+        if not migrations.pending(self.db):
+            return
+        with self._write():  # BEGIN IMMEDIATE; each migration is a savepoint inside it
+            migrations.apply(self.db)  # reads what is pending again, now under the lock
+
+    def check_integrity(self) -> None:
+        """`PRAGMA quick_check` (reads every page once); raises StoreCorruptError when the file is damaged."""
+        try:
+            rows = [r[0] for r in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.DatabaseError as error:
+            if not is_corruption(error):
+                raise
+            rows = [str(error)]
+        if rows != ["ok"]:
+            raise corrupt_error(self.path, "; ".join(rows))
 
     def _check_version(self) -> None:
         applied = {m.name for m in migrations.applied(self.db)}
@@ -362,7 +413,7 @@ class Store:
             self.db["images"].upsert(
                 {
                     "sha256": rec.image_sha256,
-                    "path": rec.image_path,
+                    "path": storable_path(rec.image_path),
                     "width": rec.width,
                     "height": rec.height,
                     "added": _now(),
@@ -373,7 +424,8 @@ class Store:
                 """INSERT INTO results (run_id, image_sha256, target_spec, target, target_token_id, target_token,
                        target_source, target_split, caption, context, context_ids, human_caption, y_c, p_target,
                        n_top, unit_max, unit_sum, top, seconds, created, in_stats)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)""",
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
+                   ON CONFLICT (run_id, image_sha256, target_spec) DO NOTHING""",
                 [
                     run_id,
                     rec.image_sha256,
@@ -395,7 +447,14 @@ class Store:
                     _now(),
                 ],
             )
-            result_id = int(cur.lastrowid)
+            if cur.rowcount == 1:
+                result_id = int(cur.lastrowid)
+            else:  # another process (a second run on the same images and cache) wrote it first: keep theirs
+                row = self.db.execute(
+                    "SELECT id FROM results WHERE run_id = ? AND image_sha256 = ? AND target_spec = ?",
+                    [run_id, rec.image_sha256, rec.target_spec],
+                ).fetchone()
+                result_id = int(row[0])
         if stats:
             self.refresh_stats(run_id, count_top)
         return result_id
@@ -477,6 +536,7 @@ class Store:
         sql = """SELECT results.*, images.path, images.width, images.height FROM results
                  JOIN images ON images.sha256 = results.image_sha256
                  WHERE results.run_id = ? AND (results.image_sha256 LIKE ? OR images.path = ? OR images.path LIKE ?)"""
+        image = storable_path(image)
         args: list[Any] = [run_id, image.lower() + "%", image, "%/" + image]
         if target_spec is not None:
             sql += " AND target_spec = ?"
@@ -607,10 +667,11 @@ class _WriteTxn:
         self.store = store
 
     def __enter__(self) -> None:
+        self.started = time.monotonic()
         try:
             self.store.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
-            raise _translate(error, self.store.path, self.store.timeout) from error
+            raise _translate(error, self.store.path, time.monotonic() - self.started) from error
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         conn = self.store.db.conn
@@ -619,8 +680,10 @@ class _WriteTxn:
                 conn.commit()
             except sqlite3.OperationalError as error:
                 conn.rollback()
-                raise _translate(error, self.store.path, self.store.timeout) from error
+                raise _translate(error, self.store.path, time.monotonic() - self.started) from error
         else:
             conn.rollback()
+            if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
+                raise corrupt_error(self.store.path, exc) from exc
             if isinstance(exc, sqlite3.OperationalError):
-                raise _translate(exc, self.store.path, self.store.timeout) from exc
+                raise _translate(exc, self.store.path, time.monotonic() - self.started) from exc
