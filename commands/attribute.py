@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,6 +29,10 @@ from commands._app import (
     warn,
 )
 from mmtui.defaults import CONVENTIONS, DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PROMPT, SITES, Y_KINDS
+
+if TYPE_CHECKING:
+    from mmtui.run.pipeline import Settings
+    from mmtui.store import Store
 
 
 @app.command()
@@ -70,6 +75,9 @@ def attribute(
     device: DeviceOption = "auto",
     db: DbOption = None,
     json_out: JsonOption = False,
+    new_only: Annotated[
+        bool, typer.Option("--new-only", help="With --json: leave out images already in the cache.")
+    ] = False,
 ) -> None:
     """Score every MLP neuron (activation x gradient) for each image, decode the top ones, and cache it all."""
     from mmtui.run.images import find_images
@@ -131,7 +139,8 @@ def attribute(
 
                     stack = load_stack(load_args.pop("preset"), device=device, **load_args)
                 events = attribute_images(stack, store, scan.files, settings)
-            counts = _consume(events, store, top, decode, json_out)
+            cached = None if new_only or not json_out else _cached_lookup(store, settings, top, decode)
+            counts = _consume(events, store, top, decode, json_out, cached)
     _finish(counts)
 
 
@@ -145,7 +154,39 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return index, total
 
 
-def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[str, int]:  # noqa: ANN001
+def _spec_of(settings: Settings, path: Path) -> str | None:
+    """The target spec a run asks of this image (as the pipeline's `plan`), None where it has no target."""
+    from mmtui.run.pipeline import human_target
+
+    if settings.target is not None:
+        return f"word:{settings.target}"
+    if settings.captions is None:
+        return "auto"
+    picked = human_target(settings.captions.get(path.name) or [])
+    return f"human:{picked[0]}" if picked else None
+
+
+def _cached_lookup(store: Store, settings: Settings, top: int, convention: str) -> Callable[[dict, str], dict | None]:
+    """For --json: the summary of an image the cache already holds, marked "cached": true (None if not found)."""
+    from mmtui.errors import MmtuiError
+    from mmtui.run.images import read_image_bytes
+    from mmtui.store.queries import image_summary
+
+    def lookup(run: dict, path: str) -> dict | None:
+        spec = _spec_of(settings, Path(path))
+        try:
+            try:
+                row = store.result(run["id"], path, spec)
+            except MmtuiError:  # the same photo stored under another name: find it by its bytes
+                row = store.result(run["id"], read_image_bytes(path)[1], spec)
+        except MmtuiError:
+            return None
+        return {**image_summary(store, run, row["id"], top, convention), "cached": True}
+
+    return lookup
+
+
+def _consume(events, store, top: int, convention: str, json_out: bool, cached=None) -> dict[str, int]:  # noqa: ANN001
     from mmtui.store.queries import image_summary
 
     counts = {"done": 0, "skipped": 0, "failed": 0}
@@ -183,12 +224,15 @@ def _consume(events, store, top: int, convention: str, json_out: bool) -> dict[s
                     err.print(f"[red]Failed:[/] {event.message}", highlight=False, soft_wrap=True)
                 elif event.kind == "skipped" and "computed once" in event.message:
                     err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
+                elif event.kind == "skipped" and cached is not None and event.message == "already in the cache":
+                    assert run is not None
+                    emit_json(filter(None, [cached(run, event.path)]))
                 if event.kind == "done":
                     elapsed = progress.tasks[task].elapsed or 0.0
                     rate = counts["done"] / elapsed if elapsed else 0.0
                     progress.update(task, rate=f"{rate:.2f} img/s")
                     assert run is not None and event.result_id is not None
-                    summary = image_summary(store, run, event.result_id, top, convention)
+                    summary = {**image_summary(store, run, event.result_id, top, convention), "cached": False}
                     if json_out:
                         emit_json([summary])
                     else:

@@ -39,10 +39,26 @@ def test_attribute_json_lines(image_dir):
 
 
 def test_attribute_rerun_skips_cached(filled_db, image_dir):
-    result = _attribute(str(image_dir), "--target", "dog", "--json")
+    result = _attribute(str(image_dir), "--target", "dog", "--json", "--new-only")
     assert result.exit_code == 0
     assert result.stdout == ""
     assert "0 attributed, 4 skipped" in result.stderr
+
+
+def test_attribute_json_rerun_emits_cached_results(filled_db, image_dir):
+    """A pipe user gets one object per image on a rerun too: the cached ones, marked."""
+    first = {
+        r["sha256"]: r
+        for r in map(json.loads, _attribute(str(image_dir), "--target", "cat", "--json").stdout.splitlines())
+    }
+    result = _attribute(str(image_dir), "--target", "cat", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 4 and {r["cached"] for r in rows} == {True}
+    assert {r["target"] for r in rows} == {"cat"}  # the result of this target, not the image's "dog" one
+    for row in rows:
+        assert row["top"] == first[row["sha256"]]["top"] and row["p_target"] == first[row["sha256"]]["p_target"]
+    assert {r["cached"] for r in first.values()} == {False}
 
 
 def test_attribute_table_for_people(image_dir):
