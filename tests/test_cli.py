@@ -281,3 +281,23 @@ def test_ctrl_c_keeps_finished_images_and_rerun_resumes(tmp_path):
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{8 - kept} attributed, {kept} skipped" in rerun.stderr
+
+
+def test_attribute_captions_null_or_number_fail_only_their_image(image_dir, tmp_path):
+    names = sorted(p.name for p in image_dir.iterdir())
+    coco = {
+        "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+        "annotations": [
+            {"image_id": 0, "caption": None},
+            {"image_id": 1, "caption": 7},
+            {"image_id": 2, "caption": "A horse in a field."},
+            {"image_id": 3, "caption": "A horse in a field."},
+        ],
+    }
+    captions = tmp_path / "caps.json"
+    captions.write_text(json.dumps(coco))
+    result = _attribute(str(image_dir), "--captions", str(captions), "--json")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == ExitCode.PARTIAL, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr.count("no caption with a noun") == 2 and "Traceback" not in result.stderr
