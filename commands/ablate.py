@@ -34,6 +34,7 @@ from commands._experiments import (
     progress_bar,
     run_stack,
 )
+from mmtui.defaults import DEFAULT_KEEP
 
 DEFAULT_K = "0,50,100,200,400,800,1600,3200,6400"
 
@@ -46,6 +47,12 @@ def parse_ks(text: str) -> list[int]:
     if not ks or ks[0] < 0:
         fail(f"--k {text!r}: give one or more whole numbers >= 0")
     return ks
+
+
+def _check_k_range(ks: list[int], keep: int) -> None:
+    """k ranks the (layer, unit, patch) triples the run stored per image: at most `keep` of them."""
+    if ks[-1] > keep:
+        fail(f"--k {ks[-1]}: the run stores {keep} triples per image; use k in 0..{keep}")
 
 
 @app.command()
@@ -104,12 +111,14 @@ def ablate(
         with store:
             if from_store:
                 chosen = store.run(run)
+                _check_k_range(ks, int(chosen["settings"].get("keep", DEFAULT_KEEP)))
                 result_ids = [r["id"] for r in store.results(chosen["id"], limit=limit)]
                 if not result_ids:
                     fail(f"run {chosen['id']} holds no results; run `mmtui attribute IMAGE_DIR` first")
                 stack = run_stack(chosen, device)
             else:
                 assert image_dir is not None
+                _check_k_range(ks, DEFAULT_KEEP)
                 stack, chosen, result_ids = _attribute_first(
                     store, image_dir, preset, captions, device, limit, failures
                 )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out
+from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, fail, out
 from mmtui.defaults import NEURON_IMAGES
 
 RunOption = Annotated[
@@ -45,6 +45,9 @@ def neurons(
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
+        n_layers = chosen["shape"]["n_layers"]
+        if layer is not None and not 0 <= layer < n_layers:
+            fail(f"--layer {layer}: run {chosen['id']} has layers 0..{n_layers - 1}")
         rows = list_neurons(
             store,
             chosen,
@@ -101,7 +104,13 @@ def neuron(
     from mmtui.store.queries import neuron_detail
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
-        detail = neuron_detail(store, store.run(run), layer, index, top_images=limit)
+        chosen = store.run(run)
+        shape = chosen["shape"]
+        if not (0 <= layer < shape["n_layers"] and 0 <= index < shape["d_mlp"]):
+            fail(
+                f"no neuron L{layer}.u{index}: run {chosen['id']} has layers 0..{shape['n_layers'] - 1} and units 0..{shape['d_mlp'] - 1}"
+            )
+        detail = neuron_detail(store, chosen, layer, index, top_images=limit)
     if json_out:
         emit_json([detail])
         return

@@ -301,3 +301,22 @@ def test_attribute_captions_null_or_number_fail_only_their_image(image_dir, tmp_
     assert result.exit_code == ExitCode.PARTIAL, result.stderr
     assert len(result.stdout.splitlines()) == 2
     assert result.stderr.count("no caption with a noun") == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("layer", ["999", "-1"])
+def test_neurons_layer_out_of_range_is_a_usage_error(filled_db, layer):
+    result = runner.invoke(app, ["neurons", "--layer", layer])
+    assert result.exit_code == ExitCode.FAILED and result.stdout == ""
+    assert f"--layer {layer}: run " in result.stderr and "has layers 0.." in result.stderr
+
+
+def test_neuron_negative_index_is_a_usage_error(filled_db):
+    result = runner.invoke(app, ["neuron", "--", "0", "-1"])
+    assert result.exit_code == ExitCode.FAILED
+    assert "no neuron L0.u-1" in result.stderr and "units 0.." in result.stderr
+
+
+def test_ablate_k_beyond_stored_triples_is_a_usage_error(filled_db):
+    result = runner.invoke(app, ["ablate", "--from-store", "--k", "99999999", "--device", "cpu"])
+    assert result.exit_code == ExitCode.FAILED and result.stdout == ""
+    assert "--k 99999999: the run stores" in result.stderr and "use k in 0.." in result.stderr
