@@ -95,6 +95,7 @@ def attribute(
     shard_pair = _parse_shard(shard) if shard else None
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         fail(f"--batch-size {batch_size!r}: use a positive number or auto")
+    _check_before_loading(preset, target, projection, image_dir)
     with core_errors():
         if samples:
             from mmtui.run.samples import sample_dir
@@ -142,6 +143,23 @@ def attribute(
             cached = None if new_only or not json_out else _cached_lookup(store, settings, top, decode)
             counts = _consume(events, store, top, decode, json_out, cached)
     _finish(counts)
+
+
+def _check_before_loading(preset: str, target: str | None, projection: Path | None, image_dir: Path | None) -> None:
+    """Arguments a model load would only reject minutes later (and an unknown preset after making the cache)."""
+    from mmtui.stacks.presets import PRESETS
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if target is not None and not target.strip():
+        fail("--target is empty; pass a word such as --target dog")
+    if projection is not None and not projection.is_file():
+        fail(f"--projection {projection}: no such file; pass a LiMBeR proj.ckpt or our .safetensors")
+    if image_dir is not None and image_dir.is_file():
+        from mmtui.run.images import load_image
+
+        with core_errors():
+            load_image(image_dir)  # one file given: it must be an image
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

@@ -320,3 +320,36 @@ def test_ablate_k_beyond_stored_triples_is_a_usage_error(filled_db):
     result = runner.invoke(app, ["ablate", "--from-store", "--k", "99999999", "--device", "cpu"])
     assert result.exit_code == ExitCode.FAILED and result.stdout == ""
     assert "--k 99999999: the run stores" in result.stderr and "use k in 0.." in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--target", " "], "--target is empty"),
+        (["--projection", "/nowhere/proj.safetensors"], "--projection /nowhere/proj.safetensors: no such file"),
+    ],
+)
+def test_attribute_bad_arguments_refused_before_loading(image_dir, tmp_path, monkeypatch, args, message):
+    import mmtui.stacks.presets
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the stack was loaded before the arguments were checked")
+
+    monkeypatch.setattr(mmtui.stacks.presets, "load_stack", no_loading)
+    monkeypatch.setattr("mmtui.stacks.load_stack", no_loading)
+    db = tmp_path / "fresh.db"
+    result = runner.invoke(app, ["attribute", str(image_dir), *args, "--db", str(db), "--device", "cpu"])
+    assert result.exit_code == ExitCode.FAILED
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {message}")
+    assert not db.exists()  # nothing made in the cache either
+
+
+def test_attribute_non_image_file_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr("mmtui.stacks.load_stack", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    notes = tmp_path / "captions.json"
+    notes.write_text("{}")
+    result = runner.invoke(app, ["attribute", str(notes), "--preset", "tiny", "--db", str(tmp_path / "c.db")])
+    assert result.exit_code == ExitCode.FAILED
+    assert "captions.json" in result.stderr and "Attributing" not in result.stderr
