@@ -207,7 +207,7 @@ def _cached_lookup(store: Store, settings: Settings, top: int, convention: str) 
 def _consume(events, store, top: int, convention: str, json_out: bool, cached=None) -> dict[str, int]:  # noqa: ANN001
     from mmtui.store.queries import image_summary
 
-    counts = {"done": 0, "skipped": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0, "failed": 0, "other_shard": 0}
     summaries: list[dict] = []
     run: dict | None = None
     columns = (
@@ -237,6 +237,7 @@ def _consume(events, store, top: int, convention: str, json_out: bool, cached=No
                 err.print(f"[dim]{event.message}[/]", highlight=False, soft_wrap=True)
             elif event.kind in ("done", "skipped", "failed"):
                 counts[event.kind] += 1
+                counts["other_shard"] += event.kind == "skipped" and "in another shard" in event.message
                 progress.advance(task)
                 if event.kind == "failed":
                     err.print(f"[red]Failed:[/] {event.message}", highlight=False, soft_wrap=True)
@@ -256,7 +257,7 @@ def _consume(events, store, top: int, convention: str, json_out: bool, cached=No
                     else:
                         summaries.append(summary)
     if not json_out and summaries:
-        out.print(_table(summaries, min(top, 5)))
+        out.print(_table(summaries, top))
     return counts
 
 
@@ -269,17 +270,23 @@ def _table(summaries: list[dict], top: int) -> Table:
     table.add_column("top neurons", overflow="fold")
     for s in summaries:
         lines = [
-            f"L{t['layer']}.u{t['neuron']} @{t['patch']}: {t['score']:.3g}  {', '.join(x.strip() for x in t['tokens'][:5])}"
+            f"L{t['layer']}.u{t['neuron']} @{t['patch']}: {t['score']:.3g}  {', '.join(_shown(x) for x in t['tokens'][:5])}"
             for t in s["top"][:top]
         ]
         table.add_row(Path(s["image"]).name, s["target"], f"{s['p_target']:.4f}", s["caption"], "\n".join(lines))
     return table
 
 
+def _shown(token: str) -> str:
+    """A decoded token for the table: stripped, but a token of spaces stays visible (as ␣)."""
+    return token.strip() or ("␣" * len(token) if token and set(token) == {" "} else repr(token))
+
+
 def _finish(counts: dict[str, int]) -> None:
-    err.print(
-        f"{counts['done']} attributed, {counts['skipped']} skipped (cached or duplicate), {counts['failed']} failed"
-    )
+    shard = counts.pop("other_shard")
+    here = counts["skipped"] - shard
+    skipped = f"{here} skipped (cached or duplicate)" + (f", {shard} in another shard" if shard else "")
+    err.print(f"{counts['done']} attributed, {skipped}, {counts['failed']} failed")
     if counts["failed"]:
         code = ExitCode.FAILED if counts["done"] + counts["skipped"] == 0 else ExitCode.PARTIAL
         raise typer.Exit(int(code))

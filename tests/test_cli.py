@@ -353,3 +353,24 @@ def test_attribute_non_image_file_refused_before_loading(tmp_path, monkeypatch):
     result = runner.invoke(app, ["attribute", str(notes), "--preset", "tiny", "--db", str(tmp_path / "c.db")])
     assert result.exit_code == ExitCode.FAILED
     assert "captions.json" in result.stderr and "Attributing" not in result.stderr
+
+
+def test_attribute_table_shows_top_rows_asked_for(image_dir):
+    import re
+
+    result = _attribute(str(image_dir), "--target", "dog", "--top", "7")
+    assert result.exit_code == 0, result.stderr
+    assert len(re.findall(r"L\d+\.u\d+ @\d+:", result.stdout)) == 4 * 7  # 5 per image before
+
+
+def test_attribute_shard_names_images_of_other_shards(image_dir):
+    result = _attribute(str(image_dir), "--target", "dog", "--shard", "0/2", "--json")
+    assert result.exit_code == 0, result.stderr
+    done = len(result.stdout.splitlines())
+    assert f"{done} attributed, 0 skipped (cached or duplicate), {4 - done} in another shard" in result.stderr
+
+
+def test_space_token_is_visible():
+    from commands.attribute import _shown
+
+    assert _shown(" ") == "␣" and _shown(" dog") == "dog" and _shown("\n") == "'\\n'"
