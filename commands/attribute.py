@@ -105,7 +105,7 @@ def attribute(
         scan = find_images(image_dir)
         for problem in scan.problems:
             warn(str(problem))
-        if scan.skipped:
+        if scan.skipped and not samples:  # the bundled folder also holds its README and captions
             names = ", ".join(p.name for p in scan.skipped[:3]) + (" ..." if len(scan.skipped) > 3 else "")
             warn(f"skipped {len(scan.skipped)} file(s) that are not images by name: {names}")
         from mmtui.run.pipeline import Settings, attribute_images, read_captions

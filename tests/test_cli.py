@@ -374,3 +374,9 @@ def test_space_token_is_visible():
     from commands.attribute import _shown
 
     assert _shown(" ") == "␣" and _shown(" dog") == "dog" and _shown("\n") == "'\\n'"
+
+
+def test_attribute_samples_warns_about_nothing_of_its_own(tmp_path):
+    result = _attribute("--samples", "--target", "dog", "--json", "--db", str(tmp_path / "s.db"))
+    assert result.exit_code == 0, result.stderr
+    assert "Warning" not in result.stderr and len(result.stdout.splitlines()) == 8
