@@ -380,3 +380,19 @@ def test_attribute_samples_warns_about_nothing_of_its_own(tmp_path):
     result = _attribute("--samples", "--target", "dog", "--json", "--db", str(tmp_path / "s.db"))
     assert result.exit_code == 0, result.stderr
     assert "Warning" not in result.stderr and len(result.stdout.splitlines()) == 8
+
+
+@pytest.mark.parametrize("args", ["'neurons'", "'neuron','0','0'"])
+def test_closed_pipe_on_a_table_ends_with_0(filled_db, args):
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.argv=['mmtui',{args}];from commands import main; main()"
+    proc = subprocess.run(  # pipefail: the status is mmtui's, not head's
+        ["bash", "-c", f'set -o pipefail; {sys.executable} -c "{code}" | head -1'],
+        capture_output=True,
+        text=True,
+        env=_env(filled_db),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
