@@ -40,7 +40,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-out = Console(soft_wrap=True)  # results
+
+class _ResultConsole(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader closed stdout (`| head`): end quietly with 0; rich's own handler exits 1, "some failed"."""
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(int(ExitCode.OK))
+
+
+out = _ResultConsole(soft_wrap=True)  # results
 err = Console(stderr=True)  # progress, warnings, errors
 
 DbOption = Annotated[

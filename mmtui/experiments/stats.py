@@ -34,11 +34,13 @@ def mean_interval(
     method: str = "t",
     n_boot: int = 2000,
     seed: int = 0,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
 ) -> Interval:
     """Mean of `values` with a `level` interval: Student t (default) or percentile bootstrap.
 
     t: mean +- t_{(1+level)/2, n-1} * s / sqrt(n), s the sample standard deviation (ddof=1).
     bootstrap: the (1-level)/2 and (1+level)/2 percentiles of `n_boot` resampled means (seeded).
+    bounds: the range the quantity cannot leave (a relative drop is at most 1); the t interval is clipped to it.
     NaN values are dropped; an empty input gives NaN everywhere with n = 0.
     """
     if method not in CI_METHODS:
@@ -57,7 +59,8 @@ def mean_interval(
         from scipy import stats
 
         half = float(stats.t.ppf((1 + level) / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
-        return Interval(mean, mean - half, mean + half, n, level, method)
+        lo, hi = max(mean - half, bounds[0]), min(mean + half, bounds[1])
+        return Interval(mean, lo, hi, n, level, method)
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])

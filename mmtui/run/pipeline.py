@@ -72,9 +72,15 @@ def read_captions(path: Path | str) -> dict[str, list[str]]:
             f"{path}: not a caption file this tool reads ({type(err).__name__}: {err}); "
             "use COCO captions JSON, JSONL with image and caption keys, or CSV with an image,caption header"
         ) from err
+    # a caption that is null, a number or blank is left out: an image with no other caption then fails alone
+    captions = {name: texts for name, found in captions.items() if (texts := [t for t in found if _is_text(t)])}
     if not captions:
-        raise TargetError(f"{path}: holds no captions")
+        raise TargetError(f"{path}: holds no captions (no caption is a non-empty text)")
     return captions
+
+
+def _is_text(caption: object) -> bool:
+    return isinstance(caption, str) and bool(caption.strip())
 
 
 def human_target(captions: list[str]) -> tuple[str, str] | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,13 @@ def load_lm(spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str 
                 "lm_revision": revision,
                 "lm_commit": getattr(model.config, "_commit_hash", None),
             }
+    except (struct.error, EOFError) as err:  # the gguf reader unpacks the header with struct
+        raise StackError(f"cannot load the LM {spec!r}: the file is cut short or damaged ({err})") from err
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a pickle holding code
+        raise StackError(
+            f"cannot load the LM {spec!r}: its pytorch_model.bin is a pickle holding more than weights, which "
+            "mmtui does not load; use a model saved as safetensors"
+        ) from err
     except (OSError, ValueError) as err:
         raise StackError(f"cannot load the LM {spec!r}: {str(err).splitlines()[0]}") from err
     return model, tok, identity
@@ -178,6 +187,10 @@ def _tiny_stack(device: torch.device, dtype: torch.dtype, prompt: str, seed: int
     )
 
 
+# the dtypes a stack's weights can take (the LM, the encoder and the projection all run in one)
+DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
 def load_stack(
     preset: str | None = DEFAULT_PRESET,
     *,
@@ -206,7 +219,9 @@ def load_stack(
             raise StackError("without a preset, pass all of --lm, --encoder and --projection")
         base = Preset(lm=lm, encoder=encoder, projection=str(projection))
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, dtype)
+    if dtype is not None and dtype not in DTYPES:
+        raise StackError(f"dtype {dtype!r} is not one a stack runs in; use one of {', '.join(DTYPES.values())}")
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else getattr(torch, base.gpu_dtype)
     load_args = {

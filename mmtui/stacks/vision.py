@@ -88,7 +88,7 @@ class TimmEncoder(VisionEncoder):
         self.model = model.eval().requires_grad_(False)
         self.name = name
         with torch.no_grad():
-            probe = self._grid_features(torch.zeros(1, 3, crop, crop))
+            probe = self.features(torch.zeros(1, 3, crop, crop))  # in the model's dtype
         self.dim = probe.shape[-1]
         self.grid = self._last_grid
 
