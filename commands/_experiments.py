@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -56,12 +56,24 @@ def progress_bar() -> Progress:
     )
 
 
+@contextmanager
+def loading(title: str) -> Iterator[Callable[[str], None]]:
+    """One status line on stderr while a model loads, updated with each stage the core reports through the
+    yielded callback; where stderr is not a terminal (a log file), one plain line per stage instead."""
+    if err.is_terminal:
+        with err.status(f"{title}...") as status:
+            yield lambda stage: status.update(f"{title}: {stage}...")
+    else:
+        err.print(f"{title}...", highlight=False, soft_wrap=True)
+        yield lambda stage: err.print(f"{title}: {stage}", highlight=False, soft_wrap=True)
+
+
 def run_stack(run: dict[str, Any], device: str) -> Stack:
-    """The stack a run was made with (its fingerprint checked), loaded under a spinner on stderr."""
+    """The stack a run was made with (its fingerprint checked), loaded under a status line on stderr."""
     from mmtui.stacks.presets import load_stack_for_run
 
-    with err.status(f"Loading the {run['stack']} stack of run {run['id']}..."):
-        return load_stack_for_run(run, device=device)
+    with loading(f"Loading the {run['stack']} stack of run {run['id']}") as progress:
+        return load_stack_for_run(run, device=device, progress=progress)
 
 
 def load_metrics(

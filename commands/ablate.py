@@ -19,7 +19,6 @@ from commands._app import (
     core_errors,
     db_path,
     emit_json,
-    err,
     fail,
     out,
     warn,
@@ -31,6 +30,7 @@ from commands._experiments import (
     RunOption,
     fmt,
     load_metrics,
+    loading,
     progress_bar,
     run_stack,
 )
@@ -185,8 +185,8 @@ def _attribute_first(
         warn(str(problem))
     files = scan.files[:limit] if limit else scan.files
     caption_map = read_captions(captions) if captions else None
-    with err.status(f"Loading the {preset} stack..."):
-        stack = load_stack(preset, device=device)
+    with loading(f"Loading the {preset} stack") as progress:
+        stack = load_stack(preset, device=device, progress=progress)
     run_id = None
     with progress_bar() as progress:
         task = progress.add_task("Attributing", total=len(files))
