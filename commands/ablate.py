@@ -19,6 +19,7 @@ from commands._app import (
     core_errors,
     db_path,
     emit_json,
+    err,
     fail,
     out,
     warn,
@@ -70,8 +71,12 @@ def ablate(
         bool, typer.Option("--interpretable/--no-interpretable", help="Also ablate the interpretable top units.")
     ] = True,
     regenerate: Annotated[
-        bool, typer.Option("--regenerate/--no-regenerate", help="Regenerate the caption under ablation (BERTScore).")
-    ] = True,
+        bool,
+        typer.Option(
+            "--regenerate/--no-regenerate",
+            help="Also regenerate the caption under each ablation (BERTScore); slow: a greedy decode per setting.",
+        ),
+    ] = False,
     captions: CaptionsOption = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Ablation settings per forward pass.")] = 16,
@@ -122,6 +127,14 @@ def ablate(
                 warn(message)
 
             per_image = len(ks) * (1 + int(interpretable) + (seeds if baseline == "random" else 0))
+            passes = len(result_ids) * -(-per_image // batch_size)
+            err.print(
+                f"Ablating {len(result_ids)} image(s) x {per_image} settings in about {passes} batched pass(es)"
+                + (", each setting regenerating its caption" if regenerate else "")
+                + "; the ETA follows the first image",
+                highlight=False,
+                soft_wrap=True,
+            )
             points = []
             try:
                 with progress_bar() as progress:
