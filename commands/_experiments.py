@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from commands._app import err, warn
 
@@ -43,8 +52,40 @@ ClipModelOption = Annotated[
 NoClipOption = Annotated[bool, typer.Option("--no-clip", help="Skip CLIPScore.")]
 
 
-def progress_bar() -> Progress:
-    return Progress(
+class LoggedProgress(Progress):
+    """A rich progress bar that, where stderr is not a terminal (a log file, a pipe), also writes a plain line
+    per task at most every `every` seconds and when the task finishes: rich draws nothing there until the end."""
+
+    def __init__(self, *columns: Any, every: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self.every = every
+        self._logged: dict[TaskID, float] = {}
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id: TaskID) -> None:
+        if self.console.is_terminal:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        if now - self._logged.get(task_id, -self.every) < self.every and not task.finished:
+            return
+        self._logged[task_id] = now
+        total = "?" if task.total is None else f"{task.total:.0f}"
+        eta = task.time_remaining
+        line = f"{task.description}: {task.completed:.0f}/{total}, {task.elapsed or 0:.0f} s elapsed"
+        self.console.print(line + ("" if eta is None else f", ETA {eta:.0f} s"), highlight=False, soft_wrap=True)
+
+
+def progress_bar(every: float = 30.0) -> Progress:
+    """A progress bar on stderr; plain lines every `every` seconds where stderr is not a terminal."""
+    return LoggedProgress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -53,15 +94,28 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=False,
+        every=every,
     )
 
 
+@contextmanager
+def loading(title: str) -> Iterator[Callable[[str], None]]:
+    """One status line on stderr while a model loads, updated with each stage the core reports through the
+    yielded callback; where stderr is not a terminal (a log file), one plain line per stage instead."""
+    if err.is_terminal:
+        with err.status(f"{title}...") as status:
+            yield lambda stage: status.update(f"{title}: {stage}...")
+    else:
+        err.print(f"{title}...", highlight=False, soft_wrap=True)
+        yield lambda stage: err.print(f"{title}: {stage}", highlight=False, soft_wrap=True)
+
+
 def run_stack(run: Run, device: str) -> Stack:
-    """The stack a run was made with (its fingerprint checked), loaded under a spinner on stderr."""
+    """The stack a run was made with (its fingerprint checked), loaded under a status line on stderr."""
     from mmtui.stacks.presets import load_stack_for_run
 
-    with err.status(f"Loading the {run.stack.name} stack of run {run.id}..."):
-        return load_stack_for_run(run, device=device)
+    with loading(f"Loading the {run.stack.name} stack of run {run.id}") as progress:
+        return load_stack_for_run(run, device=device, progress=progress)
 
 
 def load_metrics(

@@ -31,6 +31,7 @@ from commands._experiments import (
     RunOption,
     fmt,
     load_metrics,
+    loading,
     progress_bar,
     run_stack,
 )
@@ -81,8 +82,12 @@ def ablate(
         bool, typer.Option("--interpretable/--no-interpretable", help="Also ablate the interpretable top units.")
     ] = True,
     regenerate: Annotated[
-        bool, typer.Option("--regenerate/--no-regenerate", help="Regenerate the caption under ablation (BERTScore).")
-    ] = True,
+        bool,
+        typer.Option(
+            "--regenerate/--no-regenerate",
+            help="Also regenerate the caption under each ablation (BERTScore); slow: a greedy decode per setting.",
+        ),
+    ] = False,
     captions: CaptionsOption = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Ablation settings per forward pass.")] = 16,
@@ -135,6 +140,14 @@ def ablate(
                 warn(message)
 
             per_image = len(ks) * (1 + int(interpretable) + (seeds if baseline == "random" else 0))
+            passes = len(result_ids) * -(-per_image // batch_size)
+            err.print(
+                f"Ablating {len(result_ids)} image(s) x {per_image} settings in about {passes} batched pass(es)"
+                + (", each setting regenerating its caption" if regenerate else "")
+                + "; the ETA follows the first image",
+                highlight=False,
+                soft_wrap=True,
+            )
             points = []
             try:
                 with progress_bar() as progress:
@@ -197,8 +210,8 @@ def _attribute_first(
         warn(str(problem))
     files = scan.files[:limit] if limit else scan.files
     caption_map = read_captions(captions) if captions else None
-    with err.status(f"Loading the {preset} stack..."):
-        stack = load_stack(preset, device=device)
+    with loading(f"Loading the {preset} stack") as progress:
+        stack = load_stack(preset, device=device, progress=progress)
     run_id = None
     sha256: dict[str, str] = {}  # path -> the image's sha256, from the run's events (nothing is read twice)
     with progress_bar() as progress:

@@ -22,7 +22,6 @@ from commands._app import (
     core_errors,
     db_path,
     emit_json,
-    err,
     fail,
     out,
     warn,
@@ -35,6 +34,7 @@ from commands._experiments import (
     NoClipOption,
     fmt,
     load_metrics,
+    loading,
     progress_bar,
 )
 
@@ -100,8 +100,10 @@ def prompts(
             fail("no metric can score the prompts: pass --captions FILE (BERTScore) or a --clip-model that loads")
         from mmtui.stacks import load_stack
 
-        with err.status(f"Loading the {preset} stack..."):
-            stack = load_stack(preset, lm=lm, encoder=encoder, projection=projection, device=device)
+        with loading(f"Loading the {preset} stack") as load_progress:
+            stack = load_stack(
+                preset, lm=lm, encoder=encoder, projection=projection, device=device, progress=load_progress
+            )
         with Store.open(db_path(db)) as store, progress_bar() as progress:
             tasks: dict[str, int] = {}
 

