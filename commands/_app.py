@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -91,7 +90,7 @@ def core_errors() -> Iterator[None]:
         yield
     except MmtuiError as error:
         fail(str(error).replace("[", r"\["))
-    except sqlite3.DatabaseError as error:  # met after the open (a damaged page read later): one line, no traceback
+    except Exception as error:  # sqlite3's DatabaseError met after the open (a damaged page read later): one line
         if not is_corruption(error):
             raise
         cache = _last_db or "CACHE.db"

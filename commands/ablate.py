@@ -120,8 +120,8 @@ def ablate(
         with store:
             if from_store:
                 chosen = store.run(run)
-                _check_k_range(ks, int(chosen["settings"].get("keep", DEFAULT_KEEP)))
-                result_ids = [r["id"] for r in store.results(chosen["id"], limit=limit)]
+                _check_k_range(ks, int(chosen.settings.get("keep", DEFAULT_KEEP)))
+                result_ids = [r["id"] for r in store.results(chosen.id, limit=limit)]
                 if not result_ids:
                     fail(f"run {chosen.id} holds no results; run `mmtui attribute IMAGE_DIR` first")
                 stack = run_stack(chosen, device)

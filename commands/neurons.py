@@ -52,9 +52,9 @@ def neurons(
         fail("give --token (a whole token) or --token-contains (any text), not both")
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
-        n_layers = chosen["shape"]["n_layers"]
+        n_layers = chosen.shape["n_layers"]
         if layer is not None and not 0 <= layer < n_layers:
-            fail(f"--layer {layer}: run {chosen['id']} has layers 0..{n_layers - 1}")
+            fail(f"--layer {layer}: run {chosen.id} has layers 0..{n_layers - 1}")
         store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
         rows = list_neurons(
             store,
@@ -114,10 +114,10 @@ def neuron(
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
-        shape = chosen["shape"]
+        shape = chosen.shape
         if not (0 <= layer < shape["n_layers"] and 0 <= index < shape["d_mlp"]):
             fail(
-                f"no neuron L{layer}.u{index}: run {chosen['id']} has layers 0..{shape['n_layers'] - 1} and units 0..{shape['d_mlp'] - 1}"
+                f"no neuron L{layer}.u{index}: run {chosen.id} has layers 0..{shape['n_layers'] - 1} and units 0..{shape['d_mlp'] - 1}"
             )
         store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
         detail = neuron_detail(store, chosen, layer, index, top_images=limit)

