@@ -73,11 +73,13 @@ def list_neurons(
     interpretable: bool | None = None,
     limit: int | None = 50,
     convention: str = "raw",
+    max_n_top: float | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Units of a run with their aggregates and decoded tokens, best first.
 
     image: only the units among that image's stored triples (score = the unit's best triple there).
     token: only units whose decoded tokens contain this text (case-insensitive).
+    max_n_top: only units in the top-N of at most this many images (the generic ones left out: prevalence.py).
     """
     if sort not in SORTS:
         raise NotFoundError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
@@ -91,6 +93,9 @@ def list_neurons(
     if interpretable is not None:
         filters.append("t.interpretable = ?")
         filter_args.append(int(interpretable))
+    if max_n_top is not None:
+        filters.append("s.n_top <= ?")
+        filter_args.append(max_n_top)
     tokens_join = (
         "LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit"
     )

@@ -1,0 +1,294 @@
+"""Generic vs image-specific units of a run: prevalence, lift and the generic flag.
+
+- prevalence of a unit: the share of the run's results (images) in whose top-N triples it is, N = COUNT_TOP
+  (100, the paper's): neuron_stats.n_top over the run's folded results.
+- lift of a unit on an image: its z-score there, (unit_max - mean) / std, where unit_max is the unit's max of
+  g over the image positions (stored for every unit of every result) and mean and std are the unit's over
+  the run's results (population std), from the moments `Store.refresh_stats` folds into unit_moments
+  (migration m010). No lift where the run has under 2 results or the unit's values do not vary.
+- generic: a unit whose prevalence is above GENERIC_SHARE, in a run of at least MIN_GENERIC_RESULTS results.
+
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mmtui.store.arrays import unpack_array
+
+if TYPE_CHECKING:
+    from mmtui.store import Store
+    from mmtui.store._sqlite_utils import Database
+
+GENERIC_SHARE = 0.1
+"""A unit in the top-N of more than this share of a run's images is generic. PLACEHOLDER: see below."""
+MIN_GENERIC_RESULTS = 10
+"""Below this many results a run calls no unit generic: a share of a handful of images says little."""
+_FLAT = 1e-12  # a unit whose variance is below this fraction of its mean square does not vary: no lift
+
+
+def _conn(db: Database | sqlite3.Connection) -> sqlite3.Connection:
+    return db if isinstance(db, sqlite3.Connection) else db.conn
+
+
+def _dims(conn: sqlite3.Connection, run_id: str) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT stacks.shape FROM runs JOIN stacks ON stacks.id = runs.stack_id WHERE runs.id = ?", [run_id]
+    ).fetchone()
+    shape = json.loads(row[0])
+    return int(shape["n_layers"]), int(shape["d_mlp"])
+
+
+def _run(run: Any) -> tuple[str, int, dict[str, Any], str]:
+    """The one place that reads a run's fields: (id, run_key, shape, lm_id)."""
+    return run["id"], int(run["run_key"]), run["shape"], run["lm_id"]
+
+
+# -- folding ------------------------------------------------------------------------------------------------
+def sum_moments(blobs: Iterable[bytes], dims: tuple[int, int]) -> tuple[int, np.ndarray, np.ndarray]:
+    """(how many, sum, sum of squares) of the unpacked unit_max arrays, in float64 ([n_layers, d_mlp])."""
+    total, total_sq, square = np.zeros(dims), np.zeros(dims), np.empty(dims)
+    n = 0
+    for blob in blobs:
+        values = unpack_array(blob, dims).astype(np.float64)
+        total += values
+        np.multiply(values, values, out=square)
+        total_sq += square
+        n += 1
+    return n, total, total_sq
+
+
+def fold_moments(db: Database | sqlite3.Connection, run_id: str, run_key: int, result_ids: Sequence[int]) -> None:
+    """Add these results' unit_max to the run's rows of unit_moments (made on first use), inside the caller's
+    transaction. Sums add up in any grouping, so a fold of many results, a resumed run and a merge of shards
+    give the same moments (up to float64 rounding)."""
+    if not result_ids:
+        return
+    conn = _conn(db)
+    dims = _dims(conn, run_id)
+    blobs = (
+        row[0]
+        for row in conn.execute(
+            "SELECT unit_max FROM results WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            [json.dumps(list(result_ids))],
+        ).fetchall()
+    )
+    n, total, total_sq = sum_moments(blobs, dims)
+    stored = {
+        layer: (count, s, sq)
+        for layer, count, s, sq in conn.execute(
+            "SELECT layer, n, sum, sum_sq FROM unit_moments WHERE run_key = ?", [run_key]
+        ).fetchall()
+    }
+    rows = []
+    for layer in range(dims[0]):
+        count, s, sq = n, total[layer], total_sq[layer]
+        if layer in stored:
+            old_n, old_s, old_sq = stored[layer]
+            count += old_n
+            s = s + np.frombuffer(old_s, dtype=np.float64)
+            sq = sq + np.frombuffer(old_sq, dtype=np.float64)
+        rows.append((run_key, layer, count, s.astype("<f8").tobytes(), sq.astype("<f8").tobytes()))
+    conn.executemany(
+        """INSERT INTO unit_moments (run_key, layer, n, sum, sum_sq) VALUES (?, ?, ?, ?, ?)
+           ON CONFLICT (run_key, layer) DO UPDATE SET n = excluded.n, sum = excluded.sum, sum_sq = excluded.sum_sq""",
+        rows,
+    )
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+def run_size(store: Store, run: Any) -> int:
+    """How many results of the run the per-unit tables count (prevalence's denominator)."""
+    _, run_key, _, _ = _run(run)
+    row = store.db.execute("SELECT max(n) FROM unit_moments WHERE run_key = ?", [run_key]).fetchone()
+    return int(row[0] or 0)
+
+
+def moments(store: Store, run: Any, layers: Iterable[int]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """(n, {layer: (mean, std)}) of unit_max over the run's results, for these layers (d_mlp values each; std
+    NaN where n < 2 or the unit does not vary)."""
+    _, run_key, _, _ = _run(run)
+    wanted = sorted({int(x) for x in layers})
+    rows = store.db.execute(
+        "SELECT layer, n, sum, sum_sq FROM unit_moments WHERE run_key = ? AND layer IN (SELECT value FROM json_each(?))",
+        [run_key, json.dumps(wanted)],
+    ).fetchall()
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    n = 0
+    for layer, count, s, sq in rows:
+        n = max(n, int(count))
+        mean = np.frombuffer(s, dtype=np.float64) / count
+        mean_sq = np.frombuffer(sq, dtype=np.float64) / count
+        var = np.maximum(mean_sq - mean * mean, 0.0)
+        flat = (var <= _FLAT * mean_sq) | (count < 2)
+        out[int(layer)] = (mean, np.where(flat, np.nan, np.sqrt(var)))
+    return n, out
+
+
+def lift(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The z-score of each value against its unit's mean and std (NaN where std is NaN)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.asarray(values, dtype=np.float64) - mean) / std
+
+
+def generic_above(n: int, share: float = GENERIC_SHARE) -> float | None:
+    """The n_top above which a unit is generic in a run of n results; None where the run is too small."""
+    return share * n if n >= MIN_GENERIC_RESULTS else None
+
+
+def annotate(rows: Iterable[dict[str, Any]], n: int, share: float = GENERIC_SHARE) -> list[dict[str, Any]]:
+    """Rows with n_top (neuron listings), each given its prevalence (None in an empty run) and generic flag."""
+    above = generic_above(n, share)
+    out = []
+    for row in rows:
+        row["prevalence"] = row["n_top"] / n if n else None
+        row["generic"] = above is not None and row["n_top"] > above
+        out.append(row)
+    return out
+
+
+def unit_max_of(store: Store, result_id: int, dims: tuple[int, int]) -> np.ndarray:
+    row = store.db.execute("SELECT unit_max FROM results WHERE id = ?", [result_id]).fetchone()
+    return unpack_array(row[0], dims)
+
+
+def unit_prevalence(
+    store: Store,
+    run: Any,
+    layer: int,
+    unit: int,
+    n_top: int,
+    result_ids: Sequence[int] = (),
+    share: float = GENERIC_SHARE,
+) -> dict[str, Any]:
+    """One unit's prevalence, generic flag, mean and std of unit_max over the run, and its lift on each of
+    `result_ids` ({result id: lift or None})."""
+    _, _, shape, _ = _run(run)
+    n, found = moments(store, run, [layer])
+    mean, std = found.get(layer, (np.full(shape["d_mlp"], np.nan), np.full(shape["d_mlp"], np.nan)))
+    above = generic_above(n, share)
+    dims = (shape["n_layers"], shape["d_mlp"])
+    lifts = {}
+    for result_id in result_ids:
+        z = float(lift(unit_max_of(store, result_id, dims)[layer, unit], mean[unit], std[unit]))
+        lifts[result_id] = None if np.isnan(z) else z
+    return {
+        "n_results": n,
+        "prevalence": n_top / n if n else None,
+        "generic": above is not None and n_top > above,
+        "unit_max_mean": None if np.isnan(mean[unit]) else float(mean[unit]),
+        "unit_max_std": None if np.isnan(std[unit]) else float(std[unit]),
+        "lifts": lifts,
+    }
+
+
+def _n_tops(store: Store, run_key: int, units: Sequence[tuple[int, int]]) -> list[int]:
+    """neuron_stats.n_top of each (layer, unit), in order (0 for a unit without a row)."""
+    found = dict(
+        ((la, u), n)
+        for la, u, n in store.db.execute(
+            """SELECT s.layer, s.unit, s.n_top FROM json_each(?) tn
+               JOIN neuron_stats s ON s.run_key = ? AND s.layer = json_extract(tn.value, '$[0]')
+                                   AND s.unit = json_extract(tn.value, '$[1]')""",
+            [json.dumps([list(x) for x in units]), run_key],
+        ).fetchall()
+    )
+    return [found.get((la, u), 0) for la, u in units]
+
+
+def image_generic_share(
+    store: Store, run: Any, result_id: int, top: int | None = None, share: float = GENERIC_SHARE
+) -> dict[str, Any]:
+    """How much of an image's top-N triples (N = COUNT_TOP) belongs to the run's generic units, as the run's
+    tables count now: distinct units and triples, generic ones of each, and the run size it is judged on
+    (None shares where the run is too small to call any unit generic)."""
+    from mmtui.store.core import COUNT_TOP
+
+    _, run_key, _, _ = _run(run)
+    top = COUNT_TOP if top is None else top
+    layer, unit, _patch, _score = (a[:top] for a in store.triples(result_id))
+    units = sorted(set(zip(layer.tolist(), unit.tolist(), strict=True)))
+    n = run_size(store, run)
+    above = generic_above(n, share)
+    generic = (
+        {u for u, c in zip(units, _n_tops(store, run_key, units), strict=True) if c > above}
+        if above is not None
+        else set()
+    )
+    n_triples = sum((la, u) in generic for la, u in zip(layer.tolist(), unit.tolist(), strict=True))
+    judged = above is not None
+    return {
+        "top": top,
+        "units": len(units),
+        "generic_units": len(generic) if judged else None,
+        "triples": int(len(layer)),
+        "generic_triples": n_triples if judged else None,
+        "generic_share": (n_triples / len(layer) if len(layer) else 0.0) if judged else None,
+        "run_results": n,
+        "threshold": share,
+    }
+
+
+def specific_units(
+    store: Store,
+    run: Any,
+    image: str,
+    *,
+    layer: int | None = None,
+    token: str | None = None,
+    interpretable: bool | None = None,
+    limit: int | None = 50,
+    convention: str = "raw",
+    share: float = GENERIC_SHARE,
+) -> list[dict[str, Any]]:
+    """The units among an image's stored triples that are not generic, ranked by their lift on it (highest
+    first; units without a lift last, by score): the rows of `list_neurons(image=...)` plus prevalence,
+    generic (False), unit_max (on this image) and lift."""
+    run_id, run_key, shape, lm_id = _run(run)
+    result = store.result(run_id, image)
+    units = [u[:4] for u in store.top_units(result["id"])]  # (layer, unit, best score, best rank)
+    if layer is not None:
+        units = [u for u in units if u[0] == layer]
+    filters, args = [], []
+    if token:
+        filters.append("t.text LIKE ?")
+        args.append(f"%{token}%")
+    if interpretable is not None:
+        filters.append("t.interpretable = ?")
+        args.append(int(interpretable))
+    rows = list(
+        store.db.query(
+            f"""SELECT s.layer, s.unit AS neuron, json_extract(tn.value, '$[2]') AS image_score,
+                       json_extract(tn.value, '$[3]') AS image_rank, s.n_top, s.n_images, s.max_score, s.mean_score,
+                       t.tokens, t.interpretable
+                FROM json_each(?) tn
+                JOIN neuron_stats s ON s.run_key = ? AND s.layer = json_extract(tn.value, '$[0]')
+                                    AND s.unit = json_extract(tn.value, '$[1]')
+                LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer
+                                          AND t.unit = s.unit
+                {"WHERE " + " AND ".join(filters) if filters else ""}""",
+            [json.dumps(units), run_key, lm_id, convention, *args],
+        )
+    )
+    n, found = moments(store, run, {r["layer"] for r in rows})
+    rows = [r for r in annotate(rows, n, share) if not r["generic"]]
+    if not rows:
+        return []
+    values = unit_max_of(store, result["id"], (shape["n_layers"], shape["d_mlp"]))
+    nan = np.full(shape["d_mlp"], np.nan)
+    for r in rows:
+        mean, std = found.get(r["layer"], (nan, nan))
+        x = float(values[r["layer"], r["neuron"]])
+        z = float(lift(x, mean[r["neuron"]], std[r["neuron"]]))
+        r["unit_max"] = x
+        r["lift"] = None if np.isnan(z) else z
+        r["tokens"] = json.loads(r["tokens"]) if r["tokens"] else []
+        r["interpretable"] = bool(r["interpretable"]) if r["interpretable"] is not None else None
+    rows.sort(key=lambda r: (r["lift"] is None, -(r["lift"] or 0.0), -r["image_score"], r["image_rank"]))
+    return rows[:limit] if limit is not None else rows
