@@ -284,3 +284,22 @@ def test_neurons_specific_and_neuron_commands(filled, monkeypatch):
     assert all(isinstance(im["lift"], float) for im in found["images"])
     shown = runner.invoke(app, ["neuron", *map(str, GENERIC)])
     assert "prevalence 100.0% of 30 image(s): generic" in shown.stdout
+
+
+def test_attribute_says_how_much_of_each_images_top_is_generic(isolated_db):
+    tiny = ["--samples", "--preset", "tiny", "--device", "cpu"]
+    first = runner.invoke(app, ["attribute", *tiny, "--target", "dog", "--json"])
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(lines) == 8  # each judged on the run as counted so far: too few images to call a unit generic
+    assert all(line["generic"]["generic_share"] is None and line["generic"]["triples"] == COUNT_TOP for line in lines)
+    second = runner.invoke(app, ["attribute", *tiny, "--target", "cat"])  # 16 results: judged, in the table
+    assert second.exit_code == 0, second.output
+    assert "generic: share of the image's top 100 triples" in second.stdout
+    with Store.open(isolated_db) as store:
+        run = store.run()
+        assert pv.run_size(store, run) == 16
+        shares = [pv.image_generic_share(store, run, r["id"])["generic_share"] for r in store.results(run["id"])]
+    assert all(share is not None for share in shares)
+    for share in shares[8:]:  # the table's rows: this run's images
+        assert f"{share:.0%}" in second.stdout
