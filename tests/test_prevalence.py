@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from commands import app
 from mmtui.store import COUNT_TOP, ResultRecord, Store
 from mmtui.store import prevalence as pv
-from mmtui.store.arrays import unpack_array, unpack_triples
+from mmtui.store.arrays import pack_array, unpack_array, unpack_triples, unpack_value
 from mmtui.store.merge import merge_stores
 from mmtui.store.migrations import migrations
 from mmtui.store.queries import list_neurons
@@ -303,3 +303,14 @@ def test_attribute_says_how_much_of_each_images_top_is_generic(isolated_db):
     assert all(share is not None for share in shares)
     for share in shares[8:]:  # the table's rows: this run's images
         assert f"{share:.0%}" in second.stdout
+
+
+def test_one_value_of_a_packed_array_equals_the_unpacked_arrays():
+    rng = np.random.default_rng(7)
+    for shape in ((3, 40), (28, 16384)):  # float16, and 8-bit log codes
+        values = rng.normal(0, 1e-3, shape).astype(np.float32)
+        values[1, 5] = 0.0
+        blob = pack_array(values)
+        full = unpack_array(blob, shape)
+        for row, col in ((0, 0), (1, 5), (shape[0] - 1, shape[1] - 1), (2, 17)):
+            assert unpack_value(blob, shape, row, col) == float(full[row, col])

@@ -69,6 +69,22 @@ def unpack_array(blob: bytes, shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(halves.T).view(np.float16).reshape(shape).astype(np.float32)
 
 
+def unpack_value(blob: bytes, shape: Sequence[int], row: int, col: int) -> float:
+    """One value of a packed [rows, cols] array, equal to unpack_array(blob, shape)[row, col] without decoding
+    the others (a unit's value in one result: `mmtui neuron` reads it for each of the unit's best images)."""
+    cols = int(np.prod(shape[1:]))
+    at = row * cols + col
+    if blob[:2] in (LOG8, LOG8_ZLIB):
+        n_rows = int(np.frombuffer(blob, dtype=np.uint32, count=1, offset=2)[0])
+        scale = np.frombuffer(blob, dtype=np.float32, count=n_rows, offset=6)
+        body = blob[6 + 4 * n_rows :]
+        raw = zstandard.decompress(body) if blob[:2] == LOG8 else zlib.decompress(body)
+        return float(scale[row] * _LOG8_VALUES[raw[at]])
+    raw = zstandard.decompress(blob) if blob[:4] == _ZSTD_MAGIC else zlib.decompress(blob)
+    n = len(raw) // 2
+    return float(np.frombuffer(bytes((raw[at], raw[n + at])), dtype=np.float16)[0])
+
+
 def _log8_values() -> np.ndarray:
     """What each 8-bit code stands for, before its row's scale: a table of 256 float32 (code 0 and 128: 0).
     Looking codes up in it gives the same bits as computing exp2 per value, at half the time."""

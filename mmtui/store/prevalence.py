@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmtui.store.arrays import unpack_array
+from mmtui.store.arrays import unpack_array, unpack_value
 
 if TYPE_CHECKING:
     from mmtui.store import Store
@@ -186,7 +186,8 @@ def unit_prevalence(
     dims = (shape["n_layers"], shape["d_mlp"])
     lifts = {}
     for result_id in result_ids:
-        z = float(lift(unit_max_of(store, result_id, dims)[layer, unit], mean[unit], std[unit]))
+        blob = store.db.execute("SELECT unit_max FROM results WHERE id = ?", [result_id]).fetchone()[0]
+        z = float(lift(unpack_value(blob, dims, layer, unit), mean[unit], std[unit]))
         lifts[result_id] = None if np.isnan(z) else z
     return {
         "n_results": n,
