@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--db", type=Path, default=None, help="cached store (default /tmp/mmtui-bench/browse-N.db)")
     parser.add_argument("--rebuild", action="store_true", help="build the store again")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-commands", action="store_true", help="time the queries only")
     args = parser.parse_args()
     db = args.db or DEFAULT_DB / f"browse-{args.images}.db"
     if args.rebuild or not db.exists():
@@ -79,10 +80,8 @@ def main() -> None:
     ).fetchone()[0]
     top = next(iter(list_neurons(store, run, limit=1)))
 
-    def neuron() -> dict:
-        detail = neuron_detail(store, run, top["layer"], top["neuron"])
-        ids = [im["result_id"] for im in detail["images"]]
-        return pv.unit_prevalence(store, run, detail["layer"], detail["neuron"], detail["stats"]["n_top"], ids)
+    detail = neuron_detail(store, run, top["layer"], top["neuron"])
+    ids = [im["result_id"] for im in detail["images"]]
 
     queries = {
         "neurons --specific (30 rows)": lambda: pv.annotate(
@@ -90,7 +89,12 @@ def main() -> None:
             pv.run_size(store, run),
         ),
         "neurons --specific --image X (30 rows)": lambda: pv.specific_units(store, run, image, limit=30),
-        "neuron L K (stats, prevalence, lift on its 10 best images)": neuron,
+        "neuron L K: what it adds (prevalence, lift on its 10 best images)": lambda: pv.unit_prevalence(
+            store, run, detail["layer"], detail["neuron"], detail["stats"]["n_top"], ids
+        ),
+        "neuron L K: neuron_detail (as before, for reference)": lambda: neuron_detail(
+            store, run, top["layer"], top["neuron"]
+        ),
         "attribute's generic share of one image": lambda: pv.image_generic_share(
             store, run, next(store.results(run["id"], limit=1))["id"]
         ),
@@ -108,6 +112,8 @@ def main() -> None:
         seconds, _ = _time(fn, args.repeats)
         print(f"| {name} | {seconds * 1e3:.0f} ms | < 1 s |")
     store.close()
+    if args.no_commands:
+        return
     print()
     print("| command (fresh process, imports included) | median | target |")
     print("| --- | ---: | ---: |")
