@@ -66,7 +66,8 @@ def steer(
     mode, values = (
         ("add", _values(add, "--add")) if add is not None else ("scale", _values(scale or "0,2,4,8", "--scale"))
     )
-    units, images = [], []
+    units: list[tuple[int, int]] = []
+    images: list[str] = []
     for item in items:  # units up to the first item that is not one (or is a file)
         if not images and not Path(item).exists():
             try:

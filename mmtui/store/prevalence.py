@@ -145,7 +145,7 @@ def moments(store: Store, run: Any, layers: Iterable[int]) -> tuple[int, dict[in
     return n, out
 
 
-def lift(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def lift(values: np.ndarray | float, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
     """The z-score of each value against its unit's mean and std (NaN where std is NaN)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return (np.asarray(values, dtype=np.float64) - mean) / std
@@ -295,7 +295,7 @@ def specific_units(
             g = np.array(generic, dtype=np.int64)
             keep &= ~np.isin(_keys(la, un), _keys(g[:, 0], g[:, 1]))
     if token is not None or interpretable is not None:
-        where, args = ["lm_id = ?", "convention = ?"], [lm_id, convention]
+        where, args = ["lm_id = ?", "convention = ?"], [lm_id, convention]  # type: list[str], list[Any]
         if token:
             where.append("text LIKE ?")
             args.append(f"%{token}%")
