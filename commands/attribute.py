@@ -214,10 +214,11 @@ def _consume(
     cached: Callable[[Run, str], dict | None] | None = None,
 ) -> dict[str, int]:
     from mmtui.run.events import ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
+    from mmtui.store.prevalence import image_generic_share
     from mmtui.store.queries import image_summary
 
     counts = {"done": 0, "skipped": 0, "failed": 0, "other_shard": 0}
-    summaries: list[dict] = []
+    summaries: list[tuple[dict, int]] = []
     run: Run | None = None
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -266,28 +267,45 @@ def _consume(
                 progress.update(task, rate=f"{rate:.2f} img/s")
                 assert run is not None and event.result_id is not None
                 summary = {**image_summary(store, run, event.result_id, top, convention), "cached": False}
-                if json_out:
+                if json_out:  # judged on the run's images counted so far (the run's tables fold in batches)
+                    summary["generic"] = image_generic_share(store, run, event.result_id)
                     emit_json([summary])
                 else:
-                    summaries.append(summary)
+                    summaries.append((summary, event.result_id))
     if not json_out and summaries:
-        out.print(_table(summaries, top))
+        assert run is not None
+        store.fold_pending(run.id)
+        run = store.run(run.id)  # every image of the run counted
+        for summary, result_id in summaries:
+            summary["generic"] = image_generic_share(store, run, result_id)
+        out.print(_table([s for s, _ in summaries], top))
     return counts
 
 
 def _table(summaries: list[dict], top: int) -> Table:
+    from mmtui.store.prevalence import GENERIC_SHARE, MIN_GENERIC_RESULTS
+
     table = Table(title="Top neurons per image (layer.unit @ patch: score, decoded tokens)", show_lines=True)
     table.add_column("image", overflow="fold")
     table.add_column("target", no_wrap=True)
     table.add_column("P(target)", justify="right")
     table.add_column("caption", overflow="fold", max_width=30)
+    table.add_column("generic", justify="right")
     table.add_column("top neurons", overflow="fold")
     for s in summaries:
         lines = [
             f"L{t['layer']}.u{t['unit']} @{t['patch']}: {t['score']:.3g}  {', '.join(_shown(x) for x in t['tokens'][:5])}"
             for t in s["top"][:top]
         ]
-        table.add_row(Path(s["image"]).name, s["target"], f"{s['p_target']:.4f}", s["caption"], "\n".join(lines))
+        share = s["generic"]["generic_share"]
+        generic = "-" if share is None else f"{share:.0%}"
+        table.add_row(
+            Path(s["image"]).name, s["target"], f"{s['p_target']:.4f}", s["caption"], generic, "\n".join(lines)
+        )
+    table.caption = (
+        "generic: share of the image's top 100 triples whose unit is in the top 100 of over "
+        f"{GENERIC_SHARE:.0%} of the run's images (-: under {MIN_GENERIC_RESULTS} images, none called generic)"
+    )
     return table
 
 

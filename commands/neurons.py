@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, fail, out
+from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, fail, out, warn
 from mmtui.defaults import NEURON_IMAGES
 
 RunOption = Annotated[
@@ -39,6 +39,14 @@ def neurons(
         typer.Option("--interpretable/--any", help="Only units passing (or failing) the 7-of-10 word filter."),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many rows.")] = 30,
+    specific: Annotated[
+        bool,
+        typer.Option(
+            "--specific",
+            help="Hide generic units (in the top 100 of too many of the run's images); with --image, rank the "
+            "image's units by lift (their z-score on it against the run).",
+        ),
+    ] = False,
     run: RunOption = None,
     decode: ConventionOption = "raw",
     db: DbOption = None,
@@ -46,6 +54,7 @@ def neurons(
 ) -> None:
     """List the cached neurons, best first, with their decoded top tokens."""
     from mmtui.store import Store
+    from mmtui.store import prevalence as pv
     from mmtui.store.queries import list_neurons
 
     if token is not None and token_contains is not None:
@@ -56,27 +65,52 @@ def neurons(
         if layer is not None and not 0 <= layer < n_layers:
             fail(f"--layer {layer}: run {chosen.id} has layers 0..{n_layers - 1}")
         store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
-        rows = list_neurons(
-            store,
-            chosen,
-            layer=layer,
-            image=image,
-            sort=sort,
-            token=token if token_contains is None else token_contains,
-            contains=token_contains is not None,
-            interpretable=interpretable,
-            limit=limit,
-            convention=decode,
-        )
+        n_results = pv.run_size(store, chosen)
+        if specific and pv.generic_above(n_results) is None:
+            warn(f"the run has {n_results} result(s), under {pv.MIN_GENERIC_RESULTS}: no unit is called generic yet")
+        text = token if token_contains is None else token_contains
+        if specific and image:
+            rows = pv.specific_units(
+                store,
+                chosen,
+                image,
+                layer=layer,
+                token=text,
+                contains=token_contains is not None,
+                interpretable=interpretable,
+                limit=limit,
+                convention=decode,
+            )
+        else:
+            rows = pv.annotate(
+                list_neurons(
+                    store,
+                    chosen,
+                    layer=layer,
+                    image=image,
+                    sort=sort,
+                    token=text,
+                    contains=token_contains is not None,
+                    interpretable=interpretable,
+                    limit=limit,
+                    convention=decode,
+                    max_n_top=pv.generic_above(n_results) if specific else None,
+                ),
+                n_results,
+            )
         if json_out:
             emit_json(rows)
             return
         title = f"Neurons of run {chosen.id} ({chosen.stack.name}, {chosen.n_images} images)"
         table = Table(title=title)
-        for name, justify in [("neuron", "left"), ("max", "right"), ("mean", "right"), ("top-100 in", "right")]:
+        columns = [("neuron", "left"), ("max", "right"), ("mean", "right"), ("top-100 in", "right"), ("share", "right")]
+        for name, justify in columns:
             table.add_column(name, justify=justify, no_wrap=True)
         if image:
             table.add_column("this image", justify="right")
+        lifts = specific and image is not None
+        if lifts:
+            table.add_column("lift", justify="right")
         table.add_column("decoded tokens", overflow="fold")
         for r in rows:
             cells = [
@@ -84,14 +118,27 @@ def neurons(
                 f"{r['max_score']:.3g}",
                 f"{r['mean_score']:.3g}",
                 str(r["n_top"]),
+                _share(r["prevalence"], r["generic"]),
             ]
             if image:
                 cells.append(f"{r['image_score']:.3g}")
+            if lifts:
+                cells.append("-" if r["lift"] is None else f"{r['lift']:.2f}")
             mark = "[green]*[/] " if r["interpretable"] else ""
             cells.append(mark + ", ".join(t.strip() or repr(t) for t in r["tokens"]))
             table.add_row(*cells)
         out.print(table)
         out.print("[dim]* interpretable: at least 7 of 10 tokens are dictionary words[/]")
+        out.print(
+            f"[dim]share: of the run's {n_results} images, those whose top 100 hold the unit; G: generic "
+            f"(over {pv.GENERIC_SHARE:.0%}; --specific hides them){'; lift: z-score of its max on this image' if lifts else ''}[/]"
+        )
+
+
+def _share(prevalence: float | None, generic: bool) -> str:
+    if prevalence is None:
+        return "-"
+    return f"{prevalence:.0%}" + (" [yellow]G[/]" if generic else "")
 
 
 @app.command()
@@ -110,6 +157,7 @@ def neuron(
 ) -> None:
     """One neuron: decoded tokens, score statistics and the images where it ranks highest."""
     from mmtui.store import Store
+    from mmtui.store.prevalence import unit_prevalence
     from mmtui.store.queries import neuron_detail
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
@@ -121,6 +169,13 @@ def neuron(
             )
         store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
         detail = neuron_detail(store, chosen, layer, index, top_images=limit)
+        found = unit_prevalence(
+            store, chosen, layer, index, detail["stats"]["n_top"], [im["result_id"] for im in detail["images"]]
+        )
+    lifts = found.pop("lifts")
+    detail["prevalence"] = found
+    for im in detail["images"]:
+        im["lift"] = lifts[im["result_id"]]
     if json_out:
         emit_json([detail])
         return
@@ -130,6 +185,15 @@ def neuron(
         f"max score {s['max_score']:.4g}   mean {s['mean_score']:.4g}   in the top 100 of {s['n_top']} image(s)   "
         f"stored for {s['n_images']} image(s)"
     )
+    p = detail["prevalence"]
+    if p["prevalence"] is not None:
+        kind = "[yellow]generic[/]" if p["generic"] else "not generic"
+        spread = (
+            ""
+            if p["unit_max_std"] is None
+            else f"   its max per image: mean {p['unit_max_mean']:.3g}, std {p['unit_max_std']:.3g}"
+        )
+        out.print(f"prevalence {p['prevalence']:.1%} of {p['n_results']} image(s): {kind}{spread}")
     for convention, found in detail["decoded"].items():
         if found:
             pairs = ", ".join(
@@ -138,7 +202,7 @@ def neuron(
             flag = "interpretable" if found["interpretable"] else "not interpretable"
             out.print(f"decoded ({convention}, {flag}): {pairs}")
     table = Table(title="Images where it ranks highest")
-    for name in ("image", "target", "P(target)", "score", "rank", "patch", "caption"):
+    for name in ("image", "target", "P(target)", "score", "lift", "rank", "patch", "caption"):
         table.add_column(name, overflow="fold")
     for im in detail["images"]:
         table.add_row(
@@ -146,6 +210,7 @@ def neuron(
             im["target"],
             f"{im['p_target']:.4f}",
             f"{im['score']:.4g}",
+            "-" if im["lift"] is None else f"{im['lift']:.2f}",
             str(im["rank"]),
             str(im["patch"]),
             im["caption"],

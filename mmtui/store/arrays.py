@@ -63,13 +63,38 @@ def unpack_array(blob: bytes, shape: Sequence[int]) -> np.ndarray:
         body = blob[6 + 4 * n_rows :]
         raw = zstandard.decompress(body) if blob[:2] == LOG8 else zlib.decompress(body)
         codes = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, -1)
-        level = (codes & 0x7F).astype(np.float32)
-        values = scale[:, None] * np.exp2((level - 127) / LOG8_STEPS)
-        values = np.where(level > 0, np.where(codes & 0x80, -values, values), 0.0)
-        return values.astype(np.float32).reshape(shape)
+        return (scale[:, None] * _LOG8_VALUES[codes]).reshape(shape)
     raw = zstandard.decompress(blob) if blob[:4] == _ZSTD_MAGIC else zlib.decompress(blob)
     halves = np.frombuffer(raw, dtype=np.uint8).reshape(2, -1)
     return np.ascontiguousarray(halves.T).view(np.float16).reshape(shape).astype(np.float32)
+
+
+def unpack_value(blob: bytes, shape: Sequence[int], row: int, col: int) -> float:
+    """One value of a packed [rows, cols] array, equal to unpack_array(blob, shape)[row, col] without decoding
+    the others (a unit's value in one result: `mmtui neuron` reads it for each of the unit's best images)."""
+    cols = int(np.prod(shape[1:]))
+    at = row * cols + col
+    if blob[:2] in (LOG8, LOG8_ZLIB):
+        n_rows = int(np.frombuffer(blob, dtype=np.uint32, count=1, offset=2)[0])
+        scale = np.frombuffer(blob, dtype=np.float32, count=n_rows, offset=6)
+        body = blob[6 + 4 * n_rows :]
+        raw = zstandard.decompress(body) if blob[:2] == LOG8 else zlib.decompress(body)
+        return float(scale[row] * _LOG8_VALUES[raw[at]])
+    raw = zstandard.decompress(blob) if blob[:4] == _ZSTD_MAGIC else zlib.decompress(blob)
+    n = len(raw) // 2
+    return float(np.frombuffer(bytes((raw[at], raw[n + at])), dtype=np.float16)[0])
+
+
+def _log8_values() -> np.ndarray:
+    """What each 8-bit code stands for, before its row's scale: a table of 256 float32 (code 0 and 128: 0).
+    Looking codes up in it gives the same bits as computing exp2 per value, at half the time."""
+    codes = np.arange(256)
+    level = (codes & 0x7F).astype(np.float32)
+    values = np.exp2((level - 127) / LOG8_STEPS).astype(np.float32)
+    return np.where(level > 0, np.where(codes & 0x80, -values, values), 0.0).astype(np.float32)
+
+
+_LOG8_VALUES = _log8_values()
 
 
 def _shuffled(column: np.ndarray) -> bytes:

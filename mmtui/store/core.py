@@ -469,11 +469,13 @@ class Store:
 
         Gives the same aggregates as adding them one by one: per unit, n_top (results where it is among the
         first `count_top` triples), n_images, max and sum of its best score per result, and the result of the
-        max; and each unit's best NEURON_IMAGES results (its best triple in each: score, rank, patch). The
+        max; each unit's best NEURON_IMAGES results (its best triple in each: score, rank, patch); and the sum
+        and sum of squares of every unit's unit_max (unit_moments: mean and std for the lift). The
         folding is numpy (mmtui.store.fold); SQLite only takes the rows: one per unit touched in neuron_stats,
         and one per unit whose best results changed in neuron_images.
         """
         from mmtui.store import fold as unit_fold
+        from mmtui.store.prevalence import fold_moments
 
         run_key = self.run_key(run_id)
         with self._write():
@@ -513,6 +515,7 @@ class Store:
                        ON CONFLICT (run_key, layer, unit) DO UPDATE SET best = excluded.best""",
                     zip(itertools.repeat(run_key), *(a.tolist() for a in unit_fold.split_key(changed)), lists),
                 )
+            fold_moments(self.db, run_id, run_key, [r[0] for r in pending])  # unit_max's sums (prevalence.py)
             self.db.execute(
                 "UPDATE results SET in_stats = 1 WHERE id IN (SELECT value FROM json_each(?))",
                 [json.dumps([r[0] for r in pending])],

@@ -11,6 +11,7 @@ Tables
 - neuron_stats: per (run_key, layer, unit) aggregates over the results, folded in many results at a time.
 - neuron_images: per (run_key, layer, unit) the unit's best NEURON_IMAGES results (m005).
 - neuron_tokens: each unit's decoded top tokens, per LM and decoding convention.
+- unit_moments: per (run_key, layer) the sum and sum of squares of every unit's unit_max over the run (m010).
 """
 
 from __future__ import annotations
@@ -523,3 +524,32 @@ def m009_drop_per_layer_sort_indexes(db: Database) -> None:
     for index in db["neuron_stats"].indexes:
         if tuple(index.columns) in per_layer:
             db.execute(f"DROP INDEX [{index.name}]")
+
+
+@migrations()
+def m010_unit_max_moments(db: Database) -> None:
+    """unit_moments: per (run_key, layer), over the run's n folded results, the sum and the sum of squares of
+    every unit's unit_max (its max of g over the image positions), as float64 arrays of d_mlp values. They give
+    each unit's mean and std over the run's images, hence the lift of a unit on an image (its z-score;
+    `mmtui.store.prevalence`). neuron_stats has rows only for the units that reached some result's stored
+    triples, while a z-score needs the unit's values in every result; so the moments are arrays, one row per
+    layer (16,384 x 2 x 8 bytes at GPT-J scale), folded by `Store.refresh_stats` with the other aggregates.
+    Filled here from the results already folded. A rowid table (its rows are large); run_key without a foreign
+    key, so that a rebuild of runs (as m008's) never has to mind it."""
+    from mmtui.store.prevalence import fold_moments
+
+    db.execute(
+        """
+        CREATE TABLE unit_moments (
+            run_key INTEGER NOT NULL,
+            layer INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            sum BLOB NOT NULL,
+            sum_sq BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE UNIQUE INDEX idx_unit_moments_run_key_layer ON unit_moments (run_key, layer)")
+    for run_id, run_key in db.execute("SELECT id, run_key FROM runs ORDER BY run_key").fetchall():
+        ids = [r[0] for r in db.execute("SELECT id FROM results WHERE run_id = ? AND in_stats = 1", [run_id])]
+        fold_moments(db, run_id, run_key, ids)

@@ -72,6 +72,7 @@ def list_neurons(
     interpretable: bool | None = None,
     limit: int | None = 50,
     convention: str = "raw",
+    max_n_top: float | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Units of a run with their aggregates and decoded tokens, best first: the browser's `neuron_page`
     sorted by `sort` (SORTS), one token filter for both.
@@ -79,6 +80,7 @@ def list_neurons(
     image: only the units among that image's stored triples (score = the unit's best triple there).
     token: only units with a decoded token equal to it (case-insensitive, whitespace around the token
     ignored); with `contains`, units whose decoded tokens' text contains it.
+    max_n_top: only units in the top-N of at most this many images (the generic ones left out: prevalence.py).
     """
     if sort not in SORTS:
         raise NotFoundError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
@@ -93,6 +95,7 @@ def list_neurons(
             interpretable=interpretable,
             limit=limit,
             convention=convention,
+            max_n_top=max_n_top,
         )
         for row in rows:
             del row["text"]
@@ -110,6 +113,9 @@ def list_neurons(
     if interpretable is not None:
         filters.append("t.interpretable = ?")
         filter_args.append(int(interpretable))
+    if max_n_top is not None:  # `+`: no index on it, so the sort's index is walked (SQLite took n_top's: 8 s)
+        filters.append("+s.n_top <= ?")
+        filter_args.append(max_n_top)
     result = store.result(run.id, image)
     units = [u[:4] for u in store.top_units(result["id"])]  # (layer, unit, best score, best rank)
     sql = f"""
@@ -270,6 +276,7 @@ def _neuron_query(
     interpretable: bool | None,
     convention: str,
     by_text: bool = False,
+    max_n_top: float | None = None,
 ) -> tuple[str, list[Any], bool]:
     """SELECT `select` FROM ... WHERE ... over the units of a run with these filters, planned for the filter:
     a token with few text-index hits -> the hits joined to neuron_stats; a commoner token, or a sort by text
@@ -280,6 +287,9 @@ def _neuron_query(
     if layer is not None:
         where.append("s.layer = ?")
         args.append(layer)
+    if max_n_top is not None:  # `+`: no index on it, so the sort's index is walked (SQLite took n_top's: 8 s)
+        where.append("+s.n_top <= ?")
+        args.append(max_n_top)
     if interpretable is not None:
         where.append("t.interpretable = ?")
         args.append(int(interpretable))
@@ -328,6 +338,7 @@ def neuron_page(
     limit: int | None = 500,
     offset: int = 0,
     convention: str = "raw",
+    max_n_top: float | None = None,
 ) -> list[dict[str, Any]]:
     """One page of a run's units sorted by any column of NEURON_COLUMNS, either direction (ties: layer, unit).
 
@@ -353,6 +364,7 @@ def neuron_page(
         interpretable=interpretable,
         convention=convention,
         by_text=sort == "tokens",
+        max_n_top=max_n_top,
     )
     page = f"{sql}{order_by} LIMIT ? OFFSET ?"
     if not joined:  # cut the page first, then look up the tokens of its rows only

@@ -1,0 +1,190 @@
+"""Steering: multiply (or add to) chosen units' activations at the image positions, and read what changes: the
+regenerated caption, P(target) teacher-forced as in attribution, and the logits of each unit's decoded tokens.
+
+Shares the stacks' hook sites and the teacher-forced pass with ablation (`mmtui.experiments.ablation_ops`):
+scale 1 is no steering and scale 0 is zero ablation of the units at every image position, bit for bit.
+`label_tokens` is the hook for data labels (`mmtui explain`): token ids whose logit change is reported with
+the decoded tokens'. torch loads inside the functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mmtui.errors import MmtuiError
+from mmtui.experiments.ablation_ops import generate_captions, load_result_image
+from mmtui.store import Store
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmtui.stacks.base import Stack
+
+MODES = ("scale", "add")
+Unit = tuple[int, int]
+
+
+class SteerError(MmtuiError):
+    """A steering run cannot go as asked (bad unit, bad value)."""
+
+
+@dataclass
+class SteerRow:
+    """One image under one setting: the caption, P(target) and the logit change of each watched token."""
+
+    image: str
+    mode: str
+    value: float
+    caption: str
+    p_target: float
+    tokens: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "L.u" -> [{token, id, logit, delta}]
+
+
+def steer_hook(
+    units: Sequence[Unit], values: Sequence[float], mode: str, n_patches: int
+) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
+    """A `stack.hooks` function that multiplies (mode scale) or adds to (mode add) the units' activations at
+    the image positions; batch row b takes values[b]. Passes shorter than the image prefix (cached decoding
+    steps) are left alone, as in ablation."""
+    import torch
+
+    if mode not in MODES:
+        raise SteerError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
+    by_layer: dict[int, list[int]] = {}
+    for layer, unit in units:
+        by_layer.setdefault(layer, []).append(unit)
+    index = {layer: torch.tensor(sorted(set(us)), dtype=torch.long) for layer, us in by_layer.items()}
+    column = torch.tensor(list(values), dtype=torch.float64)
+
+    def hook(layer: int, act: torch.Tensor) -> torch.Tensor | None:  # act [B, T, d_mlp]
+        idx = index.get(layer)
+        if idx is None or act.shape[1] < n_patches:
+            return None
+        idx = idx.to(act.device)
+        v = column.to(device=act.device, dtype=act.dtype)[:, None, None]  # [B, 1, 1]
+        head = act[:, :n_patches].clone()
+        picked = head[:, :, idx]
+        head[:, :, idx] = picked * v if mode == "scale" else picked + v
+        return torch.cat([head, act[:, n_patches:]], dim=1)
+
+    return hook
+
+
+def last_logits(
+    stack: Stack,
+    prefix: torch.Tensor,
+    context_ids: Sequence[int],
+    hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    site: str = "post",
+) -> torch.Tensor:
+    """The logits at the last position of [prefix] + prompt + context ([B, V] float32): the pass that
+    `ablation_ops.target_probs` takes P(target) from, by the same operations."""
+    import torch
+
+    embeds, lengths = stack.build_inputs(prefix, [list(context_ids)] * prefix.shape[0])
+    with torch.no_grad():
+        if hook is None:
+            hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        else:
+            with stack.hooks(hook, site=site):
+                hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return stack.logits(hidden[:, lengths[0] - 1]).float()
+
+
+def p_of(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """P(token) from logits, as `ablation_ops.target_probs` computes it: [B]."""
+    import torch
+
+    return torch.log_softmax(logits, dim=-1)[:, token_id].exp()
+
+
+def parse_unit(text: str) -> Unit:
+    """'L7.u1234', '7.1234' or 'L7.1234' -> (7, 1234)."""
+    raw = text.strip()
+    left, dot, right = raw.partition(".")
+    left = left[1:] if left[:1] in "Ll" else left
+    right = right[1:] if right[:1] in "Uu" else right
+    if not dot or not left.isdigit() or not right.isdigit():
+        raise SteerError(f"{text!r} is not a unit; write it as LAYER.UNIT, e.g. L7.u1234 or 7.1234")
+    return int(left), int(right)
+
+
+def check_units(run: dict[str, Any], units: Sequence[Unit]) -> None:
+    """Raise SteerError naming the first unit the run's stack does not have."""
+    shape = run.shape
+    for layer, unit in units:
+        if not (0 <= layer < shape["n_layers"] and 0 <= unit < shape["d_mlp"]):
+            raise SteerError(
+                f"no unit L{layer}.u{unit}: this stack has layers 0-{shape['n_layers'] - 1} "
+                f"and units 0-{shape['d_mlp'] - 1}"
+            )
+
+
+def steer(
+    stack: Stack,
+    store: Store,
+    run: dict[str, Any],
+    units: Sequence[Unit],
+    images: Sequence[str],
+    values: Sequence[float],
+    *,
+    mode: str = "scale",
+    label_tokens: Mapping[Unit, Sequence[tuple[str, int]]] | None = None,
+    max_new_tokens: int = 20,
+    on_error: Callable[[str, str], None] | None = None,
+) -> list[SteerRow]:
+    """Each image of the run under each value, after a reference row (scale 1 or add 0: no steering) that the
+    deltas are taken against; all of an image's rows go through one batch. Images that cannot be read or are
+    not in the run go to on_error (raised without one) and are skipped."""
+    check_units(run, units)
+    if mode not in MODES:
+        raise SteerError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
+    watched: dict[str, list[tuple[str, int]]] = {}
+    for layer, unit in units:
+        found = store.tokens(run.lm_id, "raw", layer, unit)
+        pairs = list(zip(found["tokens"], found["token_ids"], strict=True)) if found else []
+        pairs += list((label_tokens or {}).get((layer, unit), []))
+        watched[f"L{layer}.u{unit}"] = pairs
+    neutral = 1.0 if mode == "scale" else 0.0
+    settings = [neutral, *values]
+    rows: list[SteerRow] = []
+    for image in images:
+        try:
+            result = store.result(run.id, image)
+            picture = load_result_image({"path": result["path"], "image_sha256": result["image_sha256"]})
+        except MmtuiError as error:
+            if on_error is None:
+                raise
+            on_error(image, str(error))
+            continue
+        prefix = stack.encode([picture]).expand(len(settings), -1, -1)
+        hook = steer_hook(units, settings, mode, stack.n_patches)
+        context = json_ids(result["context_ids"])
+        logits = last_logits(stack, prefix, context, hook, site=run.site)
+        probs = p_of(logits, int(result["target_token_id"])).tolist()
+        captions = generate_captions(stack, prefix, hook, site=run.site, max_new_tokens=max_new_tokens)
+        for b, value in enumerate(settings):
+            tokens = {
+                name: [
+                    {
+                        "token": tok,
+                        "id": tid,
+                        "logit": float(logits[b, tid]),
+                        "delta": float(logits[b, tid] - logits[0, tid]),
+                    }
+                    for tok, tid in pairs
+                ]
+                for name, pairs in watched.items()
+            }
+            rows.append(SteerRow(result["path"], mode, float(value), captions[b], float(probs[b]), tokens))
+    return rows
+
+
+def json_ids(text: str | Sequence[int] | None) -> list[int]:
+    import json
+
+    if text is None:
+        return []
+    return list(json.loads(text)) if isinstance(text, str) else list(text)
