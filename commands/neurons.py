@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out
+from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, fail, out
 from mmtui.defaults import NEURON_IMAGES
 
 RunOption = Annotated[
@@ -34,6 +34,10 @@ def neurons(
         typer.Option("--interpretable/--any", help="Only units passing (or failing) the 7-of-10 word filter."),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many rows.")] = 30,
+    label: Annotated[
+        str | None, typer.Option("--label", help="Only units whose data label (`mmtui explain`) is this word.")
+    ] = None,
+    fdr: Annotated[float, typer.Option("--fdr", min=0.0, max=1.0, help="With --label: labels with q below it.")] = 0.05,
     run: RunOption = None,
     decode: ConventionOption = "raw",
     db: DbOption = None,
@@ -43,19 +47,31 @@ def neurons(
     from mmtui.store import Store
     from mmtui.store.queries import list_neurons
 
+    if label is not None and (image or token or interpretable is not None):
+        fail("--label lists the units of a data label; pass it without --image, --token and --interpretable")
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
-        rows = list_neurons(
-            store,
-            chosen,
-            layer=layer,
-            image=image,
-            sort=sort,
-            token=token,
-            interpretable=interpretable,
-            limit=limit,
-            convention=decode,
-        )
+        if label is not None:
+            from mmtui.store.labels import labelled_neurons
+
+            rows = labelled_neurons(
+                store, chosen["run_key"], chosen["lm_id"], label, fdr=fdr, layer=layer, limit=limit, convention=decode
+            )
+            if not rows and not json_out:
+                out.print(f"No unit has the data label {label!r} at q < {fdr:g} (see `mmtui explain`).")
+                return
+        else:
+            rows = list_neurons(
+                store,
+                chosen,
+                layer=layer,
+                image=image,
+                sort=sort,
+                token=token,
+                interpretable=interpretable,
+                limit=limit,
+                convention=decode,
+            )
         if json_out:
             emit_json(rows)
             return
@@ -65,6 +81,8 @@ def neurons(
             table.add_column(name, justify=justify, no_wrap=True)
         if image:
             table.add_column("this image", justify="right")
+        if label is not None:
+            table.add_column("label (k/n, q)")
         table.add_column("decoded tokens", overflow="fold")
         for r in rows:
             cells = [
@@ -75,6 +93,8 @@ def neurons(
             ]
             if image:
                 cells.append(f"{r['image_score']:.3g}")
+            if label is not None:
+                cells.append(f"{r['label']} ({r['k']}/{r['n']}, q {r['q']:.2g})")
             mark = "[green]*[/] " if r["interpretable"] else ""
             cells.append(mark + ", ".join(t.strip() or repr(t) for t in r["tokens"]))
             table.add_row(*cells)
@@ -98,10 +118,13 @@ def neuron(
 ) -> None:
     """One neuron: decoded tokens, score statistics and the images where it ranks highest."""
     from mmtui.store import Store
+    from mmtui.store.labels import unit_labels
     from mmtui.store.queries import neuron_detail
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
-        detail = neuron_detail(store, store.run(run), layer, index, top_images=limit)
+        chosen = store.run(run)
+        detail = neuron_detail(store, chosen, layer, index, top_images=limit)
+        detail["labels"] = unit_labels(store, chosen["run_key"], layer, index)
     if json_out:
         emit_json([detail])
         return
@@ -118,6 +141,14 @@ def neuron(
             )
             flag = "interpretable" if found["interpretable"] else "not interpretable"
             out.print(f"decoded ({convention}, {flag}): {pairs}")
+    for found in detail["labels"]:
+        verdict = "beats chance" if found["q"] < 0.05 else "not above chance"
+        out.print(
+            f"data label ({found['kind']}): {found['label']}  {found['k']} of its {found['n']} best images, "
+            f"{found['K']} of the run's {found['N']}; p {found['p']:.2e}, q {found['q']:.3g} ({verdict} at q < 0.05)"
+            + (f", BERTScore vs decoded tokens {found['agreement']:.3f}" if found["agreement"] is not None else ""),
+            highlight=False,
+        )
     table = Table(title="Images where it ranks highest")
     for name in ("image", "target", "P(target)", "score", "rank", "patch", "caption"):
         table.add_column(name, overflow="fold")
