@@ -251,8 +251,27 @@ def test_the_commands_show_the_labels(planted: tuple[Path, list[int]]) -> None:
     layer, unit = PLANTED[0]
     result = runner.invoke(app, ["neuron", str(layer), str(unit), "--db", str(db), "--json"])
     detail = json.loads(result.stdout)
-    assert [(x["kind"], x["label"]) for x in detail["labels"]] == [("category", "dog"), ("word", "dog")]  # by kind
+    assert [x["label"] for x in detail["labels"] if x["kind"] == "word"] == ["dog"]
     result = runner.invoke(app, ["neuron", str(layer), str(unit), "--db", str(db)])
     assert "data label (word): dog" in result.stdout
     result = runner.invoke(app, ["explain", "--db", str(db), "--instances", str(db.parent / "missing.json")])
     assert result.exit_code == 2 and "instance file not found" in result.output
+
+
+def test_the_report_section_counts_labels_per_layer_against_the_control(
+    planted: tuple[Path, list[int]], tmp_path: Path
+) -> None:
+    from mmtui.experiments.report import build_report, explain_section
+
+    db, dogs = planted
+    with Store.open(db) as store:
+        run = store.run()
+        ex.explain_run(store, run, instances=_coco(dogs, 60), recompute=True)
+        numbers, part = explain_section(store, run)
+        report = build_report(store, run, tmp_path / "report")
+    words = [r for r in numbers["per_layer"] if r["kind"] == "word"]
+    assert {r["layer"]: r["labelled"] for r in words} == {0: 1, 1: 1, 2: 1}
+    assert sum(r["shuffled"] for r in words) == 0
+    dog = next(c for c in numbers["categories"] if c["category"] == "dog")
+    assert (dog["layer"], dog["unit"]) in {(la, f"L{la}.u{u}") for la, u in PLANTED} and dog["auroc"] == 1.0
+    assert "Units with a data label vs a shuffled control" in report.path.read_text()
