@@ -275,3 +275,21 @@ def test_the_report_section_counts_labels_per_layer_against_the_control(
     dog = next(c for c in numbers["categories"] if c["category"] == "dog")
     assert (dog["layer"], dog["unit"]) in {(la, f"L{la}.u{u}") for la, u in PLANTED} and dog["auroc"] == 1.0
     assert "Units with a data label vs a shuffled control" in report.path.read_text()
+
+
+def test_bertscore_agreement_of_labels_with_decoded_tokens(planted: tuple[Path, list[int]]) -> None:
+    from mmtui.experiments.metrics import BertScorer, MetricUnavailable
+
+    try:
+        scorer = BertScorer.load()
+    except MetricUnavailable as err:
+        pytest.skip(str(err))
+    db, _ = planted
+    with Store.open(db) as store:
+        run = store.run()
+        ex.explain_run(store, run, recompute=True, scorer=scorer)
+        words = store_labels.labels(store, run["run_key"], kind="word", fdr=0.05)
+    expected = float(scorer.f1(["dog, puppy"], ["dog"])[0])
+    assert len(words) == 3
+    assert all(r["agreement"] == pytest.approx(expected, abs=1e-6) for r in words)
+    assert 0 < expected <= 1
