@@ -71,7 +71,8 @@ def explain(
         tested = f", {k.n_terms} terms, {k.m:,} tests" if k.computed else ""
         out.print(
             f"[bold]{k.kind} labels[/] ({k.source}; {k.N} images; {k.n_units} units{tested}; {where}): "
-            f"{k.labelled} unit(s) with q < {fdr:g}, against {k.shuffled} with the labels shuffled across images",
+            f"{k.labelled} unit(s) with q < {fdr:g}, against {k.shuffled} with the labels shuffled across images "
+            f"(least p {k.best_p:.2g}, shuffled {k.best_p_shuffled:.2g})",
             highlight=False,
         )
     if not shown:

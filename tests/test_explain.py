@@ -191,6 +191,7 @@ def test_explain_finds_the_planted_units_and_the_shuffled_control_does_not(plant
     assert control == []
     word = next(k for k in summary.kinds if k.kind == "word")
     assert (word.labelled, word.shuffled, word.N, word.computed) == (3, 0, 60, True)
+    assert word.best_p == pytest.approx(1 / comb(60, 15)) and word.best_p_shuffled > 1e-6
     dog = next(c for c in summary.categories if c.category == "dog")
     assert dog.best in PLANTED and dog.auroc == 1.0
     assert dog.above >= 3 and dog.shuffled < 1.0
@@ -230,6 +231,7 @@ def test_labels_are_recomputed_when_the_run_grows(tmp_path: Path) -> None:
         first = ex.explain_run(store, store.run()).kinds[0]
         again = ex.explain_run(store, store.run()).kinds[0]
     assert first.computed and not again.computed and again.labelled == first.labelled and again.N == 40
+    assert again.best_p == pytest.approx(first.best_p) and again.best_p_shuffled == pytest.approx(first.best_p_shuffled)
     build_store(db, n_images=20, start=40, seed=9)
     with Store.open(db) as store:
         grown = ex.explain_run(store, store.run()).kinds[0]

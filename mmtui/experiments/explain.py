@@ -238,6 +238,8 @@ class KindSummary:
     labelled: int  # units with q < fdr
     shuffled: int  # the same, labels shuffled across images
     computed: bool  # False: read back from the store (the run has not grown since)
+    best_p: float = 1.0  # the least p of any unit's label
+    best_p_shuffled: float = 1.0  # the same with the labels shuffled
 
 
 @dataclass
@@ -296,7 +298,7 @@ def _label_kind(
     n_terms = real.m // max(int((np.asarray(units.sum(axis=1)).ravel() > 0).sum()), 1)
     return KindSummary(
         kind, source, table.shape[0], len(real.unit), n_terms, real.m, int(real.passing(fdr).sum()),
-        int(control.passing(fdr).sum()), True,
+        int(control.passing(fdr).sum()), True, float(real.p.min(initial=1.0)), float(control.p.min(initial=1.0)),
     )  # fmt: skip
 
 
@@ -305,7 +307,10 @@ def _stored_kind(store: Any, run_key: int, kind: str, fdr: float) -> KindSummary
     from mmtui.store import labels as store_labels
 
     s = store_labels.kind_counts(store, run_key, kind, fdr)
-    return KindSummary(kind, s["source"], s["N"], s["units"], 0, 0, s["labelled"], s["shuffled"], False)
+    return KindSummary(
+        kind, s["source"], s["N"], s["units"], 0, 0, s["labelled"], s["shuffled"], False, s["best_p"],
+        s["best_p_shuffled"],
+    )  # fmt: skip
 
 
 def explain_run(

@@ -157,15 +157,17 @@ def set_agreement(store: Store, run_key: int, kind: str, rows: Sequence[tuple[in
 
 
 def kind_counts(store: Store, run_key: int, kind: str, fdr: float) -> dict[str, Any]:
-    """A kind's stored labels: source, N, units labelled at all, and those with q < fdr, real and shuffled."""
+    """A kind's stored labels: source, N, units labelled at all, those with q < fdr, and the least p, real and
+    shuffled."""
     row = store.db.execute(
-        """SELECT max(source), max(n_all), sum(control = 0), sum(control = 0 AND q < ?), sum(control = 1 AND q < ?)
+        """SELECT max(source), max(n_all), sum(control = 0), sum(control = 0 AND q < ?), sum(control = 1 AND q < ?),
+                  min(CASE WHEN control = 0 THEN p END), min(CASE WHEN control = 1 THEN p END)
            FROM unit_labels WHERE run_key = ? AND kind = ?""",
         [fdr, fdr, run_key, kind],
     ).fetchone()
-    return dict(
-        zip(("source", "N", "units", "labelled", "shuffled"), (row[0], *(int(v or 0) for v in row[1:])), strict=True)
-    )
+    best = {"best_p": 1.0 if row[5] is None else row[5], "best_p_shuffled": 1.0 if row[6] is None else row[6]}
+    counts = dict(zip(("N", "units", "labelled", "shuffled"), (int(v or 0) for v in row[1:5]), strict=True))
+    return {"source": row[0], **counts, **best}
 
 
 def labels_per_layer(store: Store, run_key: int, fdr: float) -> list[dict[str, Any]]:
