@@ -47,6 +47,10 @@ def neurons(
             "image's units by lift (their z-score on it against the run).",
         ),
     ] = False,
+    label: Annotated[
+        str | None, typer.Option("--label", help="Only units whose data label (`mmtui explain`) is this word.")
+    ] = None,
+    fdr: Annotated[float, typer.Option("--fdr", min=0.0, max=1.0, help="With --label: labels with q below it.")] = 0.05,
     run: RunOption = None,
     decode: ConventionOption = "raw",
     db: DbOption = None,
@@ -59,6 +63,8 @@ def neurons(
 
     if token is not None and token_contains is not None:
         fail("give --token (a whole token) or --token-contains (any text), not both")
+    if label is not None and (image or token or token_contains or interpretable is not None or specific):
+        fail("--label lists the units of a data label; pass it without --image, --token, --interpretable, --specific")
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
         n_layers = chosen.shape["n_layers"]
@@ -69,7 +75,19 @@ def neurons(
         if specific and pv.generic_above(n_results) is None:
             warn(f"the run has {n_results} result(s), under {pv.MIN_GENERIC_RESULTS}: no unit is called generic yet")
         text = token if token_contains is None else token_contains
-        if specific and image:
+        if label is not None:
+            from mmtui.store.labels import labelled_neurons
+
+            rows = pv.annotate(
+                labelled_neurons(
+                    store, chosen.key, chosen.lm_id, label, fdr=fdr, layer=layer, limit=limit, convention=decode
+                ),
+                n_results,
+            )
+            if not rows and not json_out:
+                out.print(f"No unit has the data label {label!r} at q < {fdr:g} (see `mmtui explain`).")
+                return
+        elif specific and image:
             rows = pv.specific_units(
                 store,
                 chosen,
@@ -111,6 +129,8 @@ def neurons(
         lifts = specific and image is not None
         if lifts:
             table.add_column("lift", justify="right")
+        if label is not None:
+            table.add_column("label (k/n, q)")
         table.add_column("decoded tokens", overflow="fold")
         for r in rows:
             cells = [
@@ -124,6 +144,8 @@ def neurons(
                 cells.append(f"{r['image_score']:.3g}")
             if lifts:
                 cells.append("-" if r["lift"] is None else f"{r['lift']:.2f}")
+            if label is not None:
+                cells.append(f"{r['label']} ({r['k']}/{r['n']}, q {r['q']:.2g})")
             mark = "[green]*[/] " if r["interpretable"] else ""
             cells.append(mark + ", ".join(t.strip() or repr(t) for t in r["tokens"]))
             table.add_row(*cells)
@@ -157,6 +179,7 @@ def neuron(
 ) -> None:
     """One neuron: decoded tokens, score statistics and the images where it ranks highest."""
     from mmtui.store import Store
+    from mmtui.store.labels import unit_labels
     from mmtui.store.prevalence import unit_prevalence
     from mmtui.store.queries import neuron_detail
 
@@ -169,6 +192,7 @@ def neuron(
             )
         store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
         detail = neuron_detail(store, chosen, layer, index, top_images=limit)
+        detail["labels"] = unit_labels(store, chosen.key, layer, index)
         found = unit_prevalence(
             store, chosen, layer, index, detail["stats"]["n_top"], [im["result_id"] for im in detail["images"]]
         )
@@ -201,6 +225,22 @@ def neuron(
             )
             flag = "interpretable" if found["interpretable"] else "not interpretable"
             out.print(f"decoded ({convention}, {flag}): {pairs}")
+    for found in detail["labels"]:
+        verdict = "beats chance" if found["q"] < 0.05 else "not above chance"
+        out.print(
+            f"data label ({found['kind']}): {found['label']}  {found['k']} of its {found['n']} best images, "
+            f"{found['K']} of the run's {found['N']}; p {found['p']:.2e}, q {found['q']:.3g} ({verdict} at q < 0.05)"
+            + (f", BERTScore vs decoded tokens {found['agreement']:.3f}" if found["agreement"] is not None else ""),
+            highlight=False,
+        )
+    for found in detail["labels"]:
+        verdict = "beats chance" if found["q"] < 0.05 else "not above chance"
+        out.print(
+            f"data label ({found['kind']}): {found['label']}  {found['k']} of its {found['n']} best images, "
+            f"{found['K']} of the run's {found['N']}; p {found['p']:.2e}, q {found['q']:.3g} ({verdict} at q < 0.05)"
+            + (f", BERTScore vs decoded tokens {found['agreement']:.3f}" if found["agreement"] is not None else ""),
+            highlight=False,
+        )
     table = Table(title="Images where it ranks highest")
     for name in ("image", "target", "P(target)", "score", "lift", "rank", "patch", "caption"):
         table.add_column(name, overflow="fold")

@@ -370,6 +370,14 @@ def build_report(
     else:
         report.missing.append("specificity: run `mmtui specificity --instances FILE`")
 
+    # data labels (mmtui explain)
+    explained = explain_section(store, run)
+    if explained is not None:
+        report.numbers["explain"], html_part = explained
+        sections.append(html_part)
+    else:
+        report.missing.append("data labels: run `mmtui explain` (and `--instances FILE` for COCO categories)")
+
     # heatmaps
     if stack is not None:
         grid = heatmap_grid(stack, store, run, out / "heatmaps.png", heatmap_images)
@@ -410,6 +418,45 @@ def build_report(
     report.path.write_text(page, encoding="utf-8")
     (out / "numbers.json").write_text(json.dumps(report.numbers, indent=1, default=str), encoding="utf-8")
     return report
+
+
+def explain_section(store: Store, run: Run, fdr: float = 0.05) -> tuple[dict[str, Any], str] | None:
+    """Units with a data label (q < fdr) vs the shuffled control, per layer, and each category's most selective
+    unit by AUROC vs the best under shuffled labels; None before `mmtui explain`."""
+    from mmtui.store import labels as store_labels
+
+    per_layer = store_labels.labels_per_layer(store, run.key, fdr)
+    if not per_layer:
+        return None
+    best = {(r["control"], r["category"]): r for r in store_labels.auroc_rows(store, run.key) if r["rank"] == 0}
+    categories = [
+        {**r, "unit": f"L{r['layer']}.u{r['unit']}", "shuffled": best[(1, cat)]["auroc"] if (1, cat) in best else None}
+        for (control, cat), r in sorted(best.items())
+        if control == 0
+    ]
+    numbers = {"fdr": fdr, "per_layer": per_layer, "categories": categories}
+    totals = {}
+    for r in per_layer:
+        t = totals.setdefault(r["kind"], [0, 0, 0])
+        t[0], t[1], t[2] = t[0] + r["units"], t[1] + r["labelled"], t[2] + r["shuffled"]
+    lines = "; ".join(
+        f"{kind}: {t[1]} of {t[0]} units labelled, {t[2]} with shuffled labels" for kind, t in totals.items()
+    )
+    part = (
+        f"<h2>Units with a data label vs a shuffled control, per layer (q &lt; {fdr:g})</h2>"
+        + f"<p>{html.escape(lines)}. Label: the caption word or COCO category most enriched among a unit's best "
+        + "images (hypergeometric p, Benjamini-Hochberg q over every unit and term); control: the same with the "
+        + "images' labels shuffled.</p>"
+        + _table(per_layer, [("kind", "kind"), ("layer", "layer"), ("units", "units"), ("labelled", "labelled")]
+                 + [("shuffled", "shuffled control")])
+    )  # fmt: skip
+    if categories:
+        part += "<h3>Category selectivity (AUROC of unit_max as a share of the image's total)</h3>" + _table(
+            categories,
+            [("category", "category"), ("n_pos", "images with it"), ("N", "images"), ("unit", "best unit")]
+            + [("auroc", "AUROC"), ("shuffled", "best AUROC, shuffled labels")],
+        )
+    return numbers, part
 
 
 def _prompt_means(texts: list[dict[str, Any]]) -> list[dict[str, Any]]:

