@@ -43,7 +43,7 @@ out = Console(soft_wrap=True)  # results
 err = Console(stderr=True)  # progress, warnings, errors
 
 DbOption = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--db", envvar="MMTUI_DB", help="SQLite cache file (default cache/mmtui.db, or $MMTUI_DB).", show_default=False
     ),

@@ -293,10 +293,10 @@ def _caption_scores(
     if reference is None:
         return [None] * len(captions)
     out: list[float | None] = [1.0 if c == reference else None for c in captions]
-    differ = [i for i, c in enumerate(captions) if c is not None and c != reference]
+    differ = [(i, c) for i, c in enumerate(captions) if c is not None and c != reference]
     if differ and bertscore is not None:
-        f1 = bertscore.f1([captions[i] for i in differ], [reference] * len(differ))  # type: ignore[misc]
-        for i, value in zip(differ, f1.tolist(), strict=True):
+        f1 = bertscore.f1([c for _, c in differ], [reference] * len(differ))
+        for (i, _), value in zip(differ, f1.tolist(), strict=True):
             out[i] = float(value)
     return out
 

@@ -31,7 +31,7 @@ def layer_histogram(
         [json.dumps([[layer, unit, n] for (layer, unit), n in counts.items()]), run["lm_id"], convention],
     ).fetchall()
     n_layers = run["shape"]["n_layers"]
-    per = [
+    per: list[dict[str, Any]] = [
         {"layer": i, "units": 0, "interpretable": 0, "distinct": 0, "distinct_interpretable": 0}
         for i in range(n_layers)
     ]

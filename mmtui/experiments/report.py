@@ -388,9 +388,9 @@ def build_report(
     # top neurons
     neurons = list(list_neurons(store, run, sort="count", limit=top_neurons))
     report.numbers["top_neurons"] = neurons
-    for n in neurons:
-        n["unit"] = f"L{n['layer']}.u{n['neuron']}"
-        n["words"] = ", ".join(t.strip() for t in n["tokens"])
+    for row in neurons:
+        row["unit"] = f"L{row['layer']}.u{row['neuron']}"
+        row["words"] = ", ".join(t.strip() for t in row["tokens"])
     sections.append(
         "<h2>Top multimodal neurons (by images whose top 100 they enter)</h2>"
         + _table(

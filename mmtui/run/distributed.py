@@ -72,7 +72,7 @@ def attribute_images_ray(
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     device = "cuda" if gpus_per_worker > 0 else "cpu"
-    actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AttributionWorker)
+    actor: Any = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AttributionWorker)
     pool_actors = [actor.remote(load_args, device) for _ in range(workers)]
     infos = ray.get([a.info.remote() for a in pool_actors])
     if len({i["stack_id"] for i in infos}) != 1:

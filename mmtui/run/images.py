@@ -187,8 +187,8 @@ def iter_images(
     for path in paths:
         try:
             data, sha = read_image_bytes(path)
-            if not in_shard(sha, shard):
-                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}")  # type: ignore[index]
+            if shard is not None and not in_shard(sha, shard):
+                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}")
                 continue
             if sha in first_path:
                 yield Skip(Path(path), f"same image as {first_path[sha]}; computed once")

@@ -184,6 +184,13 @@ def plan(
         yield WorkItem(item, spec, word, human)
 
 
+def _loaded(work: WorkItem) -> LoadedImage:
+    """A work item's decoded image (plan decodes unless told not to; attribute_batch decodes the rest)."""
+    if not isinstance(work.image, LoadedImage):
+        raise TypeError(f"{work.image.path}: not decoded yet")
+    return work.image
+
+
 def attribute_batch(
     stack: Stack, batch: list[WorkItem], settings: Settings, pixels: torch.Tensor | None = None
 ) -> list[Event]:
@@ -205,7 +212,7 @@ def attribute_batch(
         batch = decoded
         if not batch:
             return events
-    prefix = stack.encode(pixels if pixels is not None else [w.image.image for w in batch])  # [B, P, d_model]
+    prefix = stack.encode(pixels if pixels is not None else [_loaded(w).image for w in batch])  # [B, P, d_model]
     scored = caption_and_score(
         stack,
         prefix,
@@ -234,7 +241,7 @@ def attribute_batch(
                     f"target {attr.target.word!r} is several tokens for this tokenizer; using its first, {attr.target.token!r}",
                 )
             )
-        record = to_record(stack, work.image, work.spec, attr, work.human, seconds)
+        record = to_record(stack, _loaded(work), work.spec, attr, work.human, seconds)
         events.append(Event("done", str(work.image.path), record=record))
     return events
 
@@ -308,7 +315,7 @@ def attribute_images(
     def prepared() -> Iterator[tuple[list[WorkItem], torch.Tensor] | Event]:
         """Read, decode and preprocess the next batches while the model works on this one."""
         for batch in batches(plan(paths, settings, done), settings.batch_size):
-            yield batch if isinstance(batch, Event) else (batch, stack.pixels([w.image.image for w in batch]))
+            yield batch if isinstance(batch, Event) else (batch, stack.pixels([_loaded(w).image for w in batch]))
 
     writer = StoreWriter(store.path, run_id, timeout=store.timeout)
     try:

@@ -10,18 +10,19 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from mmtui.stacks.lm import LMAdapter
 from mmtui.stacks.projection import Projection
 from mmtui.stacks.vision import VisionEncoder
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from mmtui.run.attribution import Attribution
 
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
@@ -46,7 +47,7 @@ class Stack:
     name: str
     encoder: VisionEncoder
     projection: Projection
-    lm: nn.Module
+    lm: PreTrainedModel
     tokenizer: Any
     real_vocab: int
     identity: dict[str, Any]
@@ -245,7 +246,7 @@ class Stack:
         handles = []
         try:
             for layer in range(self.n_layers):
-                handles.append(self.adapter.site_hook(layer, site, lambda act, _l=layer: fn(_l, act)))
+                handles.append(self.adapter.site_hook(layer, site, partial(fn, layer)))
             yield
         finally:
             for handle in handles:

@@ -108,7 +108,7 @@ def load_lm(spec: str, revision: str | None, dtype: torch.dtype, tokenizer: str 
             kwargs = {"gguf_file": path.name}
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
             tok = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
-            identity = {"lm": f"gguf:{path.name}", "lm_sha256": file_sha256(path)}
+            identity: dict[str, Any] = {"lm": f"gguf:{path.name}", "lm_sha256": file_sha256(path)}
         else:
             model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(tokenizer or spec, revision=None if tokenizer else revision)
@@ -177,6 +177,13 @@ def _tiny_stack(device: torch.device, dtype: torch.dtype, prompt: str, seed: int
     )
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise StackError(f"unknown dtype {name!r}; use e.g. float32, bfloat16 or float16")
+    return dtype
+
+
 def load_stack(
     preset: str | None = DEFAULT_PRESET,
     *,
@@ -205,9 +212,9 @@ def load_stack(
             raise StackError("without a preset, pass all of --lm, --encoder and --projection")
         base = Preset(lm=lm, encoder=encoder, projection=str(projection))
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = _torch_dtype(dtype)
     if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else getattr(torch, base.gpu_dtype)
+        dtype = torch.float32 if dev.type == "cpu" else _torch_dtype(base.gpu_dtype)
     load_args = {
         "preset": preset,
         "lm": lm,

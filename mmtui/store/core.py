@@ -208,7 +208,7 @@ class Store:
     def ensure_stack(self, *, stack_id: str, name: str, fingerprint: dict, shape: dict, lm_id: str) -> None:
         """Record a stack if new (inside the caller's write transaction, or in its own)."""
         with self.db.atomic():
-            self.db["stacks"].insert(
+            self.db.table("stacks").insert(
                 {
                     "id": stack_id,
                     "name": name,
@@ -284,7 +284,7 @@ class Store:
         if packed is None:
             packed = pack_result(rec)
         with self._write():
-            self.db["images"].upsert(
+            self.db.table("images").upsert(
                 {
                     "sha256": rec.image_sha256,
                     "path": rec.image_path,
@@ -320,7 +320,8 @@ class Store:
                     _now(),
                 ],
             )
-            result_id = int(cur.lastrowid)
+            assert cur.lastrowid is not None  # an INSERT sets it
+            result_id = cur.lastrowid
         if stats:
             self.refresh_stats(run_id, count_top)
         return result_id

@@ -51,7 +51,7 @@ def ensure_stack(store: Store, *, stack_id: str, name: str, fingerprint: dict, s
 
 def ensure_image(store: Store, *, sha256: str, path: str, width: int, height: int) -> None:
     with store._write():
-        store.db["images"].upsert(
+        store.db.table("images").upsert(
             {"sha256": sha256, "path": path, "width": width, "height": height, "added": _now()}, pk="sha256"
         )
 

@@ -81,7 +81,8 @@ def list_neurons(
     """
     if sort not in SORTS:
         raise NotFoundError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
-    filters, filter_args = [], []
+    filters: list[str] = []
+    filter_args: list[object] = []
     if layer is not None:
         filters.append("s.layer = ?")
         filter_args.append(layer)
