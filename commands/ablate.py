@@ -34,6 +34,7 @@ from commands._experiments import (
     progress_bar,
     run_stack,
 )
+from mmtui.defaults import AblationMode, Baseline, UnitMode
 
 DEFAULT_K = "0,50,100,200,400,800,1600,3200,6400"
 
@@ -58,14 +59,17 @@ def ablate(
     ] = None,
     from_store: Annotated[bool, typer.Option("--from-store", help="Ablate the images already in the run.")] = False,
     k: Annotated[str, typer.Option("--k", help="Numbers of top units to ablate, comma-separated.")] = DEFAULT_K,
-    baseline: Annotated[str, typer.Option("--baseline", help="random (same layers, same patches) or none.")] = "random",
+    baseline: Annotated[
+        Baseline, typer.Option("--baseline", help="random (same layers, same patches) or none.")
+    ] = Baseline.RANDOM,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Random draws per image for the baseline.")] = 3,
     mode: Annotated[
-        str, typer.Option("--mode", help="zero, or mean (the unit's mean over the run's images).")
-    ] = "zero",
+        AblationMode, typer.Option("--mode", help="zero, or mean (the unit's mean over the run's images).")
+    ] = AblationMode.ZERO,
     unit_mode: Annotated[
-        str, typer.Option("--unit-mode", help="triples (unit at its patch) or units (unit at every image position).")
-    ] = "triples",
+        UnitMode,
+        typer.Option("--unit-mode", help="triples (unit at its patch) or units (unit at every image position)."),
+    ] = UnitMode.TRIPLES,
     interpretable: Annotated[
         bool, typer.Option("--interpretable/--no-interpretable", help="Also ablate the interpretable top units.")
     ] = True,
@@ -121,7 +125,7 @@ def ablate(
                 failures.append(message)
                 warn(message)
 
-            per_image = len(ks) * (1 + int(interpretable) + (seeds if baseline == "random" else 0))
+            per_image = len(ks) * (1 + int(interpretable) + (seeds if baseline is Baseline.RANDOM else 0))
             points = []
             try:
                 with progress_bar() as progress:
@@ -132,10 +136,10 @@ def ablate(
                         chosen,
                         result_ids,
                         ks,
-                        baseline=baseline,
+                        baseline=baseline.value,
                         seeds=seeds,
-                        mode=mode,
-                        unit_mode=unit_mode,
+                        mode=mode.value,
+                        unit_mode=unit_mode.value,
                         captions=regenerate,
                         interpretable=interpretable,
                         bertscore=bert,

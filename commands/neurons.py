@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out
-from mmtui.defaults import NEURON_IMAGES
+from mmtui.defaults import NEURON_IMAGES, Convention
 
 RunOption = Annotated[
     str | None, typer.Option("--run", help="Run id (prefix); default the most recent. See `mmtui runs`.")
 ]
-ConventionOption = Annotated[str, typer.Option("--decode", help="Token decoding shown: raw (paper) or ln_f.")]
+ConventionOption = Annotated[Convention, typer.Option("--decode", help="Token decoding shown: raw (paper) or ln_f.")]
 
 
 @app.command()
@@ -35,7 +36,7 @@ def neurons(
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many rows.")] = 30,
     run: RunOption = None,
-    decode: ConventionOption = "raw",
+    decode: ConventionOption = Convention.RAW,
     db: DbOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -54,14 +55,20 @@ def neurons(
             token=token,
             interpretable=interpretable,
             limit=limit,
-            convention=decode,
+            convention=decode.value,
         )
         if json_out:
             emit_json(rows)
             return
         title = f"Neurons of run {chosen['id']} ({chosen['stack']}, {chosen['n_images']} images)"
         table = Table(title=title)
-        for name, justify in [("neuron", "left"), ("max", "right"), ("mean", "right"), ("top-100 in", "right")]:
+        columns: list[tuple[str, JustifyMethod]] = [
+            ("neuron", "left"),
+            ("max", "right"),
+            ("mean", "right"),
+            ("top-100 in", "right"),
+        ]
+        for name, justify in columns:
             table.add_column(name, justify=justify, no_wrap=True)
         if image:
             table.add_column("this image", justify="right")

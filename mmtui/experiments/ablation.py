@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmtui.defaults import ABLATION_MODES, BASELINES, UNIT_MODES
 from mmtui.errors import MmtuiError, NotFoundError
 from mmtui.experiments.ablation_ops import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -48,9 +49,7 @@ if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
 
 CONDITIONS = ("top", "random", "interpretable")
-MODES = ("zero", "mean")
-UNIT_MODES = ("triples", "units")
-BASELINES = ("random", "none")
+MODES = ABLATION_MODES
 DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)
 __all__ = [
     "AblationError",

@@ -14,6 +14,7 @@ from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 
+from mmtui.defaults import GRAPHICS
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import StoreFailed, StoreOpened
 from mmtui.tui.screens.browse import BrowseScreen
@@ -21,8 +22,6 @@ from mmtui.tui.screens.problem import LoadingScreen, ProblemScreen
 from mmtui.tui.screens.runs import RunsScreen
 from mmtui.tui.session import Session, StackHolder, StoreProblem, open_store
 from mmtui.tui.state import PAGE
-
-GRAPHICS = ("auto", "pixels", "halfblock")
 
 
 class BrowseApp(ShowsWorkerErrors, App[None]):
