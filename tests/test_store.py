@@ -224,3 +224,68 @@ def _run_args(store: Store, run_id: str) -> dict:
         "site": run["site"],
         "y_kind": run["y_kind"],
     }
+
+
+def _schema(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+    rows = conn.execute("SELECT type, name FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'")
+    return {(r[0], r[1]) for r in rows}
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA table_info([{table}])")]
+
+
+def test_a_store_from_the_first_release_is_migrated_forward(tiny_stack, image_dir, tmp_path):
+    """A store as the first release wrote it (m001 only): opening it applies every later step, ending with the
+    schema a new store has, and the browser's neuron count (count_neurons, what its table shows) is unchanged."""
+    from mmtui.store.arrays import unpack_triples
+    from mmtui.store.migrations import m001_create_tables
+    from mmtui.store.queries import count_neurons
+
+    db = tmp_path / "older.db"
+    with Store.open(db) as store:
+        list(attribute_images(tiny_stack, store, sorted(image_dir.iterdir()), target="dog"))
+        neurons = count_neurons(store, store.run())
+    assert neurons > 0
+    first = Database(memory=True)
+    m001_create_tables(first)
+    first_schema = _schema(first.conn)
+    with sqlite3.connect(db) as conn:
+        full_schema = _schema(conn)
+        later = {(kind, name) for kind, name in full_schema - first_schema if "_sqlite_migrations" not in name}
+        # what later steps dropped: the first release kept the top triples as rows (m006 packs them)
+        for (sql,) in first.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'top_neurons' AND sql IS NOT NULL ORDER BY type DESC"
+        ):
+            conn.execute(sql)
+        for result_id, blob in conn.execute("SELECT id, top FROM results").fetchall():
+            layer, unit, patch, score = unpack_triples(blob)
+            conn.executemany(
+                "INSERT INTO top_neurons VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (result_id, i, *t)
+                    for i, t in enumerate(zip(*(a.tolist() for a in (layer, unit, patch, score)), strict=True))
+                ],
+            )
+        # neuron_stats as the first release keyed it, by the run's text id (m008 keys it by run_key)
+        stats = conn.execute(
+            "SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id"
+            " FROM neuron_stats JOIN runs USING (run_key)"
+        ).fetchall()
+        conn.execute("DROP TABLE neuron_stats")
+        for (sql,) in first.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'neuron_stats' AND sql IS NOT NULL ORDER BY type DESC"
+        ):
+            conn.execute(sql)
+        conn.executemany("INSERT INTO neuron_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", stats)
+        for kind, name in sorted(later):
+            conn.execute(f"DROP {kind.upper()} IF EXISTS [{name}]")
+        for table in first.table_names():  # and the columns later steps added
+            for column in set(_columns(conn, table)) - set(_columns(first.conn, table)):
+                conn.execute(f"ALTER TABLE [{table}] DROP COLUMN [{column}]")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name != 'm001_create_tables'")
+        assert _schema(conn) != full_schema
+    with Store.open(db) as store:
+        assert count_neurons(store, store.run()) == neurons
+    with sqlite3.connect(db) as conn:
+        assert _schema(conn) == full_schema
