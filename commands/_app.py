@@ -52,7 +52,7 @@ out = _ResultConsole(soft_wrap=True)  # results
 err = Console(stderr=True)  # progress, warnings, errors
 
 DbOption = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--db", envvar="MMTUI_DB", help="SQLite cache file (default cache/mmtui.db, or $MMTUI_DB).", show_default=False
     ),

@@ -35,7 +35,7 @@ from commands._experiments import (
     progress_bar,
     run_stack,
 )
-from mmtui.defaults import DEFAULT_KEEP
+from mmtui.defaults import DEFAULT_KEEP, AblationMode, Baseline, UnitMode
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -70,14 +70,17 @@ def ablate(
     ] = None,
     from_store: Annotated[bool, typer.Option("--from-store", help="Ablate the images already in the run.")] = False,
     k: Annotated[str, typer.Option("--k", help="Numbers of top units to ablate, comma-separated.")] = DEFAULT_K,
-    baseline: Annotated[str, typer.Option("--baseline", help="random (same layers, same patches) or none.")] = "random",
+    baseline: Annotated[
+        Baseline, typer.Option("--baseline", help="random (same layers, same patches) or none.")
+    ] = Baseline.RANDOM,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Random draws per image for the baseline.")] = 3,
     mode: Annotated[
-        str, typer.Option("--mode", help="zero, or mean (the unit's mean over the run's images).")
-    ] = "zero",
+        AblationMode, typer.Option("--mode", help="zero, or mean (the unit's mean over the run's images).")
+    ] = AblationMode.ZERO,
     unit_mode: Annotated[
-        str, typer.Option("--unit-mode", help="triples (unit at its patch) or units (unit at every image position).")
-    ] = "triples",
+        UnitMode,
+        typer.Option("--unit-mode", help="triples (unit at its patch) or units (unit at every image position)."),
+    ] = UnitMode.TRIPLES,
     interpretable: Annotated[
         bool, typer.Option("--interpretable/--no-interpretable", help="Also ablate the interpretable top units.")
     ] = True,
@@ -158,10 +161,10 @@ def ablate(
                         chosen,
                         result_ids,
                         ks,
-                        baseline=baseline,
+                        baseline=baseline.value,
                         seeds=seeds,
-                        mode=mode,
-                        unit_mode=unit_mode,
+                        mode=mode.value,
+                        unit_mode=unit_mode.value,
                         captions=regenerate,
                         interpretable=interpretable,
                         bertscore=bert,

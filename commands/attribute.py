@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,7 +28,7 @@ from commands._app import (
     out,
     warn,
 )
-from mmtui.defaults import CONVENTIONS, DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PROMPT, SITES, Y_KINDS
+from mmtui.defaults import DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PROMPT, Convention, Engine, Site, YKind
 
 if TYPE_CHECKING:
     from mmtui.run.events import Event
@@ -60,17 +60,21 @@ def attribute(
         str, typer.Option("--batch-size", help="Images per forward/backward pass, or auto (4 on CPU; fit the GPU).")
     ] = "auto",
     site: Annotated[
-        str, typer.Option("--site", help="post (the MLP's hidden activation) or pre (before the nonlinearity).")
-    ] = "post",
-    y: Annotated[str, typer.Option("--y", help="What is attributed: prob, logit or logprob of the target.")] = "prob",
+        Site, typer.Option("--site", help="post (the MLP's hidden activation) or pre (before the nonlinearity).")
+    ] = Site.POST,
+    y: Annotated[
+        YKind, typer.Option("--y", help="What is attributed: prob, logit or logprob of the target.")
+    ] = YKind.PROB,
     decode: Annotated[
-        str, typer.Option("--decode", help="Token decoding: raw (paper) or ln_f (final norm gain).")
-    ] = "raw",
+        Convention, typer.Option("--decode", help="Token decoding: raw (paper) or ln_f (final norm gain).")
+    ] = Convention.RAW,
     shard: Annotated[
         str | None,
         typer.Option("--shard", help="I/N: only the images of shard I of N (0-based), e.g. a SLURM array task."),
     ] = None,
-    engine: Annotated[str, typer.Option("--engine", help="local, or ray (one model replica per worker).")] = "local",
+    engine: Annotated[
+        Engine, typer.Option("--engine", help="local, or ray (one model replica per worker).")
+    ] = Engine.LOCAL,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray workers (model replicas).")] = 2,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0, help="GPUs per Ray worker.")] = 0.0,
     device: DeviceOption = "auto",
@@ -88,11 +92,6 @@ def attribute(
         fail("--target and --captions both choose the target; pass one of them")
     if samples == (image_dir is not None):
         fail("pass an IMAGE_DIR, or --samples for the bundled photos (not both)")
-    for flag, value, allowed in (("--site", site, SITES), ("--y", y, Y_KINDS), ("--decode", decode, CONVENTIONS)):
-        if value not in allowed:
-            fail(f"{flag} {value!r}: use one of {', '.join(allowed)}")
-    if engine not in ("local", "ray"):
-        fail(f"--engine {engine!r}: use local or ray")
     shard_pair = _parse_shard(shard) if shard else None
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         fail(f"--batch-size {batch_size!r}: use a positive number or auto")
@@ -116,12 +115,12 @@ def attribute(
             captions=read_captions(captions) if captions else None,
             batch_size=0 if batch_size == "auto" else int(batch_size),
             keep=keep,
-            site=site,
-            y_kind=y,
-            convention=decode,
+            site=site.value,
+            y_kind=y.value,
+            convention=decode.value,
             shard=shard_pair,
         )
-        load_args = {
+        load_args: dict[str, Any] = {
             "preset": preset,
             "lm": lm,
             "encoder": encoder,
@@ -129,7 +128,7 @@ def attribute(
             "prompt": prompt,
         }
         with Store.open(db_path(db)) as store:
-            if engine == "ray":
+            if engine is Engine.RAY:
                 from mmtui.run.distributed import attribute_images_ray
 
                 events = attribute_images_ray(

@@ -21,6 +21,7 @@ from commands._app import (
     out,
 )
 from commands._experiments import RunOption, run_stack
+from mmtui.defaults import Site
 
 
 @app.command()
@@ -36,7 +37,9 @@ def heatmap(
         typer.Option("--preset", help="Stack to use; default the stack of the run in --db (else smol)."),
     ] = None,
     run: RunOption = None,
-    site: Annotated[str, typer.Option("--site", help="post or pre; default the run's site (else post).")] = "",
+    site: Annotated[
+        Site | None, typer.Option("--site", help="post or pre; default the run's site (else post).")
+    ] = None,
     device: DeviceOption = "auto",
     db: DbOption = None,
     json_out: JsonOption = False,
@@ -45,18 +48,17 @@ def heatmap(
     from mmtui.experiments.heatmap import draw_overlay, encoder_view, frame_size, unit_activation_maps, upsample
     from mmtui.run.images import load_image
 
-    if site not in ("", "post", "pre"):
-        fail(f"--site {site!r}: use post or pre")
     if preset is not None and run is not None:
         fail("--preset and --run both choose the stack; pass one of them")
     with core_errors():
         picture = load_image(image)
-        stack, site = _stack(preset, run, site, device, db_path(db))
-        maps = unit_activation_maps(stack, picture.image, [(layer, neuron)], site or "post")
+        stack, chosen_site = _stack(preset, run, site.value if site else "", device, db_path(db))
+        site_name = chosen_site or Site.POST.value
+        maps = unit_activation_maps(stack, picture.image, [(layer, neuron)], site_name)
         grid = maps[0]
         target = png or Path(f"L{layer}.u{neuron}-{image.stem}.png")
         view = encoder_view(stack, picture.image)
-        title = f"L{layer}.u{neuron} on {image.name} ({stack.name}, site {site or 'post'})"
+        title = f"L{layer}.u{neuron} on {image.name} ({stack.name}, site {site_name})"
         draw_overlay(view, [upsample(grid, frame_size(stack))], [title], target, columns=1)
     err.print(f"wrote {target}", highlight=False)
     flat = int(grid.argmax())
@@ -64,7 +66,7 @@ def heatmap(
         "layer": layer,
         "unit": neuron,
         "image": str(image),
-        "site": site or "post",
+        "site": site_name,
         "grid": [[round(float(v), 5) for v in row] for row in grid],
         "max": float(grid.max()),
         "argmax_patch": flat,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.progress import TaskID
 from rich.table import Table
 
 from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out
@@ -58,7 +59,7 @@ def layers(
                 clip_model=clip_model,
             )
             with progress_bar() as progress:
-                tasks: dict[str, int] = {}
+                tasks: dict[str, TaskID] = {}
 
                 def report(stage: str, done: int, total: int) -> None:
                     if stage not in tasks:

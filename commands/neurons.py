@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, fail, out, warn
-from mmtui.defaults import NEURON_IMAGES
+from mmtui.defaults import NEURON_IMAGES, Convention
 
 RunOption = Annotated[
     str | None, typer.Option("--run", help="Run id (prefix); default the most recent. See `mmtui runs`.")
 ]
-ConventionOption = Annotated[str, typer.Option("--decode", help="Token decoding shown: raw (paper) or ln_f.")]
+ConventionOption = Annotated[Convention, typer.Option("--decode", help="Token decoding shown: raw (paper) or ln_f.")]
 
 
 @app.command()
@@ -52,7 +53,7 @@ def neurons(
     ] = None,
     fdr: Annotated[float, typer.Option("--fdr", min=0.0, max=1.0, help="With --label: labels with q below it.")] = 0.05,
     run: RunOption = None,
-    decode: ConventionOption = "raw",
+    decode: ConventionOption = Convention.RAW,
     db: DbOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -121,7 +122,13 @@ def neurons(
             return
         title = f"Neurons of run {chosen.id} ({chosen.stack.name}, {chosen.n_images} images)"
         table = Table(title=title)
-        columns = [("neuron", "left"), ("max", "right"), ("mean", "right"), ("top-100 in", "right"), ("share", "right")]
+        columns: list[tuple[str, JustifyMethod]] = [
+            ("neuron", "left"),
+            ("max", "right"),
+            ("mean", "right"),
+            ("top-100 in", "right"),
+            ("share", "right"),
+        ]
         for name, justify in columns:
             table.add_column(name, justify=justify, no_wrap=True)
         if image:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import TaskID
 from rich.table import Table
 
 from commands._app import (
@@ -64,7 +65,7 @@ def prompts(
 ) -> None:
     """Decode image prompts into their nearest tokens and test whether they say more than random vectors do."""
     from mmtui.experiments.prompts import RANDOM_KINDS, decode_prompts, table
-    from mmtui.run.images import find_images, iter_images
+    from mmtui.run.images import LoadedImage, find_images, iter_images
 
     if random_kind not in RANDOM_KINDS:
         fail(f"--random-kind {random_kind!r}: use {' or '.join(RANDOM_KINDS)}")
@@ -105,7 +106,7 @@ def prompts(
                 preset, lm=lm, encoder=encoder, projection=projection, device=device, progress=load_progress
             )
         with Store.open(db_path(db)) as store, progress_bar() as progress:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def report(stage: str, done: int, total: int) -> None:
                 if stage not in tasks:

@@ -56,6 +56,11 @@ def specificity(
             stack = run_stack(chosen, device)
             with progress_bar() as progress:
                 task = progress.add_task("IoU", total=len(result_ids))
+
+                def on_skip(path: str, why: str) -> None:
+                    skipped.append(f"{path}: {why}")
+                    progress.advance(task)
+
                 for item in score_images(
                     stack,
                     store,
@@ -67,7 +72,7 @@ def specificity(
                     category=category,
                     single=single,
                     interpretable_only=interpretable,
-                    on_skip=lambda path, why: (skipped.append(f"{path}: {why}"), progress.advance(task)),
+                    on_skip=on_skip,
                 ):
                     progress.advance(task)
                     rows.extend(item.rows)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from commands._app import (
@@ -106,7 +107,13 @@ def steer(
 
 def _table(rows: list) -> Table:  # noqa: ANN001
     table = Table(title="Steering (first row of each image: no steering)", show_lines=True)
-    for name, justify in [("image", "left"), ("setting", "right"), ("P(target)", "right"), ("caption", "left")]:
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("image", "left"),
+        ("setting", "right"),
+        ("P(target)", "right"),
+        ("caption", "left"),
+    ]
+    for name, justify in columns:
         table.add_column(name, justify=justify, overflow="fold")
     table.add_column("decoded tokens: logit change", overflow="fold")
     for r in rows:

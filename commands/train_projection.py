@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from commands._app import (
@@ -43,7 +51,8 @@ class _Bars:
     """One rich progress bar per phase on stderr, with the running loss while training."""
 
     def __init__(self, progress: Progress) -> None:
-        self.progress, self.tasks = progress, {}
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, p) -> None:
         if p.phase not in self.tasks:

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from commands._app import JsonOption, app, core_errors, emit_json, err, fail, out
+from commands._app import JsonOption, app, core_errors, emit_json, err, out
+from mmtui.defaults import Convention
 
 
 @app.command()
@@ -15,22 +16,20 @@ def verify(
     lm: Annotated[str, typer.Option("--lm", help="The LM (hub id, folder or .gguf).")] = "EleutherAI/gpt-j-6b",
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = "float16",
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer (LiMBeR used gpt2).")] = "gpt2",
-    decode: Annotated[str, typer.Option("--decode", help="raw (paper) or ln_f.")] = "raw",
+    decode: Annotated[Convention, typer.Option("--decode", help="raw (paper) or ln_f.")] = Convention.RAW,
     json_out: JsonOption = False,
 ) -> None:
     """Decode the units the paper names (L14.u2019 horses, L12.u9058 swimming, ...) and compare with its tokens."""
     from mmtui.experiments.verify import load_lm_only, verify_units
 
-    if decode not in ("raw", "ln_f"):
-        fail(f"--decode {decode!r}: use raw or ln_f")
     with core_errors():
         with err.status(f"Loading {lm}..."):
             model = load_lm_only(lm, revision or None, tokenizer or None)
-        rows = verify_units(model, convention=decode)
+        rows = verify_units(model, convention=decode.value)
     if json_out:
         emit_json(rows)
         return
-    table = Table(title=f"Paper units decoded by {lm} ({decode})")
+    table = Table(title=f"Paper units decoded by {lm} ({decode.value})")
     for name in ("neuron", "paper's tokens", "decoded here (top 10)", "paper's in our top 10"):
         table.add_column(name, overflow="fold")
     for r in rows:

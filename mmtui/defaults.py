@@ -1,17 +1,85 @@
-"""Defaults shared by the core and the commands; importing this module is free (no torch)."""
+"""Defaults and choices shared by the core and the commands; importing this module is free (no torch).
+
+Each choice is declared once, as a str Enum: the commands take it as the option's type (Typer then lists
+the values in --help and rejects any other), and the core checks plain strings against its values.
+"""
 
 import re
+from enum import Enum
 
 DEFAULT_PRESET = "smol"
 DEFAULT_PROMPT = "A picture of"
 DEFAULT_MAX_NEW_TOKENS = 20
 DEFAULT_KEEP = 6400  # top (layer, unit, patch) triples stored per image: the ablation grid's largest k
 NEURON_IMAGES = 20  # the cache keeps each unit's best 20 results per run (neuron_images; the TUI shows 20)
-SITES = ("post", "pre")
-Y_KINDS = ("prob", "logit", "logprob")
-CONVENTIONS = ("raw", "ln_f")
+
+
+class Site(str, Enum):
+    """Where a unit's activation is read: the MLP's hidden activation (post) or before the nonlinearity (pre)."""
+
+    POST = "post"
+    PRE = "pre"
+
+
+class YKind(str, Enum):
+    """What is attributed: the target's probability, logit or log-probability."""
+
+    PROB = "prob"
+    LOGIT = "logit"
+    LOGPROB = "logprob"
+
+
+class Convention(str, Enum):
+    """Token decoding: the paper's W_U @ W_out (raw), or with the final norm's gain first (ln_f)."""
+
+    RAW = "raw"
+    LN_F = "ln_f"
+
+
+class AblationMode(str, Enum):
+    """What an ablated activation becomes: 0, or the unit's mean over the run's images."""
+
+    ZERO = "zero"
+    MEAN = "mean"
+
+
+class UnitMode(str, Enum):
+    """What k counts in an ablation: (unit, patch) triples, or units at every image position."""
+
+    TRIPLES = "triples"
+    UNITS = "units"
+
+
+class Baseline(str, Enum):
+    """The ablation's control: random units (same layers, same patches), or none."""
+
+    RANDOM = "random"
+    NONE = "none"
+
+
+class Engine(str, Enum):
+    """Where attribution runs: in this process, or on Ray workers (one model replica each)."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
+class Graphics(str, Enum):
+    """How the TUI draws pictures: auto (pixels when the terminal can), pixels (Sixel/kitty), or half blocks."""
+
+    AUTO = "auto"
+    PIXELS = "pixels"
+    HALFBLOCK = "halfblock"
+
+
+SITES = tuple(m.value for m in Site)
+Y_KINDS = tuple(m.value for m in YKind)
+CONVENTIONS = tuple(m.value for m in Convention)
+ABLATION_MODES = tuple(m.value for m in AblationMode)
+UNIT_MODES = tuple(m.value for m in UnitMode)
+BASELINES = tuple(m.value for m in Baseline)
+GRAPHICS = tuple(m.value for m in Graphics)
 DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # the ablation's k grid (method.md, experiment 4)
-GRAPHICS = ("auto", "pixels", "halfblock")  # how the browser draws images
 
 
 def parse_ks(text: str, most: int | None = None) -> tuple[int, ...]:

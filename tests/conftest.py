@@ -1,12 +1,18 @@
-"""Shared fixtures: user state isolated per test, the tiny stack built once, real sample images."""
+"""Shared fixtures and helpers: user state isolated per test, the tiny stack built once, real sample images, the
+experiment tests' attributed cache and BERTScore scorer, and `settle` for the TUI tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from textual.pilot import Pilot
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +23,14 @@ COCO = SHARED / "coco-mini" / "train2017"
 ANNOTATIONS = SHARED / "coco-mini" / "annotations"
 if not ANNOTATIONS.is_dir():
     ANNOTATIONS = Path(__file__).resolve().parent / "data" / "coco-annotations"
+
+
+def _one_torch_thread() -> None:
+    """The toy models gain nothing from a second thread, and on a busy 2-core machine OpenMP's waiting for a
+    descheduled thread costs ~0.8 s per forward pass (measured: MiniLM 0.8 s with 2 threads, 0.02 s with 1)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +46,7 @@ def isolated_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def tiny_stack():
     from mmtui import load_stack
 
+    _one_torch_thread()
     return load_stack("tiny", device="cpu")
 
 
@@ -53,6 +68,7 @@ def tiny_stack64():
 
     from mmtui import load_stack
 
+    _one_torch_thread()
     return load_stack("tiny", device="cpu", dtype=torch.float64)
 
 
@@ -83,3 +99,82 @@ def pil_images():
     from PIL import Image
 
     return [Image.open(f).convert("RGB") for f in coco_files(3)]
+
+
+# -- the experiment tests: a cache with a few real COCO photos attributed by the tiny stack (built once per
+# session, copied per test), the COCO annotation files, and a BERTScore scorer loaded once ----------------------
+CAPTIONS = ANNOTATIONS / "captions_train2017.json"
+INSTANCES = ANNOTATIONS / "instances_train2017.json"
+N_IMAGES = 4
+KEEP = 400
+
+
+@pytest.fixture(scope="session")
+def attributed_master(tmp_path_factory: pytest.TempPathFactory, tiny_stack) -> Path:
+    """A cache with N_IMAGES COCO photos attributed by the tiny stack (targets: the human captions' first nouns)."""
+    from mmtui.run.events import ImageDone
+    from mmtui.run.pipeline import attribute_images, read_captions
+    from mmtui.store import Store
+
+    _one_torch_thread()
+    if not CAPTIONS.is_file():
+        pytest.skip(f"needs {CAPTIONS}")
+    folder = tmp_path_factory.mktemp("coco")
+    for f in coco_files(N_IMAGES):
+        shutil.copy(f, folder / f.name)
+    path = folder / "master.db"
+    with Store.open(path) as store:
+        events = list(
+            attribute_images(
+                tiny_stack, store, sorted(folder.glob("*.jpg")), captions=read_captions(CAPTIONS), keep=KEEP
+            )
+        )
+    assert sum(isinstance(e, ImageDone) for e in events) == N_IMAGES
+    return path
+
+
+@pytest.fixture
+def attributed_db(attributed_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the attributed cache for one test."""
+    path = tmp_path / "cache.db"
+    shutil.copy(attributed_master, path)
+    return path
+
+
+@pytest.fixture
+def store_run(attributed_db: Path):
+    """(store, run) opened on the private copy; closed after the test."""
+    from mmtui.store import Store
+
+    store = Store.open(attributed_db)
+    yield store, store.run()
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def bert_scorer():
+    from mmtui.experiments.metrics import BertScorer
+
+    _one_torch_thread()
+    return BertScorer.load()
+
+
+# -- the TUI tests ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def settle(pilot: Pilot) -> None:
+    """Let the app's workers finish and their messages land (a few rounds: a loaded screen starts more)."""
+    from textual.widgets import Input
+    from textual.worker import WorkerFailed
+
+    for _ in range(6):
+        # A worker that fails is the app's to report (a notification); waiting on it re-raises its error only
+        # when it is still running as the wait begins, so waiting must go past it either way.
+        with contextlib.suppress(WorkerFailed):
+            await pilot.app.workers.wait_for_complete()
+        await pilot.pause(0.05)
+    for box in pilot.app.screen.query(Input):
+        box.cursor_blink = False

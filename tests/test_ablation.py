@@ -8,7 +8,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from experiment_fixtures import *  # noqa: F403  (fixtures)
 from typer.testing import CliRunner
 
 from commands import app

@@ -143,6 +143,47 @@ def test_usage_error_is_one_clear_message():
     assert "pass one of them" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "flag", "bad", "choices"),
+    [
+        (["attribute", "--samples"], "--site", "mid", "'post', 'pre'"),
+        (["attribute", "--samples"], "--y", "odds", "'prob', 'logit', 'logprob'"),
+        (["attribute", "--samples"], "--decode", "lnf", "'raw', 'ln_f'"),
+        (["attribute", "--samples"], "--engine", "dask", "'local', 'ray'"),
+        (["ablate", "--from-store"], "--mode", "half", "'zero', 'mean'"),
+        (["ablate", "--from-store"], "--unit-mode", "layers", "'triples', 'units'"),
+        (["ablate", "--from-store"], "--baseline", "shuffle", "'random', 'none'"),
+        (["heatmap", "0", "0", "x.jpg"], "--site", "mid", "'post', 'pre'"),
+        (["neurons"], "--decode", "lnf", "'raw', 'ln_f'"),
+        (["verify"], "--decode", "lnf", "'raw', 'ln_f'"),
+        (["browse"], "--graphics", "sixels", "'auto', 'pixels', 'halfblock'"),
+    ],
+)
+def test_a_bad_choice_is_refused_before_any_work(args, flag, bad, choices, isolated_db):
+    """Typer checks every choice option against its Enum: exit 2, the option and its values named, no cache made."""
+    result = runner.invoke(app, [*args, flag, bad])
+    assert result.exit_code == ExitCode.FAILED
+    text = " ".join(result.output.replace("\u2502", " ").split())
+    assert f"Invalid value for '{flag}'" in text
+    assert f"'{bad}' is not one of {choices}" in text
+    assert not isolated_db.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "metavar"),
+    [
+        ("attribute", "<post|pre>"),
+        ("attribute", "<prob|logit|logprob>"),
+        ("ablate", "<zero|mean>"),
+        ("browse", "<auto|pixels|halfblock>"),
+    ],
+)
+def test_help_lists_the_choices(command, metavar):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert metavar in result.output
+
+
 def test_neurons_and_neuron_and_runs(filled_db):
     result = runner.invoke(app, ["neurons", "--json", "--limit", "5"])
     assert result.exit_code == 0, result.stderr

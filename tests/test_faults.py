@@ -68,7 +68,7 @@ def test_latin1_file_name_is_attributed_and_rerun_resumes(tmp_path):
     with Store.open(db) as store:
         paths = [r["path"] for r in store.db.query("SELECT path FROM images")]
         assert any(p.endswith("latin1_\\xe9t\\xe9.jpg") for p in paths), paths
-        run_id = store.run()["id"]
+        run_id = store.run().id
         assert store.result(run_id, str(folder / LATIN1_NAME))["image_sha256"]  # found by the name it was given
     again = _mm("attribute", folder, "--preset", "tiny", "--device", "cpu", "--target", "dog", db=db)
     assert again.returncode == 0, again.stderr

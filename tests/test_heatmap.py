@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from experiment_fixtures import *  # noqa: F403  (fixtures)
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from experiment_fixtures import *  # noqa: F403  (fixtures)
-from experiment_fixtures import CAPTIONS
+from conftest import CAPTIONS
 from typer.testing import CliRunner
 
 from commands import app

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from experiment_fixtures import *  # noqa: F403  (fixtures)
 from PIL import Image
 
 from mmtui.experiments.metrics import ClipScorer, MetricUnavailable, load_scorers, minilm_path

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from experiment_fixtures import *  # noqa: F403  (fixtures)
-from experiment_fixtures import CAPTIONS
+from conftest import CAPTIONS
 from typer.testing import CliRunner
 
 from commands import app

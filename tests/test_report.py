@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from experiment_fixtures import *  # noqa: F403  (fixtures)
-from experiment_fixtures import CAPTIONS, INSTANCES
+from conftest import CAPTIONS, INSTANCES
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from experiment_fixtures import *  # noqa: F403  (fixtures)
-from experiment_fixtures import INSTANCES
+from conftest import INSTANCES
 from typer.testing import CliRunner
 
 from commands import app

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import settle
 from textual.message import Message
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input
@@ -39,11 +40,6 @@ from mmtui.tui.widgets.layers import LayerBars
 from mmtui.tui.widgets.neuron_table import NeuronTable
 
 SIZE = (140, 40)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture(scope="session")
@@ -98,12 +94,6 @@ class Recorder:
                 return
             await pilot.pause(0.05)
         raise AssertionError(f"timed out waiting for {kind.__name__}")
-
-
-async def settle(pilot: Pilot) -> None:
-    for _ in range(4):
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause(0.02)
 
 
 def open_store(db: Path) -> tuple[Store, dict]:

@@ -8,21 +8,20 @@ new pictures and accept them with `pytest tests/test_tui_screens.py --snapshot-u
 
 from __future__ import annotations
 
-import contextlib
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from test_tui_queries import COCO, D_MLP, N_LAYERS, build_synthetic_store
+from conftest import settle
+from test_tui_queries import COCO, build_synthetic_store
 from textual.pilot import Pilot
-from textual.widgets import Input
-from textual.worker import WorkerFailed
 
 from mmtui.store import Store
-from mmtui.store.arrays import unpack_triples
 from mmtui.tui import make_app
 from mmtui.tui.screens.browse import BrowseScreen
 from mmtui.tui.screens.problem import ProblemScreen
@@ -44,23 +43,6 @@ def two_runs_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not COCO.is_dir():
         pytest.skip(f"needs the sample photos in {COCO}")
     return build_synthetic_store(tmp_path_factory.mktemp("tui-two-runs") / "two.db", runs=2)
-
-
-async def settle(pilot: Pilot) -> None:
-    """Let the workers finish and their messages land (a few rounds: a loaded screen starts more)."""
-    for _ in range(6):
-        # A worker that fails is the app's to report (a notification); waiting on it re-raises its error only
-        # when it is still running as the wait begins, so waiting must go past it either way.
-        with contextlib.suppress(WorkerFailed):
-            await pilot.app.workers.wait_for_complete()
-        await pilot.pause(0.05)
-    for box in pilot.app.screen.query(Input):
-        box.cursor_blink = False
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 # -- snapshots -------------------------------------------------------------------------------------------------
@@ -173,85 +155,21 @@ async def test_not_a_store(tmp_path: Path) -> None:
     assert screen.problem_title == "Not an mmtui store"
 
 
-def _schema(conn: sqlite3.Connection) -> set[tuple[str, str]]:
-    rows = conn.execute("SELECT type, name FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'")
-    return {(r[0], r[1]) for r in rows}
-
-
-@pytest.mark.anyio
-async def test_store_from_the_first_release_is_migrated_and_browsed(tmp_path: Path, synthetic_db: Path) -> None:
-    """A store as the first release wrote it (m001 only): opening it applies the later steps, then it browses."""
-    from sqlite_utils import Database
-
-    from mmtui.store.migrations import m001_create_tables
-
-    first = Database(memory=True)
-    m001_create_tables(first)
-    first_schema = _schema(first.conn)
-    db = tmp_path / "older.db"
-    shutil.copy(synthetic_db, db)
-    with sqlite3.connect(db) as conn:
-        full_schema = _schema(conn)
-        later = {(kind, name) for kind, name in full_schema - first_schema if "_sqlite_migrations" not in name}
-        # what later steps dropped: the first release kept the top triples as rows (m006 packs them)
-        for (sql,) in first.execute(
-            "SELECT sql FROM sqlite_master WHERE tbl_name = 'top_neurons' AND sql IS NOT NULL ORDER BY type DESC"
-        ):
-            conn.execute(sql)
-        for result_id, blob in conn.execute("SELECT id, top FROM results").fetchall():
-            layer, unit, patch, score = unpack_triples(blob)
-            conn.executemany(
-                "INSERT INTO top_neurons VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (result_id, i, *t)
-                    for i, t in enumerate(zip(*(a.tolist() for a in (layer, unit, patch, score)), strict=True))
-                ],
-            )
-        # neuron_stats as the first release keyed it, by the run's text id (m008 keys it by run_key)
-        stats = conn.execute(
-            "SELECT runs.id, layer, unit, n_top, n_images, max_score, sum_score, mean_score, best_result_id"
-            " FROM neuron_stats JOIN runs USING (run_key)"
-        ).fetchall()
-        conn.execute("DROP TABLE neuron_stats")
-        for (sql,) in first.execute(
-            "SELECT sql FROM sqlite_master WHERE tbl_name = 'neuron_stats' AND sql IS NOT NULL ORDER BY type DESC"
-        ):
-            conn.execute(sql)
-        conn.executemany("INSERT INTO neuron_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", stats)
-        for kind, name in sorted(later):
-            conn.execute(f"DROP {kind.upper()} IF EXISTS [{name}]")
-        for table in first.table_names():  # and the columns later steps added
-            for column in set(_columns(conn, table)) - set(_columns(first.conn, table)):
-                conn.execute(f"ALTER TABLE [{table}] DROP COLUMN [{column}]")
-        conn.execute("DELETE FROM _sqlite_migrations WHERE name != 'm001_create_tables'")
-    app = make_app(db, graphics="halfblock")
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        assert isinstance(app.screen, BrowseScreen)
-        assert app.screen.total == N_LAYERS * D_MLP - _unseen_units(synthetic_db)
-    with sqlite3.connect(db) as conn:
-        assert _schema(conn) == full_schema
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
-    return [r[1] for r in conn.execute(f"PRAGMA table_info([{table}])")]
-
-
-def _unseen_units(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return N_LAYERS * D_MLP - conn.execute("SELECT count(*) FROM neuron_stats").fetchone()[0]
-
-
 @pytest.mark.anyio
 async def test_quick_starts_and_quits_never_crash(synthetic_db: Path) -> None:
     """Open, wait for the table, quit at once: screens replaced or torn down while their widgets
     still mount must not raise (five times over). A smoke test of a race: a script doing this crashed in two of three runs on a
     loaded machine while the opening screen had a Header; this test did not reproduce that every time."""
-    for _ in range(5):
+    for start in range(1, 6):
         app = make_app(synthetic_db, graphics="halfblock")
         async with app.run_test(size=SIZE) as pilot:  # re-raises anything the app raised
+            deadline = time.monotonic() + 60
             while not (isinstance(app.screen, BrowseScreen) and app.screen.shown is not None):
+                assert time.monotonic() < deadline, f"start {start}: no neuron table after 60 s"
                 await pilot.pause(0.001)
+            assert app.screen.shown.rows, f"start {start}: the neuron table's first page is empty"
+            await pilot.press("q")
+        assert app.return_code == 0, f"start {start}: quit with exit code {app.return_code}"
 
 
 @pytest.mark.anyio
@@ -374,12 +292,59 @@ def test_tui_import_contract(tmp_path: Path) -> None:
     assert "1 kept, 0 broken" in out.stdout
 
 
+def _help_keys(keys: list[tuple[str, str]]) -> set[str]:
+    """The keys a help section names: "s, S" is s and S, "1 ... 7" is 1 to 7, "g" is g."""
+    found: set[str] = set()
+    for listed, _ in keys:
+        words = [w for w in re.split(r"[ ,]+", listed) if w]
+        for i, word in enumerate(words):
+            if word == "..." and words[i - 1].isdigit() and words[i + 1].isdigit():
+                found.update(str(n) for n in range(int(words[i - 1]), int(words[i + 1]) + 1))
+            else:
+                found.add(word)
+    return found
+
+
+def test_help_lists_every_screen_binding() -> None:
+    """Each key a screen (or the app) binds is in the help: in that screen's section, or under Everywhere."""
+    from textual.binding import Binding
+
+    from mmtui.tui.app import BrowseApp
+    from mmtui.tui.screens.ablation import AblationScreen
+    from mmtui.tui.screens.help import KEYS
+    from mmtui.tui.screens.image import ImageScreen
+    from mmtui.tui.screens.images import ImagesScreen
+    from mmtui.tui.screens.neuron import NeuronScreen
+
+    sections = dict(KEYS)
+    everywhere = _help_keys(sections["Everywhere"])
+    owners = {
+        "Everywhere": BrowseApp,
+        "Layers and neurons": BrowseScreen,
+        "A neuron": NeuronScreen,
+        "An image": ImageScreen,
+        "The run's images": ImagesScreen,
+        "Ablation": AblationScreen,
+    }
+    assert set(owners) == set(sections), "a help section without a screen, or a screen without a section"
+    missing = []
+    for section, owner in owners.items():
+        listed = _help_keys(sections[section]) | everywhere
+        for binding in owner.BINDINGS:
+            assert isinstance(binding, Binding)
+            for key in binding.key.split(","):
+                shown = {"slash": "/", "question_mark": "?"}.get(key.strip(), key.strip())
+                if shown not in listed:
+                    missing.append(f"{section}: {shown} ({binding.description})")
+    assert not missing, "keys bound but not in the help: " + "; ".join(missing)
+
+
 # -- the command ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["browse"], "mmtui browse needs a terminal"),
-        (["browse", "--graphics", "sixels"], "--graphics 'sixels': use one of auto, pixels, halfblock"),
+        (["browse", "--graphics", "sixels"], "'sixels' is not one of 'auto', 'pixels', 'halfblock'"),
     ],
 )
 def test_browse_command_errors(args: list[str], message: str) -> None:
@@ -390,4 +355,4 @@ def test_browse_command_errors(args: list[str], message: str) -> None:
 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    assert message in " ".join(result.output.replace("\u2502", " ").split())  # the lines of rich's error panel

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmtui.defaults import BASELINES, UNIT_MODES
 from mmtui.errors import MmtuiError, NotFoundError
 from mmtui.experiments.ablation_ops import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
 
 CONDITIONS = ("top", "random", "interpretable")
 MODES = ("zero", "mean")
-UNIT_MODES = ("triples", "units")
-BASELINES = ("random", "none")
 __all__ = [
     "AblationError",
     "AblationPoint",
@@ -292,10 +291,10 @@ def _caption_scores(
     if reference is None:
         return [None] * len(captions)
     out: list[float | None] = [1.0 if c == reference else None for c in captions]
-    differ = [i for i, c in enumerate(captions) if c is not None and c != reference]
+    differ = [(i, c) for i, c in enumerate(captions) if c is not None and c != reference]
     if differ and bertscore is not None:
-        f1 = bertscore.f1([captions[i] for i in differ], [reference] * len(differ))  # type: ignore[misc]
-        for i, value in zip(differ, f1.tolist(), strict=True):
+        f1 = bertscore.f1([c for _, c in differ], [reference] * len(differ))
+        for (i, _), value in zip(differ, f1.tolist(), strict=True):
             out[i] = float(value)
     return out
 

@@ -95,9 +95,9 @@ def select(
             orders[("random", seed)] = _random_like(ranked[:k_max], shape["d_mlp"], seed, result_id)
     configs = []
     for k in ks:
-        for (condition, seed), order in orders.items():
+        for (condition, order_seed), order in orders.items():
             if k <= len(order):
-                configs.append(AblationSet(int(k), condition, seed, order[:k]))
+                configs.append(AblationSet(int(k), condition, order_seed, order[:k]))
     return configs
 
 

@@ -353,6 +353,7 @@ def explain_run(
     if instances is not None:
         if best is None:
             best, texts = store_labels.best_images(store, run_id), store_labels.result_texts(store, run_id)
+        assert texts is not None
         names = [Path(t["path"]).name for t in texts]
         covered = np.array([n in instances.images for n in names], dtype=bool)
         if not covered.any():

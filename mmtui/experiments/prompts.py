@@ -64,7 +64,7 @@ def nearest_tokens(stack: Stack, vectors: torch.Tensor, k: int = DEFAULT_K, chun
     """
     import torch
 
-    emb = stack.lm.get_input_embeddings().weight[: stack.real_vocab].detach().float()  # [V, d]
+    emb = stack.adapter.embedding()[: stack.real_vocab].detach().float()  # [V, d]
     emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     out = []
     with torch.no_grad():

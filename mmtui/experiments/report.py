@@ -394,9 +394,9 @@ def build_report(
     # top neurons
     neurons = list(list_neurons(store, run, sort="count", limit=top_neurons))
     report.numbers["top_neurons"] = neurons
-    for n in neurons:
-        n["name"] = f"L{n['layer']}.u{n['unit']}"
-        n["words"] = ", ".join(t.strip() for t in n["tokens"])
+    for neuron in neurons:
+        neuron["name"] = f"L{neuron['layer']}.u{neuron['unit']}"
+        neuron["words"] = ", ".join(t.strip() for t in neuron["tokens"])
     sections.append(
         "<h2>Top multimodal neurons (by images whose top 100 they enter)</h2>"
         + _table(
@@ -435,7 +435,7 @@ def explain_section(store: Store, run: Run, fdr: float = 0.05) -> tuple[dict[str
         if control == 0
     ]
     numbers = {"fdr": fdr, "per_layer": per_layer, "categories": categories}
-    totals = {}
+    totals: dict[str, Any] = {}
     for r in per_layer:
         t = totals.setdefault(r["kind"], [0, 0, 0])
         t[0], t[1], t[2] = t[0] + r["units"], t[1] + r["labelled"], t[2] + r["shuffled"]

@@ -169,7 +169,7 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
         value = not value
     mask = flat.reshape(w, h).T
     if (h, w) != (height, width):
-        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST), dtype=bool)
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST), dtype=bool)
     return mask
 
 
@@ -282,7 +282,7 @@ def score_images(
         info = instances.images[name]
         mask = category_mask(by_cat[cat], info["height"], info["width"])
         if mask.shape != (loaded.size[1], loaded.size[0]):
-            mask = np.asarray(Image.fromarray(mask).resize(loaded.size, Image.NEAREST), dtype=bool)
+            mask = np.asarray(Image.fromarray(mask).resize(loaded.size, Image.Resampling.NEAREST), dtype=bool)
         target = encoder_view_mask(stack, mask)  # bool [H, W] in the encoder frame
         randoms = [random_units(units, stack.d_mlp, s, row["id"]) for s in range(seeds)]
         every = list(dict.fromkeys([*units, *(u for r in randoms for u in r)]))

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from mmtui.stacks.base import Stack
+    from mmtui.store import Run
 
 MODES = ("scale", "add")
 Unit = tuple[int, int]
@@ -111,7 +112,7 @@ def parse_unit(text: str) -> Unit:
     return int(left), int(right)
 
 
-def check_units(run: dict[str, Any], units: Sequence[Unit]) -> None:
+def check_units(run: Run, units: Sequence[Unit]) -> None:
     """Raise SteerError naming the first unit the run's stack does not have."""
     shape = run.shape
     for layer, unit in units:
@@ -125,7 +126,7 @@ def check_units(run: dict[str, Any], units: Sequence[Unit]) -> None:
 def steer(
     stack: Stack,
     store: Store,
-    run: dict[str, Any],
+    run: Run,
     units: Sequence[Unit],
     images: Sequence[str],
     values: Sequence[float],

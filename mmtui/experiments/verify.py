@@ -58,7 +58,7 @@ def verify_units(
         if not (layer < n_layers and unit < d_mlp):
             row.update(tokens=[], matched=None, note=f"not in this LM ({n_layers} layers x {d_mlp} units)")
         else:
-            ids = unit_logits(lm, layer, [unit], convention)[:, 0].topk(10).indices.tolist()  # type: ignore[arg-type]
+            ids = unit_logits(lm, layer, [unit], convention)[:, 0].topk(10).indices.tolist()
             tokens = [lm.tokenizer.decode([i]) for i in ids]
             stripped = {t.strip() for t in tokens}
             row.update(

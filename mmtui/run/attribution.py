@@ -216,8 +216,9 @@ def caption_and_score(
             except TargetError as err:
                 chosen.append(err)
         targets = [t if isinstance(t, Target) else _IDLE for t in chosen]
-        if all(isinstance(t, TargetError) for t in chosen):
-            return list(chosen)
+        errors = [t for t in chosen if isinstance(t, TargetError)]
+        if len(errors) == len(chosen):
+            return list(errors)
         # every index on the device before the next pass is queued (the copy of one made after it would wait)
         context, lengths = stack.text_embeds([t.context_ids for t in targets])
         token_ids = torch.tensor([t.token_id for t in targets], device=stack.device)

@@ -10,15 +10,24 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from mmtui.defaults import CONVENTIONS
 from mmtui.stacks.base import Stack
+from mmtui.stacks.lm import LMAdapter, weight_of
 from mmtui.words import is_interpretable
 
 DEFAULT_K = 10
+
+
+class HasLM(Protocol):
+    """What decoding a unit needs: a Stack, or an LM on its own (mmtui.experiments.verify.LMOnly)."""
+
+    adapter: LMAdapter
+    real_vocab: int
 
 
 def vocab_strings(stack: Stack) -> list[str]:
@@ -26,16 +35,16 @@ def vocab_strings(stack: Stack) -> list[str]:
     return stack.tokenizer.batch_decode([[i] for i in range(stack.real_vocab)])
 
 
-def _gain(stack: Stack, convention: str) -> torch.Tensor | None:
+def _gain(stack: HasLM, convention: str) -> torch.Tensor | None:
     if convention == "raw":
         return None
     if convention == "ln_f":
-        return stack.adapter.final_norm().weight.detach()
+        return weight_of(stack.adapter.final_norm()).detach()
     raise ValueError(f"unknown decoding convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
 
 
 @torch.no_grad()
-def unit_logits(stack: Stack, layer: int, units: torch.Tensor | list[int], convention: str = "raw") -> torch.Tensor:
+def unit_logits(stack: HasLM, layer: int, units: torch.Tensor | list[int], convention: str = "raw") -> torch.Tensor:
     """W_U[:real_vocab] @ (gain *) W_out[:, units] -> [real_vocab, n_units], float32."""
     w = stack.adapter.out_weight(layer)[:, units].float()  # [d_model, n]
     gain = _gain(stack, convention)

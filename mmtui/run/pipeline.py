@@ -27,7 +27,7 @@ from mmtui.defaults import DEFAULT_KEEP
 from mmtui.errors import ImageError, TargetError
 from mmtui.run.attribution import Attribution, Target, caption_and_score
 from mmtui.run.decoding import decode_units
-from mmtui.run.events import Event, ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
+from mmtui.run.events import Event, ImageDone, ImageFailed, ImageSkipped, Note, RunStarted, SkipReason
 from mmtui.run.images import LoadedImage, RawImage, Skip, iter_images
 from mmtui.run.writer import StoreWriter
 from mmtui.stacks.base import DEFAULT_MAX_NEW_TOKENS, Stack
@@ -166,7 +166,7 @@ def plan(
             yield ImageFailed(item.path, str(item))
             continue
         if isinstance(item, Skip):
-            reason = "duplicate" if item.duplicate else "shard"
+            reason: SkipReason = "duplicate" if item.duplicate else "shard"
             yield ImageSkipped(str(item.path), reason, f"{item.path}: {item.reason}", item.sha256)
             continue
         word, human = settings.target, None
@@ -187,6 +187,13 @@ def plan(
             continue
         done.add((item.sha256, spec))
         yield WorkItem(item, spec, word, human)
+
+
+def _loaded(work: WorkItem) -> LoadedImage:
+    """A work item's decoded image (plan decodes unless told not to; attribute_batch decodes the rest)."""
+    if not isinstance(work.image, LoadedImage):
+        raise TypeError(f"{work.image.path}: not decoded yet")
+    return work.image
 
 
 def attribute_batch(
@@ -210,7 +217,7 @@ def attribute_batch(
         batch = decoded
         if not batch:
             return events
-    prefix = stack.encode(pixels if pixels is not None else [w.image.image for w in batch])  # [B, P, d_model]
+    prefix = stack.encode(pixels if pixels is not None else [_loaded(w).image for w in batch])  # [B, P, d_model]
     scored = caption_and_score(
         stack,
         prefix,
@@ -239,7 +246,7 @@ def attribute_batch(
                     str(work.image.path),
                 )
             )
-        record = to_record(stack, work.image, work.spec, attr, work.human, seconds)
+        record = to_record(stack, _loaded(work), work.spec, attr, work.human, seconds)
         events.append(ImageDone(str(work.image.path), work.image.sha256, None, record))
     return events
 
@@ -324,7 +331,9 @@ class LocalEngine:
         def prepared() -> Iterator[tuple[list[WorkItem], torch.Tensor] | Event]:
             for batch in work:
                 yield (
-                    batch if not isinstance(batch, list) else (batch, self.stack.pixels([w.image.image for w in batch]))
+                    batch
+                    if not isinstance(batch, list)
+                    else (batch, self.stack.pixels([_loaded(w).image for w in batch]))
                 )
 
         for item in prefetch(prepared(), depth=2):

@@ -10,18 +10,20 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from functools import cached_property, partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from mmtui.stacks.lm import LMAdapter
 from mmtui.stacks.projection import Projection
 from mmtui.stacks.vision import VisionEncoder
 from mmtui.store import StackIdentity
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _short_version(module_name: str) -> str:
@@ -43,7 +45,7 @@ class Stack:
     name: str
     encoder: VisionEncoder
     projection: Projection
-    lm: nn.Module
+    lm: PreTrainedModel
     tokenizer: Any
     real_vocab: int
     identity: dict[str, Any]
@@ -253,7 +255,7 @@ class Stack:
         handles = []
         try:
             for layer in range(self.n_layers):
-                handles.append(self.adapter.site_hook(layer, site, lambda act, _l=layer: fn(_l, act)))
+                handles.append(self.adapter.site_hook(layer, site, partial(fn, layer)))
             yield
         finally:
             for handle in handles:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mmtui.defaults import SITES
 from mmtui.errors import StackError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,24 @@ MODEL_TYPES = {
 }
 
 
-def _get(obj: object, path: str) -> object:
+def _get(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's `weight` parameter (torch types every module attribute as Tensor | Module)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise StackError(f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor")
+    return weight
+
+
 class LMAdapter:
     """Access to the MLP neurons of one causal LM."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in MODEL_TYPES:
             raise StackError(
@@ -75,7 +87,7 @@ class LMAdapter:
             )
         self.family = FAMILIES[MODEL_TYPES[model_type]]
         self.model = model
-        self.blocks: list[nn.Module] = list(_get(model, self.family.blocks))  # type: ignore[call-overload]
+        self.blocks: list[nn.Module] = list(_get(model, self.family.blocks))
 
     @property
     def n_layers(self) -> int:
@@ -96,15 +108,19 @@ class LMAdapter:
 
     def out_weight(self, layer: int) -> torch.Tensor:
         """W_out of one layer as [d_model, d_mlp]: column k is unit k's output weights."""
-        weight = self.w_out_module(layer).weight
+        weight = weight_of(self.w_out_module(layer))
         return weight.T if self.family.conv1d else weight
 
     def final_norm(self) -> nn.Module:
-        return _get(self.model, self.family.final_norm)  # type: ignore[return-value]
+        return _get(self.model, self.family.final_norm)
 
     def unembedding(self) -> torch.Tensor:
         """W_U as [vocab, d_model]."""
-        return self.model.get_output_embeddings().weight
+        return weight_of(self.model.get_output_embeddings())
+
+    def embedding(self) -> torch.Tensor:
+        """The input embeddings as [vocab, d_model]."""
+        return weight_of(self.model.get_input_embeddings())
 
     def site_hook(
         self, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]

@@ -122,7 +122,7 @@ def load_lm(
             from mmtui.stacks.converted import load_gguf
 
             model, tok, digest = load_gguf(path, dtype, progress)
-            identity = {"lm": f"gguf:{path.name}", "lm_sha256": digest}
+            identity: dict[str, Any] = {"lm": f"gguf:{path.name}", "lm_sha256": digest}
         else:
             if progress:
                 progress(f"loading {spec}")

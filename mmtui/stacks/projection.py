@@ -34,8 +34,8 @@ class Projection(nn.Module):
         self.linear = nn.Linear(d_in, d_out)
         self.norm = norm
         self.learn_scale = learn_scale and norm is not None
-        if self.learn_scale:
-            self.log_scale = nn.Parameter(torch.tensor(math.log(norm)))  # type: ignore[arg-type]
+        if learn_scale and norm is not None:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(norm)))
 
     @property
     def d_in(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,8 +31,8 @@ CORPUS = [
     "A picture of a surfer on a wave in the ocean.",
 ]
 # the tiny GPT-J's sizes; small enough that float64 checks against Captum take well under a second
-LM_CONFIG = dict(n_positions=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=64)
-BEIT_CONFIG = dict(
+LM_CONFIG: dict[str, Any] = dict(n_positions=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=64)
+BEIT_CONFIG: dict[str, Any] = dict(
     image_size=64,
     patch_size=16,
     hidden_size=32,
@@ -85,7 +86,9 @@ def tiny_parts(seed: int = 0, dtype: torch.dtype = torch.float32):
     proj = Projection(BEIT_CONFIG["hidden_size"], LM_CONFIG["n_embd"])
     with torch.no_grad():  # image prompts of roughly the word embeddings' scale, so captions depend on the image
         proj.linear.weight.mul_(4.0)
-    return lm.to(dtype), beit.to(dtype), processor, proj.to(dtype), tok
+    # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function
+    lm, beit = lm.to(dtype), beit.to(dtype)  # type: ignore[arg-type]
+    return lm, beit, processor, proj.to(dtype), tok
 
 
 def save_tiny_limber(directory: Path | str, seed: int = 0) -> dict[str, Path]:

@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -48,11 +49,11 @@ class VisionEncoder(nn.Module):
 class BeitEncoder(VisionEncoder):
     """transformers BEiT: `last_hidden_state[:, 1:]`, the CLS token dropped (LiMBeR's features)."""
 
-    def __init__(self, model: nn.Module, processor: Callable[..., dict], name: str) -> None:
+    def __init__(self, model: nn.Module, processor: Callable[..., Any], name: str) -> None:
         super().__init__(lambda images: processor(images=list(images), return_tensors="pt")["pixel_values"])
         self.model = model.eval().requires_grad_(False)
         self.name = name
-        cfg = model.config
+        cfg: Any = model.config
         side = cfg.image_size // cfg.patch_size
         self.grid = (side, side)
         self.dim = cfg.hidden_size
@@ -83,7 +84,7 @@ def timm_transform(size: int, crop: int, mean: float | Sequence[float], std: flo
 class TimmEncoder(VisionEncoder):
     """Any timm model whose `forward_features` is a feature map [B, C, H, W] or patch tokens [B, N, C]."""
 
-    def __init__(self, model: nn.Module, name: str, crop: int, preprocess: Callable) -> None:
+    def __init__(self, model: Any, name: str, crop: int, preprocess: Callable) -> None:
         super().__init__(preprocess)
         self.model = model.eval().requires_grad_(False)
         self.name = name

@@ -26,7 +26,12 @@ import zstandard
 LOSSLESS_MAX_VALUES = 1 << 18  # arrays up to this size (smol: 46,080 units) keep float16; larger ones, 8 bits
 LOG8, LOG8_ZLIB = b"Z8", b"L8"
 TRIPLES = b"T1"
-_TRIPLE_COLUMNS = (np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u2"), np.dtype("<f4"))  # layer, unit, patch, score
+_TRIPLE_COLUMNS: tuple[np.dtype, ...] = (
+    np.dtype("<u2"),
+    np.dtype("<u4"),
+    np.dtype("<u2"),
+    np.dtype("<f4"),
+)  # layer, unit, patch, score
 UNIT_IMAGES = b"I1"
 UNIT_IMAGE = np.dtype([("result", "<u4"), ("score", "<f4"), ("rank", "<u4"), ("patch", "<u2")])  # packed: 14 bytes
 LOG8_STEPS = 8  # codes per octave: a code is within 2**(1/16) - 1 = 4.4% of the value it stands for

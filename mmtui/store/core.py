@@ -340,7 +340,7 @@ class Store:
     def ensure_stack(self, stack: StackIdentity) -> None:
         """Record a stack if new (inside the caller's write transaction, or in its own)."""
         with self.db.atomic():
-            self.db["stacks"].insert(
+            self.db.table("stacks").insert(
                 {
                     "id": stack.id,
                     "name": stack.name,
@@ -410,7 +410,7 @@ class Store:
         if packed is None:
             packed = pack_result(rec)
         with self._write():
-            self.db["images"].upsert(
+            self.db.table("images").upsert(
                 {
                     "sha256": rec.image_sha256,
                     "path": storable_path(rec.image_path),
@@ -448,6 +448,7 @@ class Store:
                 ],
             )
             if cur.rowcount == 1:
+                assert cur.lastrowid is not None
                 result_id = int(cur.lastrowid)
             else:  # another process (a second run on the same images and cache) wrote it first: keep theirs
                 row = self.db.execute(

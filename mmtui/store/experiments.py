@@ -47,7 +47,7 @@ def ensure_stack(store: Store, stack: StackIdentity) -> None:
 
 def ensure_image(store: Store, *, sha256: str, path: str, width: int, height: int) -> None:
     with store.transaction():
-        store.db["images"].upsert(
+        store.db.table("images").upsert(
             {"sha256": sha256, "path": path, "width": width, "height": height, "added": _now()}, pk="sha256"
         )
 

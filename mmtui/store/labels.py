@@ -121,7 +121,8 @@ def labels(
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Stored labels, least q first: dicts of kind, control and LABEL_COLUMNS. fdr: only q below it."""
-    where, args = ["run_key = ?", "control = ?"], [run_key, control]
+    where: list[str] = ["run_key = ?", "control = ?"]
+    args: list[Any] = [run_key, control]
     for column, value in (("kind", kind), ("layer", layer), ("lower(label)", label.lower() if label else None)):
         if value is not None:
             where.append(f"{column} = ?")

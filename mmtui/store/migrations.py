@@ -26,11 +26,11 @@ migrations = Migrations(MIGRATION_SET)
 
 @migrations()
 def m001_create_tables(db: Database) -> None:
-    db["stacks"].create(
+    db.table("stacks").create(
         {"id": str, "name": str, "fingerprint": str, "shape": str, "lm_id": str, "created": str},
         pk="id",
     )
-    db["runs"].create(
+    db.table("runs").create(
         {
             "id": str,
             "stack_id": str,
@@ -43,8 +43,8 @@ def m001_create_tables(db: Database) -> None:
         pk="id",
         foreign_keys=[("stack_id", "stacks", "id")],
     )
-    db["images"].create({"sha256": str, "path": str, "width": int, "height": int, "added": str}, pk="sha256")
-    db["results"].create(
+    db.table("images").create({"sha256": str, "path": str, "width": int, "height": int, "added": str}, pk="sha256")
+    db.table("results").create(
         {
             "id": int,
             "run_id": str,
@@ -70,8 +70,8 @@ def m001_create_tables(db: Database) -> None:
         pk="id",
         foreign_keys=[("run_id", "runs", "id"), ("image_sha256", "images", "sha256")],
     )
-    db["results"].create_index(["run_id", "image_sha256", "target_spec"], unique=True)
-    db["results"].create_index(["image_sha256"])
+    db.table("results").create_index(["run_id", "image_sha256", "target_spec"], unique=True)
+    db.table("results").create_index(["image_sha256"])
     db.execute(
         """
         CREATE TABLE top_neurons (
@@ -85,7 +85,7 @@ def m001_create_tables(db: Database) -> None:
         ) WITHOUT ROWID
         """
     )
-    db["top_neurons"].create_index(["layer", "unit", "score"])
+    db.table("top_neurons").create_index(["layer", "unit", "score"])
     db.execute(
         """
         CREATE TABLE neuron_stats (
@@ -103,7 +103,7 @@ def m001_create_tables(db: Database) -> None:
         """
     )
     for column in ("max_score", "n_top", "mean_score"):
-        db["neuron_stats"].create_index(["run_id", column])
+        db.table("neuron_stats").create_index(["run_id", column])
     db.execute(
         """
         CREATE TABLE neuron_tokens (
@@ -160,8 +160,8 @@ def m002_create_experiment_tables(db: Database) -> None:
         )
         """
     )
-    db["ablation_points"].create_index(["result_id", "mode", "unit_mode", "condition", "k", "seed"], unique=True)
-    db["ablation_points"].create_index(["run_id", "mode", "unit_mode"])
+    db.table("ablation_points").create_index(["result_id", "mode", "unit_mode", "condition", "k", "seed"], unique=True)
+    db.table("ablation_points").create_index(["run_id", "mode", "unit_mode"])
     db.execute(
         """
         CREATE TABLE unit_means (
@@ -208,7 +208,7 @@ def m002_create_experiment_tables(db: Database) -> None:
         )
         """
     )
-    db["prompt_texts"].create_index(["stack_id", "settings_id", "kind", "image_sha256", "idx"], unique=True)
+    db.table("prompt_texts").create_index(["stack_id", "settings_id", "kind", "image_sha256", "idx"], unique=True)
     db.execute(
         """
         CREATE TABLE ks_tests (
@@ -229,7 +229,9 @@ def m002_create_experiment_tables(db: Database) -> None:
         )
         """
     )
-    db["ks_tests"].create_index(["experiment", "scope", "settings_id", "metric", "sample_a", "sample_b"], unique=True)
+    db.table("ks_tests").create_index(
+        ["experiment", "scope", "settings_id", "metric", "sample_a", "sample_b"], unique=True
+    )
     db.execute(
         """
         CREATE TABLE specificity (
@@ -249,7 +251,9 @@ def m002_create_experiment_tables(db: Database) -> None:
         )
         """
     )
-    db["specificity"].create_index(["run_id", "settings_id", "result_id", "kind", "seed", "layer", "unit"], unique=True)
+    db.table("specificity").create_index(
+        ["run_id", "settings_id", "result_id", "kind", "seed", "layer", "unit"], unique=True
+    )
     db.execute(
         """
         CREATE TABLE agreement (
@@ -269,7 +273,7 @@ def m002_create_experiment_tables(db: Database) -> None:
         )
         """
     )
-    db["agreement"].create_index(["run_id", "settings_id", "result_id", "kind", "metric"], unique=True)
+    db.table("agreement").create_index(["run_id", "settings_id", "result_id", "kind", "metric"], unique=True)
 
 
 TEXT_KEY_BITS = 20  # neuron_text rowid = token set id << 40 | layer << 20 | unit (units and layers below 2**20)
@@ -297,9 +301,9 @@ def m003_index_browse_queries(db: Database) -> None:
         ["run_id", "layer", "n_top"],
         ["run_id", "layer", "n_images"],
     ):
-        db["neuron_stats"].create_index(columns)
-    db["results"].create_index(["run_id", "created"])
-    db["neuron_tokens"].create_index(["lm_id", "convention", "text"])
+        db.table("neuron_stats").create_index(columns)
+    db.table("results").create_index(["run_id", "created"])
+    db.table("neuron_tokens").create_index(["lm_id", "convention", "text"])
     db.execute(
         """
         CREATE TABLE token_sets (
@@ -346,8 +350,8 @@ def m003_index_browse_queries(db: Database) -> None:
 def m004_track_results_in_stats(db: Database) -> None:
     """results.in_stats: whether a result is counted in neuron_stats yet. A fast attribute run writes results
     without touching neuron_stats and folds them in, many at a time, with `Store.refresh_stats`."""
-    db["results"].add_column("in_stats", int, not_null_default=1)
-    db["results"].create_index(["run_id", "in_stats"])
+    db.table("results").add_column("in_stats", int, not_null_default=1)
+    db.table("results").create_index(["run_id", "in_stats"])
 
 
 @migrations()
@@ -401,7 +405,7 @@ def m006_pack_top_triples(db: Database) -> None:
 
     from mmtui.store.arrays import pack_triples
 
-    db["results"].add_column("top", bytes)
+    db.table("results").add_column("top", bytes)
     if "top_neurons" not in db.table_names():  # not written by mmtui; nothing to convert
         return
     ids = [r[0] for r in db.execute("SELECT id FROM results ORDER BY id")]
@@ -421,7 +425,7 @@ def m007_neuron_images_floor(db: Database) -> None:
     `Store.prune_neuron_images` (NULL: not known yet, or fewer kept). A result scoring at or below it can't enter
     the unit's best (new results have higher ids, which lose ties), so `Store.refresh_stats` skips it: in a long
     run most (result, unit) pairs, where neuron_images took most of the write time."""
-    db["neuron_stats"].add_column("images_floor", float)
+    db.table("neuron_stats").add_column("images_floor", float)
 
 
 STATS_INDEXES = (  # neuron_stats' indexes as m008 rebuilt them (m001, m003); m009 drops the (layer, ...) ones
@@ -482,7 +486,7 @@ def m008_integer_run_keys_and_unit_lists(db: Database) -> None:
     db.execute("DROP TABLE neuron_stats")  # and its indexes
     db.execute("ALTER TABLE neuron_stats_new RENAME TO neuron_stats")
     for columns in STATS_INDEXES:
-        db["neuron_stats"].create_index(["run_key", *columns])
+        db.table("neuron_stats").create_index(["run_key", *columns])
     db.execute(
         """
         CREATE TABLE neuron_images_new (
@@ -522,7 +526,7 @@ def m009_drop_per_layer_sort_indexes(db: Database) -> None:
     results at GPT-J scale). A sort within one layer now reads the layer's rows by the primary key and sorts
     them (16,384 at GPT-J scale: a few ms; `mmtui.store.queries`); sorts over all layers keep their indexes."""
     per_layer = {("run_key", *columns) for columns in STATS_INDEXES if columns[0] == "layer"}
-    for index in db["neuron_stats"].indexes:
+    for index in db.table("neuron_stats").indexes:
         if tuple(index.columns) in per_layer:
             db.execute(f"DROP INDEX [{index.name}]")
 

@@ -101,7 +101,8 @@ def list_neurons(
             del row["text"]
             yield row
         return
-    filters, filter_args = [], []
+    filters: list[str] = []
+    filter_args: list[Any] = []
     if layer is not None:
         filters.append("s.layer = ?")
         filter_args.append(layer)
@@ -283,7 +284,8 @@ def _neuron_query(
     -> neuron_stats (or the tokens, by text) walked in sort order with each unit's tokens looked up.
     CROSS JOIN fixes SQLite's loop order to that plan. `tokens_select` is added to `select` when the plan joins
     the tokens (t); they are left out when nothing filters or sorts by them. Also says whether it joined them."""
-    where, args = ["s.run_key = ?"], [run.key]
+    where: list[str] = ["s.run_key = ?"]
+    args: list[Any] = [run.key]
     if layer is not None:
         where.append("s.layer = ?")
         args.append(layer)
@@ -304,6 +306,7 @@ def _neuron_query(
         )
         if interpretable is None and not by_text and contains:
             return f"SELECT {select} FROM {source} WHERE {' AND '.join(where)}", [json.dumps(hits), *args], False
+        assert token is not None  # hits come from a token
         exact, exact_args = _token_where(token, contains, prefiltered=True)
         where, args = where + exact, args + exact_args
         source += f" LEFT JOIN neuron_tokens t ON {on_tokens}"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mmtui.errors import StoreError
-from mmtui.store.core import Store
+from mmtui.store.core import Run, Store
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ def interrupt(store: Store) -> None:
     store.db.conn.interrupt()
 
 
-def list_runs(store: Store) -> list[dict[str, Any]]:
+def list_runs(store: Store) -> list[Run]:
     """store.runs(), a database error raised as StoreError (a damaged file)."""
     try:
         return store.runs()

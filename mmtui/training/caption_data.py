@@ -19,13 +19,16 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mmtui.errors import ImageError, MmtuiError
 from mmtui.run.images import decode_image, find_images, read_image_bytes
+
+if TYPE_CHECKING:
+    from mmtui.stacks.vision import VisionEncoder
 
 DEFAULT_HOLDOUT = 30
 
@@ -234,7 +237,7 @@ def _read(path: Path, preprocess: Callable, cache: FeatureCache) -> tuple[Path, 
 
 
 def compute_features(
-    encoder: torch.nn.Module,
+    encoder: VisionEncoder,
     device: torch.device,
     paths: Sequence[Path],
     cache: FeatureCache,

@@ -150,5 +150,5 @@ def prepare_data(
 
 def word_embedding_norm(stack: Stack) -> float:
     """Mean L2 norm of the LM's input embeddings of real tokens."""
-    weight = stack.lm.get_input_embeddings().weight[: stack.real_vocab]
+    weight = stack.lm.get_input_embeddings().weight[: stack.real_vocab]  # type: ignore[index]
     return float(weight.float().norm(dim=-1).mean())

@@ -142,7 +142,7 @@ def new_projection(stack: Stack, config: TrainConfig) -> Projection:
     if isinstance(norm, str):
         raise TrainingError(f"norm must be 'auto', a number or None, not {norm!r}")
     torch.manual_seed(config.seed)
-    return Projection(stack.encoder.dim, stack.lm.get_input_embeddings().weight.shape[1], norm, config.learn_scale)
+    return Projection(stack.encoder.dim, stack.adapter.embedding().shape[1], norm, config.learn_scale)
 
 
 def fit(
@@ -168,7 +168,8 @@ def fit(
     per_epoch = math.ceil(len(_epoch_samples(data, config, 0)) / config.batch_size)
     total = max(1, math.ceil(config.epochs * per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, total))
-    step, running = 0, None
+    running: float | None = None
+    step = 0
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=stack.device, weights_only=True)
         if state.get("run_id") != run_id:
@@ -200,7 +201,7 @@ def fit(
             if step % config.checkpoint_every == 0 or step == total:
                 _save_checkpoint(checkpoint, run_id, step, proj, opt, sched, running)
             if on_progress is not None:
-                on_progress(TrainProgress("train", step, total, running, sched.get_last_lr()[0]))
+                on_progress(TrainProgress("train", step, total, running, float(sched.get_last_lr()[0])))
     except KeyboardInterrupt:
         _save_checkpoint(checkpoint, run_id, step, proj, opt, sched, running or float("nan"))
         raise TrainingInterrupted(step, checkpoint) from None
@@ -299,7 +300,7 @@ def make_card(
             **parts,
             "prompt": stack.prompt,
             "d_in": stack.encoder.dim,
-            "d_out": stack.lm.get_input_embeddings().weight.shape[1],
+            "d_out": stack.adapter.embedding().shape[1],
             "n_patches": stack.encoder.n_patches,
             "device": str(stack.device),
             "amp": bool(config.amp and stack.device.type == "cuda"),

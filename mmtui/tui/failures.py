@@ -7,15 +7,21 @@ bubble): every screen and widget with workers mixes this in, so it reaches the s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from textual.worker import Worker, WorkerState
+
+if TYPE_CHECKING:
+    from textual.app import App
 
 
 class ShowsWorkerErrors:
     """Mix into a Screen or Widget (before it in the bases) that runs workers."""
 
+    if TYPE_CHECKING:
+        app: App[Any]  # the Screen's or Widget's
+
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:
             error = event.worker.error
-            self.app.notify(  # type: ignore[attr-defined]
-                f"{type(error).__name__}: {error}", title="Something failed", severity="error", timeout=15
-            )
+            self.app.notify(f"{type(error).__name__}: {error}", title="Something failed", severity="error", timeout=15)

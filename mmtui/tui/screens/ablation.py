@@ -18,7 +18,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, ProgressBar, Select, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
@@ -26,7 +25,7 @@ from textual_plotext import PlotextPlot
 from mmtui.defaults import DEFAULT_KS, parse_ks
 from mmtui.errors import MmtuiError
 from mmtui.store import Run, Store
-from mmtui.tui.failures import ShowsWorkerErrors
+from mmtui.tui.base import AppScreen
 from mmtui.tui.messages import (
     AblationFailed,
     AblationFinished,
@@ -53,7 +52,7 @@ def percent(value: float | None) -> str:
     return f"{100 * value + 0.0:.1f}%" if abs(value) >= 0.0005 else "0.0%"
 
 
-class AblationScreen(ShowsWorkerErrors, Screen[None]):
+class AblationScreen(AppScreen):
     BINDINGS = [
         Binding("escape", "leave", "Back"),
         Binding("ctrl+r", "start", "Run"),
@@ -227,7 +226,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
         cancel = self.cancel_event
         points: list[Any] = []
         skipped: list[str] = []
-        stacks = self.app.stacks  # type: ignore[attr-defined]
+        stacks = self.app.stacks
         try:
             # a connection of its own: the points are written from this thread while the browser reads
             with Store.open(self.run_path(), create=False) as store:
@@ -268,7 +267,7 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
         self.post_message(AblationFinished(points, summary, cancel.is_set() or get_current_worker().is_cancelled))
 
     def run_path(self) -> Any:
-        return self.app.db_path  # type: ignore[attr-defined]
+        return self.app.db_path
 
     def load_bertscore(self, spec: AblationSpec, stack: Any) -> Any:
         from mmtui.experiments.metrics import load_scorers
@@ -322,7 +321,9 @@ class AblationScreen(ShowsWorkerErrors, Screen[None]):
             text = f"Cancelled: {done} point(s) computed and kept in the store."
         else:
             text = f"Done: {done} point(s), stored."
-            self.query_one("#progress", ProgressBar).update(progress=self.query_one("#progress", ProgressBar).total)
+            bar = self.query_one("#progress", ProgressBar)
+            if bar.total is not None:
+                bar.update(progress=bar.total)
         self.query_one("#ablation-status", Static).update(text)
 
     @on(AblationFailed)

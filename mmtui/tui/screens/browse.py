@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, OptionList, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
 from mmtui.store import Run, Store
 from mmtui.store.queries import count_neurons, layer_counts, neuron_page
-from mmtui.tui.failures import ShowsWorkerErrors
+from mmtui.tui.base import AppScreen
 from mmtui.tui.messages import LayersLoaded, NeuronRequested, NeuronsCounted, NeuronsLoaded, QueryFailed
 from mmtui.tui.screens.runs import run_shape
 from mmtui.tui.session import Interrupted
@@ -31,7 +29,7 @@ def run_title(run: Run) -> str:
     return f"run {run.id} · {run.stack.name} · {run.n_images:,} images · {run_shape(run)}"
 
 
-class BrowseScreen(ShowsWorkerErrors, Screen[None]):
+class BrowseScreen(AppScreen):
     BINDINGS = [
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("s", "sort(1)", "Sort"),
@@ -56,10 +54,6 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
         self.settled = False
         self.total: int | None = None
 
-    @property
-    def session(self) -> Any:
-        return self.app.session  # type: ignore[attr-defined]
-
     def compose(self) -> ComposeResult:
         yield TitleBar(run_title(self.run))
         with Horizontal(id="browse-body"):
@@ -74,7 +68,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_state = NeuronQuery(limit=self.app.page)  # type: ignore[attr-defined]
+        self.query_state = NeuronQuery(limit=self.app.page)
         self.query_one("#layers-pane").border_title = "Layers · top-100 units"
         self.query_one("#neurons-pane").border_title = "Neurons"
         self.query_one("#filter", Input).display = False
@@ -302,7 +296,7 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "runs":  # only a store of several runs has others to choose
-            return len(self.app.runs) > 1  # type: ignore[attr-defined]
+            return len(self.app.runs) > 1
         return True
 
     def action_runs(self) -> None:
@@ -311,4 +305,4 @@ class BrowseScreen(ShowsWorkerErrors, Screen[None]):
         if self.chooser_below():
             self.app.pop_screen()
         else:
-            self.app.switch_screen(RunsScreen(self.app.runs))  # type: ignore[attr-defined]
+            self.app.switch_screen(RunsScreen(self.app.runs))

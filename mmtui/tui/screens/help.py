@@ -47,6 +47,7 @@ KEYS: list[tuple[str, list[tuple[str, str]]]] = [
             ("a", "ablation of this image's top neurons"),
         ],
     ),
+    ("The run's images", [("enter, click", "open the image"), ("a", "ablation of the highlighted image")]),
     ("Ablation", [("ctrl+r", "run"), ("c", "cancel: the points computed so far stay in the store")]),
 ]
 OUTRO = (

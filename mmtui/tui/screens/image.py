@@ -9,14 +9,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
 from mmtui.store import Run
 from mmtui.store.queries import image_summary
-from mmtui.tui.failures import ShowsWorkerErrors
+from mmtui.tui.base import AppScreen
 from mmtui.tui.messages import ImageSummaryLoaded, NeuronRequested, QueryFailed
 from mmtui.tui.text import image_name, printable, prob, score, token
 from mmtui.tui.widgets.heatmap_pane import HeatmapPane
@@ -26,7 +25,7 @@ from mmtui.tui.widgets.title import TitleBar
 TOP_TRIPLES = 100  # the paper studies each image's top 100
 
 
-class ImageScreen(ShowsWorkerErrors, Screen[None]):
+class ImageScreen(AppScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("h", "heatmap", "Heatmap"),
@@ -42,7 +41,7 @@ class ImageScreen(ShowsWorkerErrors, Screen[None]):
     def compose(self) -> ComposeResult:
         yield TitleBar(f"image · run {self.run.id}")
         with Horizontal(id="image-body"):
-            yield HeatmapPane(self.run, self.app.graphics, id="image-picture")  # type: ignore[attr-defined]
+            yield HeatmapPane(self.run, self.app.graphics, id="image-picture")
             with Vertical(id="image-side"):
                 yield Static("", id="image-info")
                 with Vertical(id="image-neurons-pane"):
@@ -60,7 +59,7 @@ class ImageScreen(ShowsWorkerErrors, Screen[None]):
     @work(thread=True, exclusive=True, group="summary", exit_on_error=False)
     def load_summary(self) -> None:
         try:
-            summary = self.app.session.read(image_summary, self.run, self.result_id, top=TOP_TRIPLES)  # type: ignore[attr-defined]
+            summary = self.session.read(image_summary, self.run, self.result_id, top=TOP_TRIPLES)
         except MmtuiError as error:
             self.post_message(QueryFailed(str(error)))
             return

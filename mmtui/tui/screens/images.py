@@ -8,12 +8,11 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 
 from mmtui.errors import MmtuiError
 from mmtui.store import Run
-from mmtui.tui.failures import ShowsWorkerErrors
+from mmtui.tui.base import AppScreen
 from mmtui.tui.messages import ImageRequested, ImagesListed, QueryFailed
 from mmtui.tui.text import image_name, printable, prob
 from mmtui.tui.widgets.title import TitleBar
@@ -23,7 +22,7 @@ def _results(store: Any, run_id: str) -> list[dict[str, Any]]:
     return list(store.results(run_id))
 
 
-class ImagesScreen(ShowsWorkerErrors, Screen[None]):
+class ImagesScreen(AppScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("a", "ablate", "Ablate"),
@@ -48,7 +47,7 @@ class ImagesScreen(ShowsWorkerErrors, Screen[None]):
     @work(thread=True, exclusive=True, group="images", exit_on_error=False)
     def list_images(self) -> None:
         try:
-            rows = self.app.session.read(_results, self.run.id)  # type: ignore[attr-defined]
+            rows = self.session.read(_results, self.run.id)
         except MmtuiError as error:
             self.post_message(QueryFailed(str(error)))
             return

@@ -11,7 +11,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
@@ -19,7 +18,7 @@ from mmtui.defaults import CONVENTIONS, NEURON_IMAGES
 from mmtui.errors import MmtuiError
 from mmtui.store import Run
 from mmtui.store.queries import neuron_detail
-from mmtui.tui.failures import ShowsWorkerErrors
+from mmtui.tui.base import AppScreen
 from mmtui.tui.messages import ImageRequested, NeuronDetailLoaded, QueryFailed
 from mmtui.tui.text import image_name, printable, prob, score, token
 from mmtui.tui.widgets.heatmap_pane import HeatmapPane
@@ -31,7 +30,7 @@ TOP_IMAGES = NEURON_IMAGES  # all the cache keeps per unit
 CONVENTION_NAMES = {"raw": "raw (paper)", "ln_f": "ln_f gain"}
 
 
-class NeuronScreen(ShowsWorkerErrors, Screen[None]):
+class NeuronScreen(AppScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("h", "heatmap", "Heatmap"),
@@ -51,7 +50,7 @@ class NeuronScreen(ShowsWorkerErrors, Screen[None]):
             with Vertical(id="tokens-pane"):
                 yield DataTable(id="tokens", cursor_type="none", zebra_stripes=True)
                 yield Static("", id="tokens-note")
-            yield HeatmapPane(self.run, self.app.graphics, id="heatmap-pane")  # type: ignore[attr-defined]
+            yield HeatmapPane(self.run, self.app.graphics, id="heatmap-pane")
         with Vertical(id="top-images-pane"):
             yield DataTable(id="top-images", cursor_type="row", zebra_stripes=True)
         yield Footer()
@@ -73,9 +72,7 @@ class NeuronScreen(ShowsWorkerErrors, Screen[None]):
     @work(thread=True, exclusive=True, group="detail", exit_on_error=False)
     def load_detail(self) -> None:
         try:
-            detail = self.app.session.read(  # type: ignore[attr-defined]
-                neuron_detail, self.run, *self.neuron, top_images=TOP_IMAGES
-            )
+            detail = self.session.read(neuron_detail, self.run, *self.neuron, top_images=TOP_IMAGES)
         except MmtuiError as error:
             self.post_message(QueryFailed(str(error)))
             return

@@ -7,7 +7,7 @@ loads the run's stack the first time (seconds for small stacks, minutes for GPT-
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL.Image import Image
 from rich.text import Text
@@ -26,12 +26,23 @@ from mmtui.tui.text import image_name
 from mmtui.tui.widgets.neuron_table import neuron_label
 from mmtui.tui.widgets.picture import Picture, colorbar
 
+if TYPE_CHECKING:
+    from textual import getters
+
+    from mmtui.tui.app import BrowseApp
+
+if TYPE_CHECKING:
+    pass
+
 
 class HeatmapPane(ShowsWorkerErrors, Vertical):
     DEFAULT_CSS = """
     HeatmapPane { height: 1fr; }
     HeatmapPane > #picture-caption { height: auto; max-height: 3; }
     """
+
+    if TYPE_CHECKING:
+        app = getters.app(BrowseApp)
 
     def __init__(self, run: Run, graphics: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -79,12 +90,12 @@ class HeatmapPane(ShowsWorkerErrors, Vertical):
         if self.heatmaps_on and unit is not None:
             if self.drawn != (self.result_id, unit):
                 self.caption(Text(f"computing {neuron_label(*unit)} over {image_name(self.path)} …", style="yellow"))
-                self.compute(self.result_id, unit, self.picture)  # type: ignore[arg-type]
+                self.compute(self.result_id, unit, self.picture)
         else:
             self.show_plain()
 
     def toggle_heatmap(self) -> None:
-        self.app.show_heatmaps = not self.heatmaps_on  # type: ignore[attr-defined]
+        self.app.show_heatmaps = not self.heatmaps_on
         if self.heatmaps_on and self.unit is None:
             self.app.notify("Highlight a neuron first.", timeout=3)
         self.drawn = None
@@ -125,7 +136,7 @@ class HeatmapPane(ShowsWorkerErrors, Vertical):
 
     @work(thread=True, exclusive=True, group="heatmap", exit_on_error=False)
     def compute(self, result_id: int, unit: tuple[int, int], picture: Image) -> None:
-        stacks = self.app.stacks  # type: ignore[attr-defined]
+        stacks = self.app.stacks
         if not stacks.loaded(self.run):
             self.post_message(StackLoading(self.run.stack.name))
         try:
@@ -163,6 +174,6 @@ class HeatmapPane(ShowsWorkerErrors, Vertical):
     @on(HeatmapFailed)
     def heatmap_failed(self, message: HeatmapFailed) -> None:
         message.stop()
-        self.app.show_heatmaps = False  # type: ignore[attr-defined]
+        self.app.show_heatmaps = False
         self.show_plain()
         self.caption(Text(f"No heatmap: {message.message}", style="red"))

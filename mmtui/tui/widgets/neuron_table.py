@@ -12,6 +12,7 @@ from typing import Any
 from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey
 
 from mmtui.tui.state import COLUMNS, NeuronQuery
 from mmtui.tui.text import printable, score
@@ -51,14 +52,14 @@ class NeuronTable(DataTable):
         if "tokens" not in self.columns:
             return
         others = sum(c.get_render_width(self) for key, c in self.columns.items() if key != "tokens")
-        column = self.columns["tokens"]  # type: ignore[index]
+        column = self.columns[ColumnKey("tokens")]
         column.width = max(20, self.scrollable_content_region.width - others - 2 * self.cell_padding - 1)
         self._require_update_dimensions = True
         self.refresh()
 
     def set_headers(self, query: NeuronQuery) -> None:
         for key, header, _ in COLUMNS:
-            column = self.columns[key]  # type: ignore[index]
+            column = self.columns[ColumnKey(key)]
             arrow = ("▼" if query.descending else "▲") if key == query.sort else ""
             column.label = Text(header + arrow, style="bold" if key == query.sort else "")
         self._require_update_dimensions = True

@@ -8,7 +8,7 @@ image (the encoder resizes without keeping the aspect, so the grid covers the wh
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -18,6 +18,9 @@ from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.widget import Widget
+
+if TYPE_CHECKING:
+    from textual_image.widget import BaseImage
 
 # inferno-like stops: dark (low activation) to bright yellow (high)
 _STOPS = np.array(
@@ -112,7 +115,7 @@ class Picture(Widget):
         self.graphics = graphics
         self.image: Image.Image | None = None
         self.message = message
-        self._pixels: Widget | None = None
+        self._pixels: BaseImage | None = None
 
     def compose(self) -> ComposeResult:
         if self.graphics == "pixels":
@@ -124,7 +127,7 @@ class Picture(Widget):
     def show(self, image: Image.Image | None, message: str = "") -> None:
         self.image, self.message = image, message
         if self._pixels is not None:
-            self._pixels.image = image  # type: ignore[attr-defined]
+            self._pixels.image = image
             self._pixels.display = image is not None
         self.refresh()
 
