@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from experiment_fixtures import *  # noqa: F403  (fixtures)
 from typer.testing import CliRunner
 
 from commands import app
