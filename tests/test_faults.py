@@ -20,7 +20,7 @@ import pytest
 
 from mmtui.errors import ImageError, StoreCorruptError
 from mmtui.run.images import iter_images, read_image_bytes
-from mmtui.store import Store
+from mmtui.store import StackIdentity, Store
 from mmtui.store.core import ResultRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +166,10 @@ def test_a_result_written_by_another_process_is_kept_not_a_crash(tmp_path):
     photo.write_bytes(b"not really decoded here")
     db = tmp_path / "c.db"
     with Store.open(db) as a, Store.open(db) as b:
-        run_args = dict(stack_id="s", stack_name="s", fingerprint={}, shape={"n_layers": 2, "d_mlp": 16}, lm_id="l")
-        run_id = a.ensure_run(**run_args, prompt="p", site="mlp", y_kind="logit")
+        stack = StackIdentity(
+            id="s", name="s", fingerprint={}, shape={"n_layers": 2, "d_mlp": 16}, lm_id="l", prompt="p"
+        )
+        run_id = a.ensure_run(stack, site="mlp", y_kind="logit")
         first = a.add_result(run_id, _record(photo), stats=False)
         second = b.add_result(run_id, _record(photo), stats=False)
         assert second == first

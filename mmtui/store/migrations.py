@@ -577,7 +577,7 @@ def m011_unit_labels(db: Database) -> None:
     db.execute(
         """
         CREATE TABLE unit_labels (
-            run_key INTEGER NOT NULL REFERENCES runs(run_key),
+            run_key INTEGER NOT NULL,
             kind TEXT NOT NULL,
             control INTEGER NOT NULL,
             layer INTEGER NOT NULL,
@@ -600,7 +600,7 @@ def m011_unit_labels(db: Database) -> None:
     db.execute(
         """
         CREATE TABLE category_auroc (
-            run_key INTEGER NOT NULL REFERENCES runs(run_key),
+            run_key INTEGER NOT NULL,
             control INTEGER NOT NULL,
             category TEXT NOT NULL,
             rank INTEGER NOT NULL,
