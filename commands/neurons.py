@@ -240,14 +240,6 @@ def neuron(
             + (f", BERTScore vs decoded tokens {found['agreement']:.3f}" if found["agreement"] is not None else ""),
             highlight=False,
         )
-    for found in detail["labels"]:
-        verdict = "beats chance" if found["q"] < 0.05 else "not above chance"
-        out.print(
-            f"data label ({found['kind']}): {found['label']}  {found['k']} of its {found['n']} best images, "
-            f"{found['K']} of the run's {found['N']}; p {found['p']:.2e}, q {found['q']:.3g} ({verdict} at q < 0.05)"
-            + (f", BERTScore vs decoded tokens {found['agreement']:.3f}" if found["agreement"] is not None else ""),
-            highlight=False,
-        )
     table = Table(title="Images where it ranks highest")
     for name in ("image", "target", "P(target)", "score", "lift", "rank", "patch", "caption"):
         table.add_column(name, overflow="fold")

@@ -143,6 +143,27 @@ def ablation_hook(
     return hook
 
 
+def last_logits(
+    stack: Stack,
+    prefix: torch.Tensor,
+    context_ids: Sequence[int],
+    hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    site: str = "post",
+) -> torch.Tensor:
+    """The logits at the last position of [prefix] + prompt + context ([B, V] float32): the pass that
+    `target_probs` takes P(target) from (and steering its logits)."""
+    import torch
+
+    embeds, lengths = stack.build_inputs(prefix, [list(context_ids)] * prefix.shape[0])
+    with torch.no_grad():
+        if hook is None:
+            hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        else:
+            with stack.hooks(hook, site=site):
+                hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return stack.logits(hidden[:, lengths[0] - 1]).float()
+
+
 def target_probs(
     stack: Stack,
     prefix: torch.Tensor,
@@ -157,16 +178,8 @@ def target_probs(
     """
     import torch
 
-    embeds, lengths = stack.build_inputs(prefix, [list(context_ids)] * prefix.shape[0])
-    with torch.no_grad():
-        if hook is None:
-            hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        else:
-            with stack.hooks(hook, site=site):
-                hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        last = hidden[:, lengths[0] - 1]  # [B, d_model]; every row has the same length
-        logits = stack.logits(last).float()  # [B, V]
-        return torch.log_softmax(logits, dim=-1)[:, token_id].exp()
+    logits = last_logits(stack, prefix, context_ids, hook, site=site)  # [B, V]
+    return torch.log_softmax(logits, dim=-1)[:, token_id].exp()
 
 
 def generate_captions(

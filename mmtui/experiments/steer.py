@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mmtui.errors import MmtuiError
-from mmtui.experiments.ablation_ops import generate_captions, load_result_image
+from mmtui.experiments.ablation_ops import generate_captions, last_logits, load_result_image
 from mmtui.store import Store
 
 if TYPE_CHECKING:
@@ -71,27 +71,6 @@ def steer_hook(
         return torch.cat([head, act[:, n_patches:]], dim=1)
 
     return hook
-
-
-def last_logits(
-    stack: Stack,
-    prefix: torch.Tensor,
-    context_ids: Sequence[int],
-    hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
-    site: str = "post",
-) -> torch.Tensor:
-    """The logits at the last position of [prefix] + prompt + context ([B, V] float32): the pass that
-    `ablation_ops.target_probs` takes P(target) from, by the same operations."""
-    import torch
-
-    embeds, lengths = stack.build_inputs(prefix, [list(context_ids)] * prefix.shape[0])
-    with torch.no_grad():
-        if hook is None:
-            hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        else:
-            with stack.hooks(hook, site=site):
-                hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        return stack.logits(hidden[:, lengths[0] - 1]).float()
 
 
 def p_of(logits: torch.Tensor, token_id: int) -> torch.Tensor:
