@@ -184,19 +184,17 @@ def _spec_of(settings: Settings, path: Path) -> str | None:
     return f"human:{picked[0]}" if picked else None
 
 
-def _cached_lookup(store: Store, settings: Settings, top: int, convention: str) -> Callable[[Run, str], dict | None]:
-    """For --json: the summary of an image the cache already holds, marked "cached": true (None if not found)."""
+def _cached_lookup(
+    store: Store, settings: Settings, top: int, convention: str
+) -> Callable[[Run, str, str], dict | None]:
+    """For --json: the summary of an image the cache already holds, marked "cached": true (None if not found).
+    Found by the sha256 the run's skip event carries (the same photo may be stored under another name)."""
     from mmtui.errors import MmtuiError
-    from mmtui.run.images import read_image_bytes
     from mmtui.store.queries import image_summary
 
-    def lookup(run: Run, path: str) -> dict | None:
-        spec = _spec_of(settings, Path(path))
+    def lookup(run: Run, path: str, sha256: str) -> dict | None:
         try:
-            try:
-                row = store.result(run.id, path, spec)
-            except MmtuiError:  # the same photo stored under another name: find it by its bytes
-                row = store.result(run.id, read_image_bytes(path)[1], spec)
+            row = store.result(run.id, sha256, _spec_of(settings, Path(path)))
         except MmtuiError:
             return None
         return {**image_summary(store, run, row["id"], top, convention), "cached": True}
@@ -210,7 +208,7 @@ def _consume(
     top: int,
     convention: str,
     json_out: bool,
-    cached: Callable[[Run, str], dict | None] | None = None,
+    cached: Callable[[Run, str, str], dict | None] | None = None,
 ) -> dict[str, int]:
     from mmtui.run.events import ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
     from mmtui.store.prevalence import image_generic_share
@@ -257,7 +255,7 @@ def _consume(
                     err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
                 elif event.reason == "cached" and cached is not None:
                     assert run is not None
-                    emit_json(filter(None, [cached(run, event.path)]))
+                    emit_json(filter(None, [cached(run, event.path, event.sha256)]))
             elif isinstance(event, ImageDone):
                 counts["done"] += 1
                 progress.advance(task)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmtui.defaults import BASELINES, UNIT_MODES
+from mmtui.defaults import ABLATION_MODES, BASELINES, UNIT_MODES
 from mmtui.errors import MmtuiError, NotFoundError
 from mmtui.experiments.ablation_ops import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
 
 CONDITIONS = ("top", "random", "interpretable")
-MODES = ("zero", "mean")
 __all__ = [
     "AblationError",
     "AblationPoint",
@@ -99,8 +98,8 @@ def _check(ks: Sequence[int], baseline: str, mode: str, unit_mode: str, seeds: i
         raise AblationError("--k needs one or more whole numbers >= 0, such as 0,50,100")
     if baseline not in BASELINES:
         raise AblationError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
-    if mode not in MODES:
-        raise AblationError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode not in ABLATION_MODES:
+        raise AblationError(f"unknown ablation mode {mode!r}; use one of {', '.join(ABLATION_MODES)}")
     if unit_mode not in UNIT_MODES:
         raise AblationError(f"unknown unit mode {unit_mode!r}; use one of {', '.join(UNIT_MODES)}")
     if seeds < 1:
