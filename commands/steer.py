@@ -58,7 +58,7 @@ def steer(
 ) -> None:
     """Steer units: multiply (or add to) their activations at the image positions; show the caption, P(target)
     and how the logits of the units' decoded tokens change (against the unsteered pass, the first row)."""
-    from mmtui.experiments.steer import SteerError, check_units, parse_unit
+    from mmtui.experiments.steer import SteerError, check_units, data_label_tokens, parse_unit
     from mmtui.experiments.steer import steer as run_steer
     from mmtui.store import Store
 
@@ -94,8 +94,18 @@ def steer(
         except SteerError as error:
             fail(str(error))
         stack = run_stack(chosen, device)
+        labels = data_label_tokens(stack, store, chosen, units)
         rows = run_steer(
-            stack, store, chosen, units, images, values, mode=mode, max_new_tokens=max_new_tokens, on_error=on_error
+            stack,
+            store,
+            chosen,
+            units,
+            images,
+            values,
+            mode=mode,
+            label_tokens=labels,
+            max_new_tokens=max_new_tokens,
+            on_error=on_error,
         )
     if json_out:
         emit_json(row.__dict__ for row in rows)
@@ -115,7 +125,7 @@ def _table(rows: list) -> Table:  # noqa: ANN001
     ]
     for name, justify in columns:
         table.add_column(name, justify=justify, overflow="fold")
-    table.add_column("decoded tokens: logit change", overflow="fold")
+    table.add_column("data label, decoded tokens: logit change", overflow="fold")
     for r in rows:
         changes = "\n".join(
             f"{name}: " + ", ".join(f"{w['token'].strip() or repr(w['token'])} {w['delta']:+.2f}" for w in watched[:5])

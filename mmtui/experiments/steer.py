@@ -114,18 +114,20 @@ def steer(
     label_tokens: Mapping[Unit, Sequence[tuple[str, int]]] | None = None,
     max_new_tokens: int = 20,
     on_error: Callable[[str, str], None] | None = None,
+    on_image: Callable[[list[SteerRow]], None] | None = None,
 ) -> list[SteerRow]:
     """Each image of the run under each value, after a reference row (scale 1 or add 0: no steering) that the
     deltas are taken against; all of an image's rows go through one batch. Images that cannot be read or are
-    not in the run go to on_error (raised without one) and are skipped."""
+    not in the run go to on_error (raised without one) and are skipped. on_image gets each image's rows as
+    they are done (the browser's progress)."""
     check_units(run, units)
     if mode not in MODES:
         raise SteerError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
     watched: dict[str, list[tuple[str, int]]] = {}
     for layer, unit in units:
         found = store.tokens(run.lm_id, "raw", layer, unit)
-        pairs = list(zip(found["tokens"], found["token_ids"], strict=True)) if found else []
-        pairs += list((label_tokens or {}).get((layer, unit), []))
+        pairs = list((label_tokens or {}).get((layer, unit), []))  # first: the table shows the first few
+        pairs += list(zip(found["tokens"], found["token_ids"], strict=True)) if found else []
         watched[f"L{layer}.u{unit}"] = pairs
     neutral = 1.0 if mode == "scale" else 0.0
     settings = [neutral, *values]
@@ -159,7 +161,25 @@ def steer(
                 for name, pairs in watched.items()
             }
             rows.append(SteerRow(result["path"], mode, float(value), captions[b], float(probs[b]), tokens))
+        if on_image is not None:
+            on_image(rows[-len(settings) :])
     return rows
+
+
+def data_label_tokens(
+    stack: Stack, store: Store, run: Run, units: Sequence[Unit], fdr: float = 0.05
+) -> dict[Unit, list[tuple[str, int]]]:
+    """The first token of " LABEL" for each unit's data labels that beat chance (q < fdr, `mmtui explain`),
+    as `steer`'s label_tokens: {unit: [("label: token", id)]}. Units without such a label are left out."""
+    from mmtui.store.labels import unit_labels
+
+    out: dict[Unit, list[tuple[str, int]]] = {}
+    for layer, unit in units:
+        for found in unit_labels(store, run.key, layer, unit):
+            ids = stack.tokenize(" " + str(found["label"])) if found["q"] < fdr else []
+            if ids:
+                out.setdefault((layer, unit), []).append((f"label {found['label']}", int(ids[0])))
+    return out
 
 
 def json_ids(text: str | Sequence[int] | None) -> list[int]:

@@ -148,6 +148,25 @@ def unit_labels(store: Store, run_key: int, layer: int, unit: int) -> list[dict[
     )
 
 
+def best_labels(
+    store: Store, run_key: int, units: Sequence[tuple[int, int]], fdr: float
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """The data label of each of these units that beats chance (q < fdr; of its kinds, the least q): a page of
+    the browser's neuron table. Units without one are left out."""
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    if not units:
+        return found
+    for row in store.db.query(
+        f"""SELECT l.kind, {", ".join("l." + c for c in _SELECT.split(", "))} FROM json_each(?) j
+            CROSS JOIN unit_labels l ON l.run_key = ? AND l.control = 0
+                AND l.layer = json_extract(j.value, '$[0]') AND l.unit = json_extract(j.value, '$[1]')
+            WHERE l.q < ? ORDER BY l.q DESC""",
+        [json.dumps([list(u) for u in units]), run_key, fdr],
+    ):
+        found[(row["layer"], row["unit"])] = row  # least q last: it stays
+    return found
+
+
 def set_agreement(store: Store, run_key: int, kind: str, rows: Sequence[tuple[int, int, float | None]]) -> None:
     """Store the BERTScore of labels against decoded tokens: (layer, unit, F1 or None)."""
     with store._write():

@@ -396,6 +396,7 @@ def count_neurons(
     contains: bool = False,
     interpretable: bool | None = None,
     convention: str = "raw",
+    max_n_top: float | None = None,
 ) -> int:
     """How many units `neuron_page` pages through with these filters. A token common to most units takes a
     few hundred ms at GPT-J scale (the browser counts in the background, after showing the page)."""
@@ -408,6 +409,7 @@ def count_neurons(
         contains=contains,
         interpretable=interpretable,
         convention=convention,
+        max_n_top=max_n_top,
     )
     return int(store.db.execute(sql, args).fetchone()[0])
 
