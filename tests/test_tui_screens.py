@@ -315,6 +315,7 @@ def test_help_lists_every_screen_binding() -> None:
     from mmtui.tui.screens.image import ImageScreen
     from mmtui.tui.screens.images import ImagesScreen
     from mmtui.tui.screens.neuron import NeuronScreen
+    from mmtui.tui.screens.steer import SteerScreen
 
     sections = dict(KEYS)
     everywhere = _help_keys(sections["Everywhere"])
@@ -325,6 +326,7 @@ def test_help_lists_every_screen_binding() -> None:
         "An image": ImageScreen,
         "The run's images": ImagesScreen,
         "Ablation": AblationScreen,
+        "Steering": SteerScreen,
     }
     assert set(owners) == set(sections), "a help section without a screen, or a screen without a section"
     missing = []

@@ -25,6 +25,10 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("tokens", "decoded tokens", False),
 )
 assert {c[0] for c in COLUMNS} == set(NEURON_COLUMNS)
+# shown before the tokens, not sortable: the share of the run's images whose top 100 hold the unit (G: generic,
+# store.prevalence) and its data label where one beats chance (`mmtui explain`, q < LABEL_FDR)
+EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (("share", "share"), ("label", "data label"))
+LABEL_FDR = 0.05
 
 _NEURON = re.compile(r"^\s*l?\s*(\d+)\s*[.:/ ,]\s*u?\s*(\d+)\s*$", re.IGNORECASE)
 
@@ -39,6 +43,7 @@ class NeuronQuery:
     token: str = ""
     convention: str = "raw"
     limit: int = PAGE
+    specific: bool = False  # hide the run's generic units (store.prevalence.generic_above)
 
     @property
     def token_filter(self) -> tuple[str | None, bool]:

@@ -14,12 +14,14 @@ from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
 from mmtui.store import Run, Store
+from mmtui.store import prevalence as pv
+from mmtui.store.labels import best_labels
 from mmtui.store.queries import count_neurons, layer_counts, neuron_page
 from mmtui.tui.base import AppScreen
 from mmtui.tui.messages import LayersLoaded, NeuronRequested, NeuronsCounted, NeuronsLoaded, QueryFailed
 from mmtui.tui.screens.runs import run_shape
 from mmtui.tui.session import Interrupted
-from mmtui.tui.state import COLUMNS, NeuronQuery
+from mmtui.tui.state import COLUMNS, LABEL_FDR, NeuronQuery
 from mmtui.tui.widgets.layers import LayerBars
 from mmtui.tui.widgets.neuron_table import NeuronTable
 from mmtui.tui.widgets.title import TitleBar
@@ -37,6 +39,7 @@ class BrowseScreen(AppScreen):
         Binding("g", "go_to", "Go to L.K"),
         Binding("i", "images", "Images"),
         Binding("a", "ablate", "Ablate"),
+        Binding("x", "specific", "Generic ↔ specific"),
         Binding("r", "runs", "Runs"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
         *[
@@ -53,6 +56,7 @@ class BrowseScreen(AppScreen):
         self.asked_more: tuple[NeuronQuery, int] | None = None
         self.settled = False
         self.total: int | None = None
+        self.n_results: int | None = None  # the run's size the shares are counted on (read once, by a worker)
 
     def compose(self) -> ComposeResult:
         yield TitleBar(run_title(self.run))
@@ -101,11 +105,19 @@ class BrowseScreen(AppScreen):
     def load_page(self, query: NeuronQuery, offset: int) -> None:
         self.read_page(query, offset)
 
+    def filters(self, query: NeuronQuery) -> dict:
+        """The store's filters for `query` (in a worker: the run's size is read once)."""
+        if self.n_results is None:
+            self.n_results = self.session.read(pv.run_size, self.run)
+        above = pv.generic_above(self.n_results) if query.specific else None
+        return {**query.filters(), "max_n_top": above}
+
     def read_page(self, query: NeuronQuery, offset: int) -> None:
-        """In a worker thread: one page of the table from the store, posted as NeuronsLoaded."""
+        """In a worker thread: one page of the table from the store, with each unit's share of the run's
+        images and its data label, posted as NeuronsLoaded."""
         start = time.perf_counter()
-        filters = query.filters()
         try:
+            filters = self.filters(query)
             rows = self.session.read(
                 neuron_page,
                 self.run,
@@ -115,6 +127,11 @@ class BrowseScreen(AppScreen):
                 offset=offset,
                 **filters,
             )
+            rows = pv.annotate(rows, self.n_results or 0)
+            units = [(r["layer"], r["unit"]) for r in rows]
+            found = self.session.read(best_labels, self.run.key, units, LABEL_FDR)
+            for r in rows:
+                r["label"] = found.get((r["layer"], r["unit"]))
         except MmtuiError as error:
             self.post_message(QueryFailed(str(error)))
             return
@@ -124,8 +141,8 @@ class BrowseScreen(AppScreen):
 
     @work(thread=True, exclusive=True, group="count", exit_on_error=False)
     def count(self, query: NeuronQuery) -> None:
-        filters = query.filters()
         try:
+            filters = self.filters(query)
             total = self.session.read_in_background(count_neurons, self.run, **filters)
         except Interrupted:
             return  # a newer query's count replaced this one
@@ -187,6 +204,16 @@ class BrowseScreen(AppScreen):
             f"layer {q.layer}" if q.layer is not None else "all layers",
             f"sorted by {header} {'▼' if q.descending else '▲'}",
         ]
+        if q.specific:
+            above = pv.generic_above(self.n_results or 0)
+            parts.append(
+                "generic units hidden"
+                + (
+                    f" (top 100 of over {pv.GENERIC_SHARE:.0%} of images)"
+                    if above is not None
+                    else f" (none yet: under {pv.MIN_GENERIC_RESULTS} images)"
+                )
+            )
         token, contains = q.token_filter
         if token:
             parts.append(f"tokens contain {token!r}" if contains else f"a token is {token!r}")
@@ -210,7 +237,9 @@ class BrowseScreen(AppScreen):
 
     @on(DataTable.HeaderSelected, "#neurons")
     def header_clicked(self, event: DataTable.HeaderSelected) -> None:
-        self.ask(self.query_state.sorted_by(str(event.column_key.value)))
+        key = str(event.column_key.value)
+        if any(key == c[0] for c in COLUMNS):  # share and data label do not sort
+            self.ask(self.query_state.sorted_by(key))
 
     @on(DataTable.RowHighlighted, "#neurons")
     def near_the_end(self, event: DataTable.RowHighlighted) -> None:
@@ -268,6 +297,10 @@ class BrowseScreen(AppScreen):
 
         stack = self.app.screen_stack
         return len(stack) >= 2 and isinstance(stack[-2], RunsScreen)
+
+    def action_specific(self) -> None:
+        """x: hide the run's generic units (in the top 100 of too many of its images), or show them again."""
+        self.ask(replace(self.query_state, specific=not self.query_state.specific))
 
     def action_sort(self, step: int) -> None:
         self.ask(self.query_state.next_sort(step))

@@ -12,7 +12,9 @@ from textual.widgets import Static
 INTRO = (
     "A neuron is (layer, unit), both 0-based, written L7.u12134. Its score for an image is activation x "
     "gradient of P(target) (method.md). 'top-100' counts the images where it is among the 100 best "
-    "(layer, unit, patch) triples; 'stored' the images where it is among the stored triples."
+    "(layer, unit, patch) triples; 'stored' the images where it is among the stored triples; 'share' the "
+    "share of the run's images whose top 100 hold it (G: generic, over 10%); 'data label' the caption word "
+    "enriched among its best images beyond chance (mmtui explain, q < 0.05)."
 )
 KEYS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Everywhere", [("?", "this help"), ("q", "quit"), ("escape", "back"), ("tab, shift+tab", "next, previous pane")]),
@@ -28,6 +30,7 @@ KEYS: list[tuple[str, list[tuple[str, str]]]] = [
             ("g", "go to a neuron: 7.12134 or L7.u12134"),
             ("i", "the run's images"),
             ("a", "ablation over the run's first images"),
+            ("x", "hide the generic units (share over 10%, G), or show them again"),
             ("r", "choose another run"),
         ],
     ),
@@ -37,6 +40,7 @@ KEYS: list[tuple[str, list[tuple[str, str]]]] = [
             ("enter, click", "open the image"),
             ("h", "its activations over the highlighted image (loads the model the first time)"),
             ("a", "ablation over its top images"),
+            ("t", "steer it: captions with its activations scaled, side by side"),
         ],
     ),
     (
@@ -49,6 +53,7 @@ KEYS: list[tuple[str, list[tuple[str, str]]]] = [
     ),
     ("The run's images", [("enter, click", "open the image"), ("a", "ablation of the highlighted image")]),
     ("Ablation", [("ctrl+r", "run"), ("c", "cancel: the points computed so far stay in the store")]),
+    ("Steering", [("ctrl+r, enter", "run the scales on its top images (the model loads the first time)")]),
 ]
 OUTRO = (
     "Ablation (method.md, experiment 4): set each image's top-k triples to zero (or the unit's mean) and measure "

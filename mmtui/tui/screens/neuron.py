@@ -17,6 +17,8 @@ from textual.worker import get_current_worker
 from mmtui.defaults import CONVENTIONS, NEURON_IMAGES
 from mmtui.errors import MmtuiError
 from mmtui.store import Run
+from mmtui.store.labels import unit_labels
+from mmtui.store.prevalence import unit_prevalence
 from mmtui.store.queries import neuron_detail
 from mmtui.tui.base import AppScreen
 from mmtui.tui.messages import ImageRequested, NeuronDetailLoaded, QueryFailed
@@ -28,6 +30,30 @@ from mmtui.words import is_word
 
 TOP_IMAGES = NEURON_IMAGES  # all the cache keeps per unit
 CONVENTION_NAMES = {"raw": "raw (paper)", "ln_f": "ln_f gain"}
+STEER_IMAGES = 3  # the steer view: the highlighted image and the next of its top images
+LABEL_FDR = 0.05
+
+
+def labels_line(prevalence: dict[str, Any] | None, labels: list[dict[str, Any]]) -> Text:
+    """Its share of the run's images (generic or not) and its data labels, each with its q (store.labels)."""
+    text = Text()
+    if prevalence and prevalence["prevalence"] is not None:
+        text.append(f"share {prevalence['prevalence']:.0%} of the run's {prevalence['n_results']:,} images")
+        text.append(
+            " · generic" if prevalence["generic"] else " · not generic", style="yellow" if prevalence["generic"] else ""
+        )
+    if not labels:
+        text.append("   no data label (mmtui explain)", style="dim")
+    for found in labels:
+        beats = found["q"] < LABEL_FDR
+        text.append(f"   {found['kind']} label ")
+        text.append(str(found["label"]), style="bold cyan" if beats else "dim")
+        text.append(
+            f" {found['k']}/{found['n']} of its best images, q {found['q']:.2g}"
+            + ("" if beats else " (not above chance)"),
+            style="" if beats else "dim",
+        )
+    return text
 
 
 class NeuronScreen(AppScreen):
@@ -35,6 +61,7 @@ class NeuronScreen(AppScreen):
         Binding("escape", "app.pop_screen", "Back"),
         Binding("h", "heatmap", "Heatmap"),
         Binding("a", "ablate", "Ablate its images"),
+        Binding("t", "steer", "Steer"),
     ]
 
     def __init__(self, run: Run, layer: int, unit: int) -> None:
@@ -46,6 +73,7 @@ class NeuronScreen(AppScreen):
     def compose(self) -> ComposeResult:
         yield TitleBar(f"{neuron_label(*self.neuron)} · run {self.run.id}")
         yield Static("", id="neuron-stats")
+        yield Static("", id="neuron-labels")
         with Horizontal(id="neuron-top"):
             with Vertical(id="tokens-pane"):
                 yield DataTable(id="tokens", cursor_type="none", zebra_stripes=True)
@@ -73,6 +101,8 @@ class NeuronScreen(AppScreen):
     def load_detail(self) -> None:
         try:
             detail = self.session.read(neuron_detail, self.run, *self.neuron, top_images=TOP_IMAGES)
+            detail["labels"] = self.session.read(unit_labels, self.run.key, *self.neuron)
+            detail["prevalence"] = self.session.read(unit_prevalence, self.run, *self.neuron, detail["stats"]["n_top"])
         except MmtuiError as error:
             self.post_message(QueryFailed(str(error)))
             return
@@ -93,6 +123,7 @@ class NeuronScreen(AppScreen):
                 f"in the top 100 of {s['n_top']:,} image(s)   stored for {s['n_images']:,} of {self.run.n_images:,}",
             )
         )
+        self.query_one("#neuron-labels", Static).update(labels_line(d.get("prevalence"), d.get("labels", [])))
         self.show_tokens(d["decoded"])
         images = self.query_one("#top-images", DataTable)
         images.clear()
@@ -167,6 +198,19 @@ class NeuronScreen(AppScreen):
 
     def action_heatmap(self) -> None:
         self.query_one(HeatmapPane).toggle_heatmap()
+
+    def action_steer(self) -> None:
+        from mmtui.tui.screens.steer import SteerScreen
+
+        if not self.detail or not self.detail["images"]:
+            self.notify("This neuron is in no image's stored triples: no image to steer it on.", timeout=4)
+            return
+        images = [(im["result_id"], im["image"]) for im in self.detail["images"]]
+        picked = self.highlighted_image()
+        if picked is not None:  # the highlighted image first
+            images.remove((picked["result_id"], picked["image"]))
+            images.insert(0, (picked["result_id"], picked["image"]))
+        self.app.push_screen(SteerScreen(self.run, self.neuron, images[:STEER_IMAGES], self.detail.get("labels", [])))
 
     def action_ablate(self) -> None:
         from mmtui.tui.screens.ablation import AblationScreen

@@ -14,14 +14,29 @@ from textual.binding import Binding
 from textual.widgets import DataTable
 from textual.widgets.data_table import ColumnKey
 
-from mmtui.tui.state import COLUMNS, NeuronQuery
+from mmtui.tui.state import COLUMNS, EXTRA_COLUMNS, NeuronQuery
 from mmtui.tui.text import printable, score
 
-WIDTHS = {"layer": 5, "neuron": 5, "max": 8, "mean": 8, "top": 7, "images": 6}  # fit 16,383 and 0.000123
+WIDTHS = {"layer": 5, "neuron": 5, "max": 8, "mean": 8, "top": 7, "images": 6, "share": 6, "label": 10}
+# fit 16,383, 0.000123 and "100% G"
 
 
 def neuron_label(layer: int, unit: int) -> str:
     return f"L{layer}.u{unit}"
+
+
+def share_cell(prevalence: float | None, generic: bool) -> Text:
+    """The share of the run's images whose top 100 hold the unit, with G where that makes it generic."""
+    if prevalence is None:
+        return Text("-", justify="right")
+    return Text.assemble(f"{prevalence:.0%}", (" G" if generic else "  ", "yellow bold"), justify="right")
+
+
+def label_cell(found: dict[str, Any] | None) -> Text:
+    """The unit's data label (q below the browser's FDR), or nothing."""
+    if not found:
+        return Text("")
+    return Text(str(found["label"]), style="cyan", no_wrap=True, overflow="ellipsis")
 
 
 class NeuronTable(DataTable):
@@ -40,8 +55,12 @@ class NeuronTable(DataTable):
         self.match: re.Pattern[str] | None = None  # the filter's text, picked out in the tokens column
 
     def on_mount(self) -> None:
-        for key, header, _ in COLUMNS:
+        for key, header, _ in COLUMNS[:-1]:
             self.add_column(header, key=key, width=WIDTHS.get(key, len(header)) + 1)  # + room for the sort arrow
+        for key, header in EXTRA_COLUMNS:
+            self.add_column(header, key=key, width=WIDTHS.get(key, len(header)))
+        key, header, _ = COLUMNS[-1]
+        self.add_column(header, key=key, width=len(header) + 1)
         self.fit_tokens()
 
     def on_resize(self) -> None:
@@ -96,6 +115,8 @@ class NeuronTable(DataTable):
                 Text(score(r["mean_score"]), justify="right"),
                 Text(f"{r['n_top']:,}", justify="right"),
                 Text(f"{r['n_images']:,}", justify="right"),
+                share_cell(r.get("prevalence"), bool(r.get("generic"))),
+                label_cell(r.get("label")),
                 mark + self.tokens_cell(tokens),
                 key=f"{r['layer']}.{r['unit']}",
             )
