@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out, warn
+from commands._app import DbOption, DeviceOption, ExitCode, JsonOption, app, core_errors, db_path, emit_json, out, warn
 from commands._experiments import BertLayersOption, BertModelOption, RunOption, fmt, load_metrics, open_store
+from commands._integrated import ig_check
 from mmtui.experiments.explain import DEFAULT_FDR
 
 
@@ -33,6 +34,15 @@ def explain(
     ] = False,
     layer: Annotated[int | None, typer.Option("--layer", help="Only list this layer's units (0-based).")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many labelled units to list.")] = 30,
+    ig: Annotated[
+        int,
+        typer.Option(
+            "--ig", min=0, help="Also cross-check grad x act with integrated gradients on the first N images."
+        ),
+    ] = 0,
+    ig_top: Annotated[int, typer.Option("--ig-top", min=1, help="With --ig: each image's top triples.")] = 20,
+    ig_steps: Annotated[int, typer.Option("--ig-steps", min=1, help="With --ig: Gauss-Legendre steps.")] = 16,
+    device: DeviceOption = "auto",
     run: RunOption = None,
     db: DbOption = None,
     json_out: JsonOption = False,
@@ -56,6 +66,11 @@ def explain(
             summary = explain_run(store, chosen, instances=coco, fdr=fdr, seed=seed, recompute=recompute, scorer=scorer)
             shown = store_labels.labels(store, run_key, fdr=fdr, layer=layer, limit=limit)
             tokens = store_labels.decoded_tokens(store, lm_id, [(r["layer"], r["unit"]) for r in shown])
+            ig_failed = (
+                ig_check(store, chosen, n_images=ig, top=ig_top, steps=ig_steps, device=device, json_out=json_out)
+                if ig
+                else 0
+            )
     for note in summary.notes:
         warn(note)
     if json_out:
@@ -65,6 +80,8 @@ def explain(
             for r, t in zip(shown, tokens, strict=True)
         )
         emit_json({"type": "category", **vars(c), "best": list(c.best)} for c in summary.categories)
+        if ig_failed:
+            raise typer.Exit(int(ExitCode.PARTIAL))
         return
     for k in summary.kinds:
         where = "computed now" if k.computed else "stored (the run has not grown since)"
@@ -110,3 +127,5 @@ def explain(
             )
         table.caption = "shuffled best: the best AUROC of any unit with the category's labels shuffled across images"
         out.print(table)
+    if ig_failed:
+        raise typer.Exit(int(ExitCode.PARTIAL))
