@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmtui.store.arrays import unpack_array, unpack_value
-from mmtui.store.queries import _token_where, token_filter
+from mmtui.store.filters import token_filter, token_where
 
 if TYPE_CHECKING:
     from mmtui.store import Store
@@ -226,7 +226,7 @@ def image_generic_share(
     """How much of an image's top-N triples (N = COUNT_TOP) belongs to the run's generic units, as the run's
     tables count now: distinct units and triples, generic ones of each, and the run size it is judged on
     (None shares where the run is too small to call any unit generic)."""
-    from mmtui.store.core import COUNT_TOP
+    from mmtui.store.results import COUNT_TOP
 
     _, run_key, _, _ = _run(run)
     top = COUNT_TOP if top is None else top
@@ -300,7 +300,7 @@ def specific_units(
     if token is not None or interpretable is not None:
         where, args = [], []  # type: list[str], list[Any]
         if token:  # the same filter as list_neurons: a whole token, or with `contains` any text (escaped)
-            where, args = _token_where(token, contains)
+            where, args = token_where(token, contains)
         if interpretable is not None:
             where.append("t.interpretable = ?")
             args.append(int(interpretable))
