@@ -65,6 +65,17 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+@dataclass
+class _Page:
+    """What every section of the page reads: the store, the run, the folder, and the report it fills."""
+
+    store: Store
+    run: Run
+    out: Path
+    report: Report
+    stack_line: str
+
+
 def build_report(
     store: Store,
     run: Run,
@@ -77,17 +88,35 @@ def build_report(
     """Write index.html and its PNGs into out_dir for `run`; returns where, and the numbers shown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(out / "index.html")
-    stack_line = _stack_line(run)
-    sections: list[str] = []
+    page = _Page(store, run, out, Report(out / "index.html"), _stack_line(run))
+    sections = [
+        *_dose_response_sections(page),
+        _layers_section(page),
+        _agreement_section(page),
+        _prompts_section(page),
+        _specificity_section(page),
+        _explain_part(page),
+        _heatmaps_section(page, stack, heatmap_images),
+        _top_neurons_section(page, top_neurons),
+    ]
+    report = page.report
+    report.path.write_text(
+        _page_html(run, page.stack_line, [s for s in sections if s], report.missing), encoding="utf-8"
+    )
+    (out / "numbers.json").write_text(json.dumps(report.numbers, indent=1, default=str), encoding="utf-8")
+    return report
 
-    # dose-response
+
+def _dose_response_sections(page: _Page) -> list[str]:
+    """One section per ablation mode stored: the dose-response figure and its table."""
+    store, run, out, report = page.store, page.run, page.out, page.report
+    sections = []
     modes = xs.ablation_modes(store, run.id)
     for mode, unit_mode, n in modes:
         points = xs.ablation_points(store, run.id, mode=mode, unit_mode=unit_mode)
         rows = summarize_ablation(points, shape=run.shape)
         name = f"dose_response_{mode}_{unit_mode}"
-        title = f"{mode} ablation of {unit_mode}; baseline: random units of the same layers at the same patches; {n} images; {stack_line}"
+        title = f"{mode} ablation of {unit_mode}; baseline: random units of the same layers at the same patches; {n} images; {page.stack_line}"
         models = sorted({p["bertscore_model"] for p in points} - {None, "identical"})
         report.figures[name] = dose_response_figure(rows, out / f"{name}.png", title, ", ".join(models) or None)
         report.numbers[name] = rows
@@ -111,127 +140,138 @@ def build_report(
         )
     if not modes:
         report.missing.append("dose-response: run `mmtui ablate --from-store`")
+    return sections
 
-    # layers
-    hist = layers.layer_histogram(store, run)
-    report.figures["layers"] = layer_figure(hist, out / "layers.png", stack_line)
-    report.numbers["layers"] = hist
-    sections.append(
+
+def _layers_section(page: _Page) -> str:
+    hist = layers.layer_histogram(page.store, page.run)
+    page.report.figures["layers"] = layer_figure(hist, page.out / "layers.png", page.stack_line)
+    page.report.numbers["layers"] = hist
+    return (
         "<h2>Layers of the top units</h2><img src='layers.png'>"
         + f"<p>{hist['n_images']} images; top {hist['top']} triples per image; "
-        + f"interpretable rate {hist['interpretable_rate']:.1%}. {html.escape(stack_line)}</p>"
+        + f"interpretable rate {hist['interpretable_rate']:.1%}. {html.escape(page.stack_line)}</p>"
     )
 
-    # Table 1
-    agree = agreement.summarize(xs.agreement_rows(store, run.id))
-    if agree:
-        report.numbers["agreement"] = agree
-        cols = [("metric", "metric"), ("kind", "kind"), ("mean", "mean"), ("lo", "95% lo"), ("hi", "95% hi")]
-        sections.append(
-            "<h2>Decoded units vs the image (Table 1)</h2>"
-            + _table(agree, [*cols, ("n", "images"), ("model", "model")])
-            + "<p>multimodal: max over an image's interpretable top units; random: another image's units; "
-            + f"caption: the model's own caption. {html.escape(stack_line)}</p>"
-        )
-    else:
-        report.missing.append("Table 1: run `mmtui layers --captions FILE`")
 
-    # prompts
+def _agreement_section(page: _Page) -> str | None:
+    """Table 1."""
+    agree = agreement.summarize(xs.agreement_rows(page.store, page.run.id))
+    if not agree:
+        page.report.missing.append("Table 1: run `mmtui layers --captions FILE`")
+        return None
+    page.report.numbers["agreement"] = agree
+    cols = [("metric", "metric"), ("kind", "kind"), ("mean", "mean"), ("lo", "95% lo"), ("hi", "95% hi")]
+    return (
+        "<h2>Decoded units vs the image (Table 1)</h2>"
+        + _table(agree, [*cols, ("n", "images"), ("model", "model")])
+        + "<p>multimodal: max over an image's interpretable top units; random: another image's units; "
+        + f"caption: the model's own caption. {html.escape(page.stack_line)}</p>"
+    )
+
+
+def _prompts_section(page: _Page) -> str | None:
+    """Table 2: the decoded prompts' scores and KS tests, with their CDFs."""
+    store, run, report = page.store, page.run, page.report
     texts = xs.prompt_texts(store, run.stack.id)
     tests = xs.ks_tests(store, "prompts", run.stack.id)
-    if texts:
-        settings_id = texts[0]["settings_id"]
-        tests = [t for t in tests if t["settings_id"] == settings_id]
-        n_img = len({t["image_sha256"] for t in texts if t["kind"] == "prompt"})
-        title = f"image prompts vs random vectors of matched statistics; {n_img} images; {stack_line}"
-        fig = ks_figure(texts, tests, out / "ks_cdfs.png", title)
-        if fig is not None:
-            report.figures["ks_cdfs"] = fig
-        report.numbers["ks"] = [
-            {k: t[k] for k in ("metric", "sample_a", "sample_b", "n_a", "n_b", "d", "p", "model")} for t in tests
-        ]
-        means = _prompt_means(texts)
-        report.numbers["prompts"] = means
-        sections.append(
-            "<h2>Are image prompts words? (Table 2, KS tests)</h2><img src='ks_cdfs.png'>"
-            + _table(means, [("kind", "kind"), ("bertscore", "BERTScore"), ("clipscore", "CLIPScore"), ("n", "texts")])
-            + _table(
-                report.numbers["ks"],
-                [(k, k) for k in ("metric", "sample_a", "sample_b", "n_a", "n_b", "d", "p", "model")],
-            )
-            + f"<p>{html.escape(title)}</p>"
-        )
-    else:
+    if not texts:
         report.missing.append("prompts: run `mmtui prompts IMAGE_DIR --captions FILE`")
-
-    # specificity
-    spec_rows = xs.specificity_rows(store, run.id)
-    if spec_rows:
-        summary = specificity.summarize(spec_rows)
-        title = f"baseline: random units of the same layers; {summary['overall']['n_images']} images; {stack_line}"
-        report.figures["specificity"] = specificity_figure(summary, out / "specificity.png", title)
-        report.numbers["specificity"] = summary
-        sections.append(
-            "<h2>Visual specificity (IoU with COCO masks)</h2><img src='specificity.png'>"
-            + _table(
-                [*summary["categories"], {"category": "all", **summary["overall"]}],
-                [("category", "category"), ("n_images", "images"), ("top", "top"), ("random", "random")]
-                + [("top_mean", "avg mask top"), ("random_mean", "avg mask random"), ("diff", "top - random")]
-                + [("diff_lo", "95% lo"), ("diff_hi", "95% hi")],
-            )
-            + f"<p>{html.escape(title)}</p>"
+        return None
+    settings_id = texts[0]["settings_id"]
+    tests = [t for t in tests if t["settings_id"] == settings_id]
+    n_img = len({t["image_sha256"] for t in texts if t["kind"] == "prompt"})
+    title = f"image prompts vs random vectors of matched statistics; {n_img} images; {page.stack_line}"
+    fig = ks_figure(texts, tests, page.out / "ks_cdfs.png", title)
+    if fig is not None:
+        report.figures["ks_cdfs"] = fig
+    report.numbers["ks"] = [
+        {k: t[k] for k in ("metric", "sample_a", "sample_b", "n_a", "n_b", "d", "p", "model")} for t in tests
+    ]
+    means = _prompt_means(texts)
+    report.numbers["prompts"] = means
+    return (
+        "<h2>Are image prompts words? (Table 2, KS tests)</h2><img src='ks_cdfs.png'>"
+        + _table(means, [("kind", "kind"), ("bertscore", "BERTScore"), ("clipscore", "CLIPScore"), ("n", "texts")])
+        + _table(
+            report.numbers["ks"],
+            [(k, k) for k in ("metric", "sample_a", "sample_b", "n_a", "n_b", "d", "p", "model")],
         )
-    else:
-        report.missing.append("specificity: run `mmtui specificity --instances FILE`")
+        + f"<p>{html.escape(title)}</p>"
+    )
 
-    # data labels (mmtui explain)
-    explained = explain_section(store, run)
-    if explained is not None:
-        report.numbers["explain"], html_part = explained
-        sections.append(html_part)
-    else:
-        report.missing.append("data labels: run `mmtui explain` (and `--instances FILE` for COCO categories)")
 
-    # heatmaps
-    if stack is not None:
-        grid = heatmap_grid(stack, store, run, out / "heatmaps.png", heatmap_images)
-        if grid is not None:
-            report.figures["heatmaps"] = grid
-            sections.append(
-                "<h2>Heatmaps of the top units</h2><img src='heatmaps.png'>"
-                + "<p>Activations at the image positions of the captioning pass, bilinear to the encoder frame; "
-                + f"cyan: above the 0.95 quantile. {html.escape(stack_line)}</p>"
-            )
-    else:
-        report.missing.append("heatmaps: need the run's stack (mmtui report without --no-heatmaps)")
+def _specificity_section(page: _Page) -> str | None:
+    spec_rows = xs.specificity_rows(page.store, page.run.id)
+    if not spec_rows:
+        page.report.missing.append("specificity: run `mmtui specificity --instances FILE`")
+        return None
+    summary = specificity.summarize(spec_rows)
+    title = f"baseline: random units of the same layers; {summary['overall']['n_images']} images; {page.stack_line}"
+    page.report.figures["specificity"] = specificity_figure(summary, page.out / "specificity.png", title)
+    page.report.numbers["specificity"] = summary
+    return (
+        "<h2>Visual specificity (IoU with COCO masks)</h2><img src='specificity.png'>"
+        + _table(
+            [*summary["categories"], {"category": "all", **summary["overall"]}],
+            [("category", "category"), ("n_images", "images"), ("top", "top"), ("random", "random")]
+            + [("top_mean", "avg mask top"), ("random_mean", "avg mask random"), ("diff", "top - random")]
+            + [("diff_lo", "95% lo"), ("diff_hi", "95% hi")],
+        )
+        + f"<p>{html.escape(title)}</p>"
+    )
 
-    # top neurons
-    neurons = list(list_neurons(store, run, sort="count", limit=top_neurons))
-    report.numbers["top_neurons"] = neurons
+
+def _explain_part(page: _Page) -> str | None:
+    """The data labels (mmtui explain)."""
+    explained = explain_section(page.store, page.run)
+    if explained is None:
+        page.report.missing.append("data labels: run `mmtui explain` (and `--instances FILE` for COCO categories)")
+        return None
+    page.report.numbers["explain"], html_part = explained
+    return html_part
+
+
+def _heatmaps_section(page: _Page, stack: Stack | None, n_images: int) -> str | None:
+    if stack is None:
+        page.report.missing.append("heatmaps: need the run's stack (mmtui report without --no-heatmaps)")
+        return None
+    grid = heatmap_grid(stack, page.store, page.run, page.out / "heatmaps.png", n_images)
+    if grid is None:
+        return None
+    page.report.figures["heatmaps"] = grid
+    return (
+        "<h2>Heatmaps of the top units</h2><img src='heatmaps.png'>"
+        + "<p>Activations at the image positions of the captioning pass, bilinear to the encoder frame; "
+        + f"cyan: above the 0.95 quantile. {html.escape(page.stack_line)}</p>"
+    )
+
+
+def _top_neurons_section(page: _Page, top_neurons: int) -> str:
+    neurons = list(list_neurons(page.store, page.run, sort="count", limit=top_neurons))
+    page.report.numbers["top_neurons"] = neurons
     for neuron in neurons:
         neuron["name"] = f"L{neuron['layer']}.u{neuron['unit']}"
         neuron["words"] = ", ".join(t.strip() for t in neuron["tokens"])
-    sections.append(
-        "<h2>Top multimodal neurons (by images whose top 100 they enter)</h2>"
-        + _table(
-            neurons,
-            [("name", "neuron"), ("n_top", "in top 100 of"), ("max_score", "max g"), ("interpretable", "interpretable")]
-            + [("words", "decoded tokens")],
-        )
+    return "<h2>Top multimodal neurons (by images whose top 100 they enter)</h2>" + _table(
+        neurons,
+        [("name", "neuron"), ("n_top", "in top 100 of"), ("max_score", "max g"), ("interpretable", "interpretable")]
+        + [("words", "decoded tokens")],
     )
-    missing = "".join(f"<li>{html.escape(m)}</li>" for m in report.missing)
-    page = (
+
+
+def _page_html(run: Run, stack_line: str, sections: list[str], missing: list[str]) -> str:
+    """The page around its sections, with the list of what is not in it yet."""
+    not_yet = "".join(f"<li>{html.escape(m)}</li>" for m in missing)
+    return (
         "<!doctype html><meta charset='utf-8'><title>mmtui report</title><style>body{font-family:sans-serif;"
         "max-width:1200px;margin:auto}img{max-width:100%}table{border-collapse:collapse;font-size:12px;margin:8px 0}"
         "td,th{border:1px solid #ccc;padding:2px 6px}</style>"
         f"<h1>Multimodal neurons: run {html.escape(run.id)}</h1><p>{html.escape(stack_line)}</p>"
         f"<p>{run.n_images} images in the run.</p>"
         + "".join(sections)
-        + (f"<h2>Not in this report yet</h2><ul>{missing}</ul>" if missing else "")
+        + (f"<h2>Not in this report yet</h2><ul>{not_yet}</ul>" if not_yet else "")
     )
-    report.path.write_text(page, encoding="utf-8")
-    (out / "numbers.json").write_text(json.dumps(report.numbers, indent=1, default=str), encoding="utf-8")
-    return report
 
 
 def explain_section(store: Store, run: Run, fdr: float = 0.05) -> tuple[dict[str, Any], str] | None:

@@ -288,6 +288,36 @@ def specific_units(
     score, rank = np.array([u[2] for u in found]), np.array([u[3] for u in found])
     n, stats = moments(store, run, set(la.tolist()))
     above = generic_above(n, share)
+    keep = _not_generic(store, run_key, la, un, above)
+    token = token_filter(token, contains)
+    if token is not None or interpretable is not None:
+        keep &= _passing(store, lm_id, convention, la, un, keep, token, contains, interpretable)
+    nan = np.full(shape["d_mlp"], np.nan)
+    mean = np.stack([stats.get(i, (nan, nan))[0] for i in range(shape["n_layers"])])
+    std = np.stack([stats.get(i, (nan, nan))[1] for i in range(shape["n_layers"])])
+    values = unit_max_of(store, result["id"], (shape["n_layers"], shape["d_mlp"]))[la, un].astype(np.float64)
+    z = lift(values, mean[la, un], std[la, un])
+    order = np.lexsort((rank, -score, np.where(np.isnan(z), np.inf, -z)))  # lift desc (none last), score, rank
+    order = order[keep[order]][:limit]
+    found_stats = _aggregates(store, run_key, lm_id, convention, la[order], un[order])
+    return [
+        {
+            "layer": int(la[i]),
+            "unit": int(un[i]),
+            "image_score": float(score[i]),
+            "image_rank": int(rank[i]),
+            **found_stats[(int(la[i]), int(un[i]))],
+            "prevalence": found_stats[(int(la[i]), int(un[i]))]["n_top"] / n if n else None,
+            "generic": False,
+            "unit_max": float(values[i]),
+            "lift": None if np.isnan(z[i]) else float(z[i]),
+        }
+        for i in order.tolist()
+    ]
+
+
+def _not_generic(store: Store, run_key: int, la: np.ndarray, un: np.ndarray, above: float | None) -> np.ndarray:
+    """Which of the units (la, un) are not generic: in the top-N of at most `above` images (all, for None)."""
     keep = np.ones(len(la), dtype=bool)
     if above is not None:
         generic = store.db.execute(
@@ -296,60 +326,51 @@ def specific_units(
         if generic:
             g = np.array(generic, dtype=np.int64)
             keep &= ~np.isin(_keys(la, un), _keys(g[:, 0], g[:, 1]))
-    token = token_filter(token, contains)
-    if token is not None or interpretable is not None:
-        where, args = [], []  # type: list[str], list[Any]
-        if token:  # the same filter as list_neurons: a whole token, or with `contains` any text (escaped)
-            where, args = token_where(token, contains)
-        if interpretable is not None:
-            where.append("t.interpretable = ?")
-            args.append(int(interpretable))
-        passing = store.db.execute(
-            f"""SELECT t.layer, t.unit FROM json_each(?) k CROSS JOIN neuron_tokens t
-                ON t.lm_id = ? AND t.convention = ? AND t.layer = k.value >> 20 AND t.unit = k.value & 1048575
-                {"WHERE " + " AND ".join(where) if where else ""}""",
-            [json.dumps(_keys(la, un)[keep].tolist()), lm_id, convention, *args],
-        ).fetchall()
-        ok = np.array(passing, dtype=np.int64).reshape(-1, 2)
-        keep &= np.isin(_keys(la, un), _keys(ok[:, 0], ok[:, 1]))
-    nan = np.full(shape["d_mlp"], np.nan)
-    mean = np.stack([stats.get(i, (nan, nan))[0] for i in range(shape["n_layers"])])
-    std = np.stack([stats.get(i, (nan, nan))[1] for i in range(shape["n_layers"])])
-    values = unit_max_of(store, result["id"], (shape["n_layers"], shape["d_mlp"]))[la, un].astype(np.float64)
-    z = lift(values, mean[la, un], std[la, un])
-    order = np.lexsort((rank, -score, np.where(np.isnan(z), np.inf, -z)))  # lift desc (none last), score, rank
-    order = order[keep[order]][:limit]
-    picked = _keys(la[order], un[order]).tolist()
-    aggregates = {
-        (a, u): row
-        for a, u, *row in store.db.execute(
-            """SELECT s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.mean_score, t.tokens, t.interpretable
-               FROM json_each(?) k CROSS JOIN neuron_stats s
-                   ON s.run_key = ? AND s.layer = k.value >> 20 AND s.unit = k.value & 1048575
-               LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer
-                                         AND t.unit = s.unit""",
-            [json.dumps(picked), run_key, lm_id, convention],
-        ).fetchall()
+    return keep
+
+
+def _passing(
+    store: Store, lm_id: str, convention: str, la: np.ndarray, un: np.ndarray, keep: np.ndarray,
+    token: str | None, contains: bool, interpretable: bool | None,
+) -> np.ndarray:  # fmt: skip
+    """Which of the units (la, un) pass the token and interpretable filters, of those `keep` marks (their
+    decoded tokens are read for those only)."""
+    where, args = [], []  # type: list[str], list[Any]
+    if token:  # the same filter as list_neurons: a whole token, or with `contains` any text (escaped)
+        where, args = token_where(token, contains)
+    if interpretable is not None:
+        where.append("t.interpretable = ?")
+        args.append(int(interpretable))
+    passing = store.db.execute(
+        f"""SELECT t.layer, t.unit FROM json_each(?) k CROSS JOIN neuron_tokens t
+            ON t.lm_id = ? AND t.convention = ? AND t.layer = k.value >> 20 AND t.unit = k.value & 1048575
+            {"WHERE " + " AND ".join(where) if where else ""}""",
+        [json.dumps(_keys(la, un)[keep].tolist()), lm_id, convention, *args],
+    ).fetchall()
+    ok = np.array(passing, dtype=np.int64).reshape(-1, 2)
+    return np.isin(_keys(la, un), _keys(ok[:, 0], ok[:, 1]))
+
+
+def _aggregates(
+    store: Store, run_key: int, lm_id: str, convention: str, la: np.ndarray, un: np.ndarray
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per unit of (la, un): its aggregates and decoded tokens (read for these units only)."""
+    rows = store.db.execute(
+        """SELECT s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.mean_score, t.tokens, t.interpretable
+           FROM json_each(?) k CROSS JOIN neuron_stats s
+               ON s.run_key = ? AND s.layer = k.value >> 20 AND s.unit = k.value & 1048575
+           LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer
+                                     AND t.unit = s.unit""",
+        [json.dumps(_keys(la, un).tolist()), run_key, lm_id, convention],
+    ).fetchall()
+    return {
+        (a, u): {
+            "n_top": n_top,
+            "n_images": n_images,
+            "max_score": max_score,
+            "mean_score": mean_score,
+            "tokens": json.loads(tokens) if tokens else [],
+            "interpretable": None if good is None else bool(good),
+        }
+        for a, u, n_top, n_images, max_score, mean_score, tokens, good in rows
     }
-    rows = []
-    for i in order.tolist():
-        n_top, n_images, max_score, mean_score, tokens, good = aggregates[(int(la[i]), int(un[i]))]
-        rows.append(
-            {
-                "layer": int(la[i]),
-                "unit": int(un[i]),
-                "image_score": float(score[i]),
-                "image_rank": int(rank[i]),
-                "n_top": n_top,
-                "n_images": n_images,
-                "max_score": max_score,
-                "mean_score": mean_score,
-                "tokens": json.loads(tokens) if tokens else [],
-                "interpretable": None if good is None else bool(good),
-                "prevalence": n_top / n if n else None,
-                "generic": False,
-                "unit_max": float(values[i]),
-                "lift": None if np.isnan(z[i]) else float(z[i]),
-            }
-        )
-    return rows
