@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmtui.defaults import THRESHOLD_Q
 from mmtui.experiments import specificity
 from mmtui.experiments.stats import ecdf
 from mmtui.store import Run, Store
@@ -153,7 +154,7 @@ def specificity_figure(summary: dict[str, Any], out: Path, title: str) -> Path:
         ax.bar(x + (i - 1.5) * width, [c[key] for c in cats], width, label=label, color=color)
     ax.set_xticks(x)
     ax.set_xticklabels([f"{c['category']}\n(n={c['n_images']})" for c in cats], fontsize=7)
-    ax.set_ylabel("IoU with the COCO mask (> 0.95 quantile)")
+    ax.set_ylabel(f"IoU with the COCO mask (> {THRESHOLD_Q} quantile)")
     ax.set_title(f"top beats random in {summary['wins']} of {summary['n_categories']} categories", fontsize=9)
     ax.legend(fontsize=7)
     _suptitle(fig, title)
@@ -165,7 +166,7 @@ def specificity_figure(summary: dict[str, Any], out: Path, title: str) -> Path:
 
 def heatmap_grid(stack: Stack, store: Store, run: Run, out: Path, n_images: int = 6, n_units: int = 5) -> Path | None:
     """Rows: images; columns: the mean of the top units' maps, then each top unit (with its top tokens)."""
-    from mmtui.experiments.heatmap import batch_activation_maps, encoder_view, frame_size, upsample
+    from mmtui.experiments.heatmap import batch_activation_maps, encoder_view, frame_size, render_heatmap, upsample
     from mmtui.run.images import load_image
 
     plt = _plt()
@@ -199,10 +200,7 @@ def heatmap_grid(stack: Stack, store: Store, run: Run, out: Path, n_images: int 
             ax = axes[r][c]
             ax.axis("off")
             if c < len(grids):
-                heat = upsample(grids[c], frame)
-                ax.imshow(view)
-                ax.imshow(heat, cmap="inferno", alpha=0.5)
-                ax.contour(heat > np.quantile(heat, 0.95), levels=[0.5], colors="cyan", linewidths=1)
+                ax.imshow(render_heatmap(view, upsample(grids[c], frame)))
                 ax.set_title(titles[c], fontsize=6)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmtui.defaults import THRESHOLD_Q
 from mmtui.experiments import agreement, layers, specificity
 from mmtui.experiments.ablation import summarize as summarize_ablation
 from mmtui.experiments.figures import (
@@ -243,7 +244,7 @@ def _heatmaps_section(page: _Page, stack: Stack | None, n_images: int) -> str | 
     return (
         "<h2>Heatmaps of the top units</h2><img src='heatmaps.png'>"
         + "<p>Activations at the image positions of the captioning pass, bilinear to the encoder frame; "
-        + f"cyan: above the 0.95 quantile. {html.escape(page.stack_line)}</p>"
+        + f"cyan: above the {THRESHOLD_Q} quantile. {html.escape(page.stack_line)}</p>"
     )
 
 
