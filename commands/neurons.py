@@ -229,18 +229,19 @@ def neuron(
     json_out: JsonOption = False,
 ) -> None:
     """One neuron: decoded tokens, score statistics and the images where it ranks highest."""
+    from mmtui.errors import NotFoundError
     from mmtui.store import Store
+    from mmtui.store.core import check_neuron
     from mmtui.store.labels import unit_labels
     from mmtui.store.prevalence import unit_prevalence
     from mmtui.store.queries import neuron_detail
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
-        shape = chosen.shape
-        if not (0 <= layer < shape["n_layers"] and 0 <= index < shape["d_mlp"]):
-            fail(
-                f"no neuron L{layer}.u{index}: run {chosen.id} has layers 0..{shape['n_layers'] - 1} and units 0..{shape['d_mlp'] - 1}"
-            )
+        try:
+            check_neuron(layer, index, chosen.shape, owner=f"run {chosen.id}")
+        except NotFoundError as error:
+            fail(str(error))  # a range is a usage error (exit 2), checked before reading anything
         store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
         detail = neuron_detail(store, chosen, layer, index, top_images=limit)
         detail["labels"] = unit_labels(store, chosen.key, layer, index)

@@ -14,6 +14,7 @@ from mmtui.experiments import specificity
 from mmtui.experiments.stats import ecdf
 from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
+from mmtui.words import printable
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -37,11 +38,6 @@ def _suptitle(fig: Any, text: str) -> None:
 
     width = int(fig.get_figwidth() * 17)  # characters of 8 pt text per inch, roughly
     fig.suptitle(textwrap.fill(text, width), fontsize=8)
-
-
-def printable(text: str) -> str:
-    """Text safe for a figure title: control and unprintable characters shown as their escapes."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def dose_response_figure(rows: list[dict[str, Any]], out: Path, title: str, bert_model: str | None = None) -> Path:

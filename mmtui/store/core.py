@@ -21,6 +21,8 @@ from mmtui.store.records import (
     ResultRecord,
     Run,
     StackIdentity,
+    check_neuron,
+    match_run,
     pack_result,
     run_id_for,
     storable_path,
@@ -38,6 +40,8 @@ __all__ = [
     "Run",
     "StackIdentity",
     "Store",
+    "check_neuron",
+    "match_run",
     "pack_result",
     "run_id_for",
     "storable_path",
@@ -188,11 +192,4 @@ class Store(ResultsMixin, TokensMixin):
         runs = self.runs()
         if not runs:
             raise NotFoundError(f"{self.path} holds no runs yet; run `mmtui attribute IMAGE_DIR` first")
-        if run_id is None:
-            return runs[0]
-        matches = [r for r in runs if r.id.startswith(run_id)]
-        if len(matches) != 1:
-            ids = ", ".join(r.id for r in runs)
-            what = "no run" if not matches else "several runs"
-            raise NotFoundError(f"{what} with id {run_id!r} in {self.path} (runs: {ids}); see `mmtui runs`")
-        return matches[0]
+        return runs[0] if run_id is None else match_run(runs, run_id, self.path)

@@ -24,7 +24,7 @@ from mmtui.store.arrays import unpack_array, unpack_value
 from mmtui.store.filters import token_filter, token_where
 
 if TYPE_CHECKING:
-    from mmtui.store import Store
+    from mmtui.store import Run, Store
     from mmtui.store._sqlite_utils import Database
 
 GENERIC_SHARE = 0.1
@@ -58,11 +58,6 @@ def _dims(conn: sqlite3.Connection, run_id: str) -> tuple[int, int]:
     ).fetchone()
     shape = json.loads(row[0])
     return int(shape["n_layers"]), int(shape["d_mlp"])
-
-
-def _run(run: Any) -> tuple[str, int, dict[str, Any], str]:
-    """The one place that reads a run's fields: (id, run_key, shape, lm_id)."""
-    return run.id, int(run.key), run.shape, run.lm_id
 
 
 # -- folding ------------------------------------------------------------------------------------------------
@@ -118,17 +113,17 @@ def fold_moments(db: Database | sqlite3.Connection, run_id: str, run_key: int, r
 
 
 # -- reading ------------------------------------------------------------------------------------------------
-def run_size(store: Store, run: Any) -> int:
+def run_size(store: Store, run: Run) -> int:
     """How many results of the run the per-unit tables count (prevalence's denominator)."""
-    _, run_key, _, _ = _run(run)
+    run_key = run.key
     row = store.db.execute("SELECT max(n) FROM unit_moments WHERE run_key = ?", [run_key]).fetchone()
     return int(row[0] or 0)
 
 
-def moments(store: Store, run: Any, layers: Iterable[int]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+def moments(store: Store, run: Run, layers: Iterable[int]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """(n, {layer: (mean, std)}) of unit_max over the run's results, for these layers (d_mlp values each; std
     NaN where n < 2 or the unit does not vary)."""
-    _, run_key, _, _ = _run(run)
+    run_key = run.key
     wanted = sorted({int(x) for x in layers})
     rows = store.db.execute(
         "SELECT layer, n, sum, sum_sq FROM unit_moments WHERE run_key = ? AND layer IN (SELECT value FROM json_each(?))",
@@ -175,7 +170,7 @@ def unit_max_of(store: Store, result_id: int, dims: tuple[int, int]) -> np.ndarr
 
 def unit_prevalence(
     store: Store,
-    run: Any,
+    run: Run,
     layer: int,
     unit: int,
     n_top: int,
@@ -184,7 +179,7 @@ def unit_prevalence(
 ) -> dict[str, Any]:
     """One unit's prevalence, generic flag, mean and std of unit_max over the run, and its lift on each of
     `result_ids` ({result id: lift or None})."""
-    _, _, shape, _ = _run(run)
+    shape = run.shape
     n, found = moments(store, run, [layer])
     mean, std = found.get(layer, (np.full(shape["d_mlp"], np.nan), np.full(shape["d_mlp"], np.nan)))
     above = generic_above(n, share)
@@ -221,14 +216,14 @@ def _n_tops(store: Store, run_key: int, units: Sequence[tuple[int, int]]) -> lis
 
 
 def image_generic_share(
-    store: Store, run: Any, result_id: int, top: int | None = None, share: float = GENERIC_SHARE
+    store: Store, run: Run, result_id: int, top: int | None = None, share: float = GENERIC_SHARE
 ) -> dict[str, Any]:
     """How much of an image's top-N triples (N = COUNT_TOP) belongs to the run's generic units, as the run's
     tables count now: distinct units and triples, generic ones of each, and the run size it is judged on
     (None shares where the run is too small to call any unit generic)."""
     from mmtui.store.results import COUNT_TOP
 
-    _, run_key, _, _ = _run(run)
+    run_key = run.key
     top = COUNT_TOP if top is None else top
     layer, unit, _patch, _score = (a[:top] for a in store.triples(result_id))
     units = sorted(set(zip(layer.tolist(), unit.tolist(), strict=True)))
@@ -259,7 +254,7 @@ def _keys(layer: np.ndarray, unit: np.ndarray) -> np.ndarray:
 
 def specific_units(
     store: Store,
-    run: Any,
+    run: Run,
     image: str,
     *,
     layer: int | None = None,
@@ -277,7 +272,7 @@ def specific_units(
     Planned for speed at GPT-J scale (6,000 units an image): the run's generic units come from the n_top index
     (few), the lifts are numpy over all the image's units, and neuron_stats and the tokens are read for the
     rows returned only (with a token or interpretable filter, the tokens of every candidate first)."""
-    run_id, run_key, shape, lm_id = _run(run)
+    run_id, run_key, shape, lm_id = run.id, run.key, run.shape, run.lm_id
     result = store.result(run_id, image)
     found = store.top_units(result["id"])  # (layer, unit, best score, best rank, patch), by rank
     if layer is not None:

@@ -14,6 +14,7 @@ from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError
 from mmtui.store import Run, Store
 from mmtui.store.filters import neuron_query, token_filter, token_where
+from mmtui.store.records import check_neuron
 
 SORTS = {"score": "max", "count": "top", "mean": "mean"}  # the CLI's sorts as columns of NEURON_COLUMNS
 
@@ -142,11 +143,7 @@ def list_neurons(
 def neuron_detail(store: Store, run: Run, layer: int, unit: int, *, top_images: int = 10) -> dict[str, Any]:
     """One unit: decoded tokens (every stored convention), aggregates, and the images where it ranks highest
     (at most NEURON_IMAGES = 20: the cache keeps each unit's best 20 results)."""
-    shape = run.shape
-    if not (0 <= layer < shape["n_layers"] and 0 <= unit < shape["d_mlp"]):
-        raise NotFoundError(
-            f"no neuron L{layer}.u{unit}: this stack has layers 0-{shape['n_layers'] - 1} and units 0-{shape['d_mlp'] - 1}"
-        )
+    check_neuron(layer, unit, run.shape)
     stats = store.db.execute(
         "SELECT n_top, n_images, max_score, mean_score FROM neuron_stats WHERE run_key = ? AND layer = ? AND unit = ?",
         [run.key, layer, unit],

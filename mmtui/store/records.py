@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mmtui.errors import NotFoundError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -159,3 +162,24 @@ def storable_path(path: str | Path) -> str:
     which sqlite3 refuses) keeps its undecodable bytes as backslash escapes (`\\xe9`); valid names are unchanged.
     The image's key is the sha256 of its bytes, so this text is for display and lookup only."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_neuron(layer: int, unit: int, shape: dict[str, Any], owner: str = "this stack") -> None:
+    """Raise NotFoundError unless (layer, unit) is an MLP unit of a stack of this `shape` (n_layers, d_mlp);
+    the message names the ranges, and `owner` (the stack, or the run) has them."""
+    n_layers, d_mlp = int(shape["n_layers"]), int(shape["d_mlp"])
+    if not (0 <= layer < n_layers and 0 <= unit < d_mlp):
+        raise NotFoundError(
+            f"no neuron L{layer}.u{unit}: {owner} has layers 0..{n_layers - 1} and units 0..{d_mlp - 1}"
+        )
+
+
+def match_run(runs: Sequence[Run], run_id: str, path: Path | str) -> Run:
+    """The one run of `runs` (the runs of the cache at `path`) whose id starts with `run_id`; NotFoundError
+    naming them all when none or several do."""
+    matches = [r for r in runs if r.id.startswith(run_id)]
+    if len(matches) != 1:
+        ids = ", ".join(r.id for r in runs)
+        what = "no run" if not matches else "several runs"
+        raise NotFoundError(f"{what} with id {run_id!r} in {path} (runs: {ids}); see `mmtui runs`")
+    return matches[0]

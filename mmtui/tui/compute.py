@@ -8,20 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from mmtui.errors import ImageError
-from mmtui.run.images import load_image
-
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
     from mmtui.store import Run
-
-
-def read_picture(path: str, sha256: str) -> Image.Image:
-    """The image of a result, checked against the sha256 it was attributed with. Raises ImageError."""
-    loaded = load_image(path)
-    if loaded.sha256 != sha256:
-        raise ImageError(path, "the file changed since it was attributed; attribute it again to browse it")
-    return loaded.image
 
 
 def heatmap_picture(
