@@ -39,7 +39,8 @@ def unit_activation_maps(
     """Activations of `units` (layer, unit) at the image positions: float32 [n_units, grid_h, grid_w].
 
     From the captioning forward pass ([prefix] + prompt; causal, so the prompt cannot change the image
-    positions), at the given neuron site; patch p sits at row p // grid_w, column p % grid_w.
+    positions), at the given neuron site; the grid's cells are the last grid_h * grid_w image positions (after a
+    kept CLS token), patch p of them at row p // grid_w, column p % grid_w.
     """
     return batch_activation_maps(stack, [image], units, site)[0]
 
@@ -53,6 +54,7 @@ def batch_activation_maps(
     check_units(stack, units)
     n_patches = stack.n_patches
     grid_h, grid_w = stack.grid
+    first = n_patches - grid_h * grid_w  # image positions before the grid (a kept CLS token)
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _unit) in enumerate(units):
         by_layer.setdefault(layer, []).append(i)
@@ -63,7 +65,7 @@ def batch_activation_maps(
             return
         idx = by_layer[layer]
         cols = torch.tensor([units[i][1] for i in idx], device=act.device)
-        vals = act[:, :n_patches].index_select(2, cols).float().cpu().numpy()  # [B, P, n]
+        vals = act[:, first:n_patches].index_select(2, cols).float().cpu().numpy()  # [B, P, n]
         out[:, idx] = vals.transpose(0, 2, 1).reshape(len(images), len(idx), grid_h, grid_w)
 
     with torch.no_grad():
