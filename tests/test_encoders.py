@@ -144,6 +144,45 @@ def test_layer_and_cls_match_the_models_hidden_states(kind):
             HFVisionEncoder(model, proc, kind, cls=True)
 
 
+def test_a_full_clip_checkpoint_gives_its_vision_tower(tmp_path):
+    """LLaVA names openai/clip-vit-large-patch14-336, a whole CLIP model: hf: loads its vision tower's weights."""
+    import transformers as T
+
+    from mmtui.stacks.presets import load_encoder
+
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=8, **SMALL)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
+    clip = T.CLIPModel(T.CLIPConfig(vision_config=vision, text_config=text)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    enc, identity = load_encoder(f"hf:{tmp_path / 'clip'}@-2", torch.float32)
+    assert identity["encoder"] == f"hf:{tmp_path / 'clip'}@-2" and enc.grid == (4, 4)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(enc(pixels), want, rtol=0, atol=0)
+
+
+def test_dinov2_register_tokens_are_dropped_and_cls_kept():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.Dinov2WithRegistersModel(
+        T.Dinov2WithRegistersConfig(image_size=28, patch_size=7, num_register_tokens=4, **SMALL)
+    ).eval()
+    proc = T.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # [1, 1 + 4 + 16, 32]
+    enc = HFVisionEncoder(model, proc, "dinoreg", layer=-2, cls=True)
+    assert enc.n_patches == 17
+    torch.testing.assert_close(enc(pixels), torch.cat([ref[:, :1], ref[:, 5:]], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(HFVisionEncoder(model, proc, "dinoreg", layer=-2)(pixels), ref[:, 5:])
+
+
 def test_grid_rounds_down_as_the_patch_embedding_does():
     """384 px in 14 px patches is 27 x 27 (SigLIP so400m): the strided conv leaves the remainder out."""
     import transformers as T
