@@ -225,9 +225,10 @@ def as_projection(module: nn.Module, d_in: int, d_out: int) -> BaseProjection:
         raise ProjectionError(f"a projection must be an nn.Module or a file path, not {type(module).__name__}")
     if proj.d_in != d_in:
         raise ProjectionError(f"the projection takes {proj.d_in} features but the image encoder gives {d_in}")
+    first = next(proj.parameters(), None)
     with torch.no_grad():
         try:
-            out = proj(torch.zeros(1, 2, d_in))
+            out = proj(torch.zeros(1, 2, d_in, device=first.device if first is not None else None))
         except Exception as err:  # a user's module may raise anything on a wrong shape
             raise ProjectionError(
                 f"the projection module failed on a [1, 2, {d_in}] input ({type(err).__name__}: {err})"
