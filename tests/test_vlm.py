@@ -302,3 +302,12 @@ def test_cli_attribute_neurons_ablate(llava_dir: Path, tmp_path: Path) -> None:
     assert code == 0, out
     summary = [json.loads(line) for line in out.splitlines() if '"type": "summary"' in line]
     assert {r["condition"] for r in summary} >= {"top", "random"}
+    first = sorted(images.iterdir())[0]
+    png = tmp_path / "map.png"
+    code, out = _mm("heatmap", "1", "3", str(first), "--out", str(png), "--db", db, "--device", "cpu")
+    assert code == 0 and png.is_file(), out
+    code, out = _mm("caption", str(first), "--vlm", str(llava_dir), "--device", "cpu", "--json")
+    assert code == 0, out
+    attributed = {Path(r["image"]).name: r["caption"] for r in done}
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows and rows[0]["caption"] == attributed[first.name], out
