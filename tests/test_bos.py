@@ -64,3 +64,24 @@ def test_load_stack_and_cli_flag(tmp_path) -> None:
     stack = load_stack("tiny", device="cpu", bos=True)
     assert stack.bos and stack.load_args["bos"] is True
     assert "bos" not in load_stack("tiny", device="cpu").load_args
+
+
+def test_cli_runs_with_and_without_bos_never_mix(image_dir, tmp_path) -> None:
+    """Two attribute runs over the same photos, with and without --bos: two stacks, two runs, and the run made
+    with --bos loads again with it (its load arguments carry the setting)."""
+    from typer.testing import CliRunner
+
+    from commands import app
+    from mmtui.stacks.presets import load_stack_for_run
+    from mmtui.store import Store
+
+    db = str(tmp_path / "bos.db")
+    for extra in ([], ["--bos"]):
+        args = ["attribute", str(image_dir), "--preset", "tiny", "--device", "cpu", "--db", db, *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    with Store.open(tmp_path / "bos.db") as store:
+        runs = store.runs()
+        assert len(runs) == 2 and len({r.stack.id for r in runs}) == 2
+        with_bos = next(r for r in runs if "bos" in r.stack.fingerprint)
+        assert load_stack_for_run(with_bos, device="cpu").bos
