@@ -261,7 +261,7 @@ def _consume(
                     err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
                 elif event.reason == "cached" and cached is not None:
                     assert run is not None
-                    emit_json(filter(None, [cached(run, event.path, event.sha256)]))
+                    emit_json({"type": "image", **row} for row in filter(None, [cached(run, event.path, event.sha256)]))
             elif isinstance(event, ImageDone):
                 counts["done"] += 1
                 progress.advance(task)
@@ -272,7 +272,7 @@ def _consume(
                 summary = {**image_summary(store, run, event.result_id, top, convention), "cached": False}
                 if json_out:  # judged on the run's images counted so far (the run's tables fold in batches)
                     summary["generic"] = image_generic_share(store, run, event.result_id)
-                    emit_json([summary])
+                    emit_json([{"type": "image", **summary}])
                 else:
                     summaries.append((summary, event.result_id))
     if not json_out and summaries:

@@ -115,7 +115,14 @@ def _emit(stack, batch: list, max_tokens: int, json_out: bool, table: Table, pre
     texts = stack.caption([im.image for im in batch], max_new_tokens=max_tokens)
     if json_out:
         emit_json(
-            {"image": str(im.path), "sha256": im.sha256, "caption": text, "prompt": stack.prompt, "preset": preset}
+            {
+                "type": "caption",
+                "image": str(im.path),
+                "sha256": im.sha256,
+                "caption": text,
+                "prompt": stack.prompt,
+                "preset": preset,
+            }
             for im, text in zip(batch, texts, strict=True)
         )
     else:

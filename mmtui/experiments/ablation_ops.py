@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS
-from mmtui.errors import ImageError, MmtuiError
+from mmtui.errors import MmtuiError
 from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
 
@@ -241,7 +241,4 @@ def load_result_image(row: dict[str, Any]) -> Any:
     """The PIL image of a result row, checked against its stored sha256."""
     from mmtui.run.images import load_image
 
-    loaded = load_image(row["path"])
-    if loaded.sha256 != row["image_sha256"]:
-        raise ImageError(row["path"], "the file changed since it was attributed; attribute it again")
-    return loaded.image
+    return load_image(row["path"], sha256=row["image_sha256"]).image

@@ -193,9 +193,12 @@ def read_image_bytes(path: Path | str) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def load_image(path: Path | str) -> LoadedImage:
-    """Read, hash and decode one image file. Raises ImageError on any problem with this file."""
+def load_image(path: Path | str, sha256: str | None = None) -> LoadedImage:
+    """Read, hash and decode one image file. Raises ImageError on any problem with this file, and with `sha256`
+    (the image a result was attributed with) when the file no longer hashes to it."""
     data, sha = read_image_bytes(path)
+    if sha256 is not None and sha != sha256:
+        raise ImageError(str(path), "the file changed since it was attributed; attribute it again")
     return LoadedImage(path=Path(path), sha256=sha, image=decode_image(data, path))
 
 
