@@ -495,7 +495,9 @@ def test_cli_train_projection_mlp_on_a_clip_encoder(hf_folders, photos, tmp_path
     assert card["projection_kind"] == "mlp" and card["config"]["kind"] == "mlp"
     assert card["stack"]["encoder"] == encoder and card["training"]["steps"] == 2
     proj = load_projection(out, 32, 32)
-    assert isinstance(proj, MLPProjection) and read_card(out) == {k: v for k, v in card.items() if k != "projection"}
+    assert isinstance(proj, MLPProjection) and read_card(out) == {
+        k: v for k, v in card.items() if k not in ("type", "projection")
+    }
 
 
 # -- end to end -------------------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ class VisionEncoder(nn.Module):
         """Image positions the LM sees: the prefix tokens, then the grid's cells."""
         return self.prefix_tokens + self.grid[0] * self.grid[1]
 
+    def _set_cells(self) -> None:
+        """Stack.cells: per image position its grid cell, -1 for a kept CLS token (once grid is known)."""
+        self.cells = [-1] * self.prefix_tokens + list(range(self.grid[0] * self.grid[1]))
+
 
 def _hidden_index(name: str, layer: int, n_layers: int) -> int:
     """LLaVA-style index into [embeddings, block 1, ..., block n_layers] -> 0..n_layers, or StackError."""
@@ -155,6 +159,7 @@ class HFVisionEncoder(VisionEncoder):
         height, width = frame.shape[-2:]
         patch = cfg.patch_size  # the patch embedding is a stride-`patch` conv: a remainder is left out
         self.grid = (height // patch, width // patch)  # (SigLIP so400m: 384 px in 14 px patches, 27 x 27)
+        self._set_cells()
         with torch.no_grad():
             self.features(frame)  # checks that the tokens form that grid
 
@@ -234,6 +239,7 @@ class TimmEncoder(VisionEncoder):
             probe = self.features(torch.zeros(1, 3, crop, crop))  # in the model's dtype
         self.dim = probe.shape[-1]
         self.grid = self._last_grid
+        self._set_cells()
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.layer is None:
