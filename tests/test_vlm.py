@@ -292,7 +292,7 @@ def test_cli_attribute_neurons_ablate(llava_dir: Path, tmp_path: Path) -> None:
     code, out = _mm("attribute", str(images), "--vlm", str(llava_dir), "--device", "cpu", "--db", db, "--json")
     assert code == 0, out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    done = [r for r in rows if r.get("type", "result") == "result" and "caption" in r]
+    done = [r for r in rows if r.get("type") == "image" and "caption" in r]
     assert len(done) == 2, out
     code, out = _mm("neurons", "--db", db, "--json")
     assert code == 0, out
