@@ -256,8 +256,9 @@ class Stack:
         return "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters else "past_key_values"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM's output matrix on hidden states [..., d_model] -> [..., V]."""
-        return self.lm.get_output_embeddings()(hidden)
+        """The LM's output layer on final hidden states [..., d_model] -> [..., V], with the family's logit
+        soft-capping (Gemma 2), as the CausalLM's own forward computes them."""
+        return self.adapter.logits(hidden)
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[list[int]]:
