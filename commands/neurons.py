@@ -97,7 +97,7 @@ def neurons(
             out.print(f"No unit has the data label {label!r} at q < {fdr:g} (see `mmtui explain`).")
             return
         if json_out:
-            emit_json(rows)
+            emit_json({"type": "neuron", **row} for row in rows)
             return
         _print_neurons(rows, chosen, n_results, image=image, lifts=specific and image is not None, label=label)
 
@@ -253,7 +253,7 @@ def neuron(
     for im in detail["images"]:
         im["lift"] = lifts[im["result_id"]]
     if json_out:
-        emit_json([detail])
+        emit_json([{"type": "neuron_detail", **detail}])
         return
     s = detail["stats"]
     out.print(f"[bold]L{layer}.u{index}[/]  run {detail['run']}")

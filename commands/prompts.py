@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import TaskID
 from rich.table import Table
 
 from commands._app import (
@@ -37,6 +36,7 @@ from commands._experiments import (
     load_metrics,
     loading,
     progress_bar,
+    stage_progress,
 )
 
 if TYPE_CHECKING:
@@ -98,13 +98,6 @@ def prompts(
                 preset, lm=lm, encoder=encoder, projection=projection, device=device, progress=load_progress
             )
         with Store.open(db_path(db)) as store, progress_bar() as progress:
-            tasks: dict[str, TaskID] = {}
-
-            def report(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total)
-                progress.update(tasks[stage], completed=done)
-
             result = decode_prompts(
                 stack,
                 store,
@@ -116,7 +109,7 @@ def prompts(
                 random_kind=random_kind,
                 bertscore=bert,
                 clipscore=clip,
-                progress=report,
+                progress=stage_progress(progress),
             )
     means = table(result)
     if json_out:

@@ -15,7 +15,7 @@ def runs(db: DbOption = None, json_out: JsonOption = False) -> None:
     with core_errors(), Store.open(db_path(db), create=False) as store:
         rows = store.runs()
     if json_out:
-        emit_json(r.to_json() for r in rows)
+        emit_json({"type": "run", **r.to_json()} for r in rows)
         return
     table = Table(title=f"Runs in {db_path(db)}")
     for name in ("run", "stack", "prompt", "site", "y", "images", "results", "shape", "last write"):

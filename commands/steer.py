@@ -108,7 +108,7 @@ def steer(
             on_error=on_error,
         )
     if json_out:
-        emit_json(row.__dict__ for row in rows)
+        emit_json({"type": "steer", **row.__dict__} for row in rows)
     elif rows:
         out.print(_table(rows))
     if failures:

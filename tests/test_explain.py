@@ -243,7 +243,7 @@ def test_the_commands_show_the_labels(planted: tuple[Path, list[int]]) -> None:
     result = runner.invoke(app, ["explain", "--db", str(db), "--json", "--recompute"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert {(r["layer"], r["neuron"]) for r in rows if r["type"] == "label"} == set(PLANTED)
+    assert {(r["layer"], r["unit"]) for r in rows if r["type"] == "label"} == set(PLANTED)
     assert next(r for r in rows if r["type"] == "summary")["shuffled"] == 0
     result = runner.invoke(app, ["explain", "--db", str(db)])
     assert "3 unit(s) with q < 0.05, against 0 with the labels shuffled" in result.stdout

@@ -60,8 +60,10 @@ def batch_activation_maps(
     import torch
 
     check_units(stack, units)
-    n_patches = stack.n_patches
+    positions = stack.image_slice
     grid_h, grid_w = stack.grid
+    token_of = [i for i, c in enumerate(stack.cells) if c >= 0]  # the image positions that are patches
+    cell_of = [c for c in stack.cells if c >= 0]  # and their grid cells
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _unit) in enumerate(units):
         by_layer.setdefault(layer, []).append(i)
@@ -72,8 +74,10 @@ def batch_activation_maps(
             return
         idx = by_layer[layer]
         cols = torch.tensor([units[i][1] for i in idx], device=act.device)
-        vals = act[:, :n_patches].index_select(2, cols).float().cpu().numpy()  # [B, P, n]
-        out[:, idx] = vals.transpose(0, 2, 1).reshape(len(images), len(idx), grid_h, grid_w)
+        vals = act[:, positions].index_select(2, cols).float().cpu().numpy()  # [B, P, n]
+        flat = np.zeros((len(images), len(idx), grid_h * grid_w), dtype=np.float32)
+        flat[:, :, cell_of] = vals.transpose(0, 2, 1)[:, :, token_of]
+        out[:, idx] = flat.reshape(len(images), len(idx), grid_h, grid_w)
 
     with torch.no_grad():
         prefix = stack.encode(list(images))  # [B, P, d_model]

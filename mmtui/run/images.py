@@ -242,8 +242,8 @@ def iter_images(
     for path in paths:
         try:
             data, sha = read_image_bytes(path)
-            if not in_shard(sha, shard):
-                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}", sha, duplicate=False)  # type: ignore[index]
+            if shard is not None and not in_shard(sha, shard):
+                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}", sha, duplicate=False)
                 continue
             if sha in first_path:
                 yield Skip(Path(path), f"same image as {first_path[sha]}; computed once", sha, duplicate=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmtui.stacks.base import Stack
-from mmtui.stacks.projection import Projection
+from mmtui.stacks.projection import BaseProjection
 
 
 @dataclass
@@ -32,19 +32,19 @@ def _autocast(stack: Stack, amp: bool):
 
 
 def caption_nll(
-    stack: Stack, projection: Projection, feats: torch.Tensor, captions: Sequence[Sequence[int]], amp: bool = True
+    stack: Stack, projection: BaseProjection, feats: torch.Tensor, captions: Sequence[Sequence[int]], amp: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL of each caption after [projection(feats)] + prompt, and the token count.
 
     feats: encoder features [B, P, d_vision]; captions: B lists of token ids (ending with EOS).
     """
     prefix = projection(feats.to(stack.device).float())  # [B, P, d_model]
-    n_patch, n_prompt = prefix.shape[1], len(stack.tokenize(stack.prompt))
+    n_before, n_prompt = stack.image_slice.start + prefix.shape[1], len(stack.prompt_ids())
     with _autocast(stack, amp):
         embeds, _ = stack.build_inputs(prefix.to(stack.dtype), captions)  # [B, T, d_model]
         hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, d_model]
         rows = [i for i, c in enumerate(captions) for _ in c]
-        start = n_patch + n_prompt - 1  # the position that predicts a caption's first token
+        start = n_before + n_prompt - 1  # the position that predicts a caption's first token
         cols = [start + j for c in captions for j in range(len(c))]
         logits = stack.logits(hidden[rows, cols])  # [N_tokens, V]
     targets = torch.tensor([t for c in captions for t in c], device=logits.device)
@@ -63,7 +63,7 @@ def _derangement(n: int, generator: torch.Generator) -> list[int]:
 @torch.no_grad()
 def evaluate(
     stack: Stack,
-    projection: Projection,
+    projection: BaseProjection,
     features: torch.Tensor,
     images: Sequence[HeldOutImage],
     *,
@@ -89,7 +89,7 @@ def evaluate(
 
 @torch.no_grad()
 def caption_examples(
-    stack: Stack, projection: Projection, features: torch.Tensor, images: Sequence[HeldOutImage]
+    stack: Stack, projection: BaseProjection, features: torch.Tensor, images: Sequence[HeldOutImage]
 ) -> list[dict[str, str]]:
     """Greedy captions of held-out images beside their first human caption."""
     if not images:
