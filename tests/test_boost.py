@@ -25,17 +25,17 @@ def _prefix(tiny_stack, store_run, batch: int):
 def test_one_unit_per_row_is_steering_that_unit_alone(tiny_stack, store_run):
     row, prefix = _prefix(tiny_stack, store_run, 3)
     plan = [None, (0, 3), (1, 11)]
-    rows = last_logits(tiny_stack, prefix, row["context_ids"], bx.row_scale_hook(plan, 8.0, tiny_stack.n_patches))
+    rows = last_logits(tiny_stack, prefix, row["context_ids"], bx.row_scale_hook(plan, 8.0, tiny_stack.image_slice))
     plain = last_logits(tiny_stack, prefix[:1], row["context_ids"])
     same_batch = last_logits(tiny_stack, prefix, row["context_ids"])
     assert torch.equal(rows[0], same_batch[0])  # the unsteered row is untouched (bit for bit in the same batch)
     for b, unit in enumerate(plan[1:], start=1):
         alone = last_logits(
-            tiny_stack, prefix[:1], row["context_ids"], steer_hook([unit], [8.0], "scale", tiny_stack.n_patches)
+            tiny_stack, prefix[:1], row["context_ids"], steer_hook([unit], [8.0], "scale", tiny_stack.image_slice)
         )
         assert torch.allclose(rows[b], alone[0], atol=1e-5)
         assert not torch.equal(rows[b], plain[0])  # the boost moves the logits: the test can fail
-    ones = bx.row_scale_hook([(0, 3), (1, 11)], 1.0, tiny_stack.n_patches)
+    ones = bx.row_scale_hook([(0, 3), (1, 11)], 1.0, tiny_stack.image_slice)
     assert torch.equal(
         last_logits(tiny_stack, prefix[:2], row["context_ids"], ones),
         last_logits(tiny_stack, prefix[:2], row["context_ids"]),
@@ -55,7 +55,7 @@ def test_boost_deltas_are_those_of_a_steered_pass(tiny_stack, store_run):
     prefix = tiny_stack.encode([load_image(row["path"]).image])
     plain = last_logits(tiny_stack, prefix, row["context_ids"])[0]
     for i, u in enumerate(units):
-        hook = steer_hook([(u.layer, u.unit)], [4.0], "scale", tiny_stack.n_patches)
+        hook = steer_hook([(u.layer, u.unit)], [4.0], "scale", tiny_stack.image_slice)
         steered = last_logits(tiny_stack, prefix, row["context_ids"], hook)[0]
         expected = float(steered[u.token_id] - plain[u.token_id])
         assert result.labelled["logit"][i, 0] == pytest.approx(expected, abs=1e-4)

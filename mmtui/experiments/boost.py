@@ -126,10 +126,10 @@ def random_units(units: Sequence[LabelledUnit], n_random: int, d_mlp: int, seed:
 
 
 def row_scale_hook(
-    rows: Sequence[tuple[int, int] | None], scale: float, n_patches: int
+    rows: Sequence[tuple[int, int] | None], scale: float, positions: slice
 ) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
-    """A `stack.hooks` function that multiplies one unit per batch row by `scale` at the image positions:
-    rows[b] = (layer, unit) for row b, or None for an unsteered row."""
+    """A `stack.hooks` function that multiplies one unit per batch row by `scale` at the image positions
+    (`Stack.image_slice`): rows[b] = (layer, unit) for row b, or None for an unsteered row."""
     import torch
 
     per_layer: dict[int, list[tuple[int, int]]] = {}
@@ -139,13 +139,13 @@ def row_scale_hook(
 
     def hook(layer: int, act: torch.Tensor) -> torch.Tensor | None:  # act [B, T, d_mlp]
         entries = per_layer.get(layer)
-        if not entries or act.shape[1] < n_patches:
+        if not entries or act.shape[1] < positions.stop:
             return None
-        head = act[:, :n_patches].clone()
+        image = act[:, positions].clone()
         b = torch.tensor([e[0] for e in entries], device=act.device)
         u = torch.tensor([e[1] for e in entries], device=act.device)
-        head[b, :, u] = head[b, :, u] * scale
-        return torch.cat([head, act[:, n_patches:]], dim=1)
+        image[b, :, u] = image[b, :, u] * scale
+        return torch.cat([act[:, : positions.start], image, act[:, positions.stop :]], dim=1)
 
     return hook
 
@@ -196,7 +196,7 @@ def boost(
         deltas = {m: np.empty(len(plan)) for m in METRICS}
         for start in range(0, len(plan), batch_size):
             chunk = plan[start : start + batch_size]
-            hook = row_scale_hook(chunk, scale, stack.n_patches)
+            hook = row_scale_hook(chunk, scale, stack.image_slice)
             logits = last_logits(stack, prefix.expand(len(chunk), -1, -1), context, hook, site=run.site)
             lp = torch.log_softmax(logits, dim=-1)
             tok = watch[[(start + j) // per for j in range(len(chunk))]]

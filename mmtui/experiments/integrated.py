@@ -121,13 +121,13 @@ def layer_ig(
     if not (entries[:, 0] == layer).all():
         raise IntegratedError("layer_ig takes the entries of one layer")
     alphas, weights = nodes(method, steps)
-    n_patches = stack.n_patches
-    patch = torch.as_tensor(entries[:, 2], dtype=torch.long, device=stack.device)
+    positions = stack.image_slice  # patch p is sequence position positions.start + p
+    patch = torch.as_tensor(entries[:, 2], dtype=torch.long, device=stack.device) + positions.start
     unit = torch.as_tensor(entries[:, 1], dtype=torch.long, device=stack.device)
     plain: dict[str, torch.Tensor] = {}
 
     def read(at: int, act: torch.Tensor) -> None:
-        if at == layer and act.shape[1] >= n_patches:
+        if at == layer and act.shape[1] >= positions.stop:
             plain["a"] = act[0, patch, unit].detach().clone()
 
     with torch.no_grad():
@@ -138,7 +138,7 @@ def layer_ig(
 
     def patched(values: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
         def hook(at: int, act: torch.Tensor) -> torch.Tensor | None:
-            if at != layer or act.shape[1] < n_patches:
+            if at != layer or act.shape[1] < positions.stop:
                 return None
             rows = torch.arange(act.shape[0], device=act.device)[:, None]
             out = act.clone()
