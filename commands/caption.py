@@ -18,6 +18,7 @@ from commands._app import (
     PresetOption,
     ProjectionOption,
     app,
+    check_stack_args,
     core_errors,
     emit_json,
     err,
@@ -67,6 +68,7 @@ def caption(
     from mmtui.errors import ImageError
     from mmtui.run.images import Skip, iter_images
 
+    check_stack_args(preset, projection)
     files, failed = _image_files(images)
     if not files:
         fail("no image to caption; pass image files or folders of images")

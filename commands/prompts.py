@@ -20,6 +20,7 @@ from commands._app import (
     PresetOption,
     ProjectionOption,
     app,
+    check_stack_args,
     core_errors,
     db_path,
     emit_json,
@@ -69,6 +70,7 @@ def prompts(
 
     if random_kind not in RANDOM_KINDS:
         fail(f"--random-kind {random_kind!r}: use {' or '.join(RANDOM_KINDS)}")
+    check_stack_args(preset, projection)
     failed = 0
     with core_errors():
         from mmtui.errors import ImageError
