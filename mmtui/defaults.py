@@ -96,3 +96,6 @@ def parse_ks(text: str, most: int | None = None) -> tuple[int, ...]:
     if most is not None and ks[-1] > most:
         raise ValueError(f"k = {ks[-1]} is more than the {most} triples stored per image")
     return tuple(ks)
+
+
+INTERPRETABLE_MARK = "●"  # marks an interpretable unit (words.is_interpretable) in the CLI's tables and the TUI's

@@ -43,6 +43,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def target_mode(target_spec: str) -> str:
+    """How a result's target was chosen, from its resume key: `auto` (first noun of the greedy caption), `human`
+    (first noun of a human caption, --captions) or `word:<w>` (--target w). One run may hold several modes (one
+    result per image and mode); counts name them ("24 results on 8 images, 3 target modes")."""
+    return "human" if target_spec.startswith("human:") else target_spec
+
+
+TARGET_MODE_SQL = "CASE WHEN target_spec LIKE 'human:%' THEN 'human' ELSE target_spec END"  # target_mode in SQL
+
+
 def run_id_for(stack_id: str, prompt: str, site: str, y_kind: str) -> str:
     blob = json.dumps([stack_id, prompt, site, y_kind]).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -111,6 +121,16 @@ class Run:
     n_results: int = 0
     n_images: int = 0
     last_write: str | None = None
+    n_modes: int = 1  # target modes among its results (see target_mode)
+
+    @property
+    def counts(self) -> str:
+        """Its results, images and target modes in words, the same in every view: "8 images" when each image has
+        one result, else "24 results on 8 images, 3 target modes"."""
+        if self.n_results == self.n_images and self.n_modes <= 1:
+            return f"{self.n_images:,} image{'s' * (self.n_images != 1)}"
+        modes = f", {self.n_modes} target modes" if self.n_modes > 1 else ""
+        return f"{self.n_results:,} results on {self.n_images:,} image{'s' * (self.n_images != 1)}{modes}"
 
     @property
     def shape(self) -> dict[str, Any]:
@@ -146,6 +166,7 @@ class Run:
             n_results=int(row["n_results"]),
             n_images=int(row["n_images"]),
             last_write=row["last_write"],
+            n_modes=int(row.get("n_modes") or 1),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -165,6 +186,7 @@ class Run:
             "lm_id": self.stack.lm_id,
             "n_results": self.n_results,
             "n_images": self.n_images,
+            "n_target_modes": self.n_modes,
             "last_write": self.last_write,
         }
 
@@ -217,15 +239,25 @@ class Store:
         self.path = path
         self.timeout = timeout
         self._run_keys: dict[str, int] = {}  # a run's key never changes
+        self.readonly = False  # opened read-only (Store.open): nothing is folded or written
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, path: Path | str, *, create: bool = True, timeout: float = DEFAULT_TIMEOUT_S, threads: bool = False
+        cls,
+        path: Path | str,
+        *,
+        create: bool = True,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        threads: bool = False,
+        readonly: bool | None = None,
     ) -> Store:
         """Open (and migrate) the cache at `path`.
 
         create=False: a missing file is an error (read-only commands never make an empty cache).
+        readonly: open it read-only (SQLite's mode=ro): no migration, no fold (`fold_pending` does nothing;
+        `pending_stats` says what the per-unit tables do not count yet). None: read-only when the file or its
+        folder is not writable (chmod a-w, a read-only mount), else read-write.
         Raises StoreTooNewError for a cache written by a newer mmtui, StoreLockedError when another
         process holds the lock longer than `timeout` seconds.
         """
@@ -238,13 +270,29 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
         # a WAL file left beside the cache: the last process did not close it (a crash, a kill, a power cut)
         unclean = os.path.getsize(f"{path}-wal") > 0 if os.path.exists(f"{path}-wal") else False
+        if readonly is None:
+            readonly = path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
         started = time.monotonic()
         try:
-            conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=not threads)
+            if readonly:
+                uri = f"{path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=not threads)
+            else:
+                conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=not threads)
             db = Database(conn)
             db.execute("PRAGMA foreign_keys = ON")
             store = cls(db, path, timeout)
+            store.readonly = readonly
             store._check_version()
+            if readonly:
+                if unclean:
+                    store.check_integrity()
+                if migrations.pending(db):
+                    raise StoreError(
+                        f"{path} is read-only and was written by an earlier mmtui: it must be converted once; make "
+                        "it writable for one command (or copy it) and run again"
+                    )
+                return store
             if db.journal_mode != "wal":
                 db.enable_wal()
             # in WAL mode, NORMAL never corrupts the file; a power cut may lose the last commits, not a crash
@@ -354,11 +402,12 @@ class Store:
 
     def runs(self) -> list[Run]:
         """Every run with its stack and counts, newest first."""
-        sql = """
+        sql = f"""
             SELECT runs.id, runs.run_key, runs.stack_id, stacks.name AS stack, runs.prompt, runs.site, runs.y_kind,
                    runs.settings, runs.created, stacks.shape, stacks.fingerprint, stacks.lm_id,
                    (SELECT count(*) FROM results WHERE results.run_id = runs.id) AS n_results,
                    (SELECT count(DISTINCT image_sha256) FROM results WHERE results.run_id = runs.id) AS n_images,
+                   (SELECT count(DISTINCT {TARGET_MODE_SQL}) FROM results WHERE results.run_id = runs.id) AS n_modes,
                    (SELECT max(created) FROM results WHERE results.run_id = runs.id) AS last_write
             FROM runs JOIN stacks ON stacks.id = runs.stack_id
             ORDER BY coalesce(last_write, runs.created) DESC
@@ -383,7 +432,9 @@ class Store:
     def fold_pending(self, run_id: str) -> int:
         """Fold the results a running (or interrupted) run has not yet counted into neuron_stats and
         neuron_images, so the per-unit tables count every finished image; returns how many (0: nothing to do,
-        and nothing written)."""
+        and nothing written). A read-only store folds nothing: its readers count what was folded before."""
+        if self.readonly:
+            return 0
         return self.refresh_stats(run_id) if self.pending_stats(run_id) else 0
 
     # -- results -----------------------------------------------------------------------------------------
@@ -459,6 +510,12 @@ class Store:
         if stats:
             self.refresh_stats(run_id, count_top)
         return result_id
+
+    def unfolded(self, run_id: str) -> int:
+        """How many of the run's results the per-unit tables do not count yet (a run interrupted before its
+        fold, read from a read-only cache)."""
+        row = self.db.execute("SELECT count(*) FROM results WHERE run_id = ? AND in_stats = 0", [run_id]).fetchone()
+        return int(row[0])
 
     def pending_stats(self, run_id: str) -> bool:
         row = self.db.execute("SELECT 1 FROM results WHERE run_id = ? AND in_stats = 0 LIMIT 1", [run_id]).fetchone()
@@ -552,9 +609,17 @@ class Store:
             )
         return rows[0]
 
+    def target_modes(self, run_id: str) -> dict[str, int]:
+        """The run's target modes (see target_mode) with their result counts, most results first."""
+        sql = f"""SELECT {TARGET_MODE_SQL} AS mode, count(*) AS n FROM results WHERE run_id = ?
+                  GROUP BY mode ORDER BY n DESC, mode"""
+        return {row["mode"]: int(row["n"]) for row in self.db.query(sql, [run_id])}
+
     def results(self, run_id: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        sql = """SELECT results.id, results.image_sha256, images.path, results.target, results.target_token_id,
-                        results.target_token, results.target_source, results.caption, results.p_target, results.y_c
+        """The run's results in the order written; `target_mode` says how each one's target was chosen."""
+        sql = f"""SELECT results.id, results.image_sha256, images.path, results.target, results.target_token_id,
+                        results.target_token, results.target_source, results.caption, results.p_target, results.y_c,
+                        {TARGET_MODE_SQL} AS target_mode
                  FROM results JOIN images ON images.sha256 = results.image_sha256
                  WHERE run_id = ? ORDER BY results.id"""
         if limit is not None:
