@@ -20,7 +20,6 @@ from commands._app import (
     PresetOption,
     ProjectionOption,
     app,
-    check_stack_args,
     core_errors,
     db_path,
     emit_json,
@@ -29,6 +28,7 @@ from commands._app import (
     out,
     warn,
 )
+from commands._experiments import check_stack_args
 from mmtui.defaults import DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PROMPT, Convention, Engine, Site, YKind
 
 if TYPE_CHECKING:

@@ -18,7 +18,6 @@ from commands._app import (
     PresetOption,
     ProjectionOption,
     app,
-    check_stack_args,
     core_errors,
     emit_json,
     err,
@@ -26,6 +25,7 @@ from commands._app import (
     out,
     warn,
 )
+from commands._experiments import check_stack_args
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET, DEFAULT_PROMPT
 
 

@@ -13,8 +13,6 @@ from commands._app import (
     DeviceOption,
     JsonOption,
     app,
-    check_stack_args,
-    check_unit,
     core_errors,
     db_path,
     emit_json,
@@ -22,7 +20,7 @@ from commands._app import (
     fail,
     out,
 )
-from commands._experiments import RunOption, run_stack
+from commands._experiments import RunOption, check_stack_args, check_unit, run_stack
 from mmtui.defaults import Site
 
 
