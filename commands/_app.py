@@ -68,6 +68,18 @@ LmOption = Annotated[
 EncoderOption = Annotated[
     str | None, typer.Option("--encoder", help="Image encoder: beit:<id|folder>, timm:<name> or efficientnet-lite0.")
 ]
+VlmOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vlm",
+        help="A whole VLM checkpoint as the stack (LlavaForConditionalGeneration): hub id or folder; "
+        "replaces --preset, --lm, --encoder and --projection; --prompt is the instruction after the image.",
+    ),
+]
+BosOption = Annotated[
+    bool,
+    typer.Option("--bos", help="Put the LM's document-start token before the image prefix (a separate stack)."),
+]
 ProjectionOption = Annotated[
     Path | None, typer.Option("--projection", help="Projection file: LiMBeR proj.ckpt or our .safetensors.")
 ]

@@ -98,6 +98,18 @@ def progress_bar(every: float = 30.0) -> Progress:
     )
 
 
+def stage_progress(progress: Progress) -> Callable[[str, int, int], None]:
+    """A core progress callback (stage, done, total) that shows one bar per stage on `progress`."""
+    tasks: dict[str, TaskID] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done)
+
+    return report
+
+
 @contextmanager
 def loading(title: str) -> Iterator[Callable[[str], None]]:
     """One status line on stderr while a model loads, updated with each stage the core reports through the

@@ -121,19 +121,9 @@ def ablate(
 
         store = Store.open(db_path(db), create=not from_store)
         with store:
-            if from_store:
-                chosen = store.run(run)
-                _check_k_range(ks, int(chosen.settings.get("keep", DEFAULT_KEEP)))
-                result_ids = [r["id"] for r in store.results(chosen.id, limit=limit)]
-                if not result_ids:
-                    fail(f"run {chosen.id} holds no results; run `mmtui attribute IMAGE_DIR` first")
-                stack = run_stack(chosen, device)
-            else:
-                assert image_dir is not None
-                _check_k_range(ks, DEFAULT_KEEP)
-                stack, chosen, result_ids = _attribute_first(
-                    store, image_dir, preset, captions, device, limit, failures
-                )
+            stack, chosen, result_ids = _images_to_ablate(
+                store, image_dir, run, ks, preset, captions, device, limit, failures
+            )
             bert = None
             if regenerate:
                 bert, _ = load_metrics(clip=False, bertscore_model=bertscore_model, bertscore_layers=bertscore_layers)
@@ -190,6 +180,30 @@ def ablate(
         out.print(_table(rows, chosen, len(result_ids)))
     if failures:
         raise typer.Exit(int(ExitCode.PARTIAL if n_points else ExitCode.FAILED))
+
+
+def _images_to_ablate(
+    store: Store,
+    image_dir: Path | None,
+    run: str | None,
+    ks: list[int],
+    preset: str,
+    captions: Path | None,
+    device: str,
+    limit: int | None,
+    failures: list[str],
+) -> tuple[Stack, Run, list[int]]:
+    """The stack, the run and the result ids to ablate: the run's cached images (--from-store, no IMAGE_DIR), or
+    the images of IMAGE_DIR, attributed first where not cached; fails when k exceeds the triples stored."""
+    if image_dir is None:
+        chosen = store.run(run)
+        _check_k_range(ks, int(chosen.settings.get("keep", DEFAULT_KEEP)))
+        result_ids = [r["id"] for r in store.results(chosen.id, limit=limit)]
+        if not result_ids:
+            fail(f"run {chosen.id} holds no results; run `mmtui attribute IMAGE_DIR` first")
+        return run_stack(chosen, device), chosen, result_ids
+    _check_k_range(ks, DEFAULT_KEEP)
+    return _attribute_first(store, image_dir, preset, captions, device, limit, failures)
 
 
 def _attribute_first(

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from commands._app import (
+    BosOption,
     DbOption,
     DeviceOption,
     EncoderOption,
@@ -19,6 +20,7 @@ from commands._app import (
     LmOption,
     PresetOption,
     ProjectionOption,
+    VlmOption,
     app,
     core_errors,
     db_path,
@@ -47,6 +49,8 @@ def attribute(
     lm: LmOption = None,
     encoder: EncoderOption = None,
     projection: ProjectionOption = None,
+    vlm: VlmOption = None,
+    bos: BosOption = False,
     target: Annotated[str | None, typer.Option("--target", help="Attribute this word for every image.")] = None,
     captions: Annotated[
         Path | None,
@@ -127,6 +131,8 @@ def attribute(
             "encoder": encoder,
             "projection": str(projection) if projection else None,
             "prompt": prompt,
+            **({"vlm": vlm} if vlm else {}),
+            **({"bos": True} if bos else {}),
         }
         with Store.open(db_path(db)) as store:
             if engine is Engine.RAY:
@@ -136,7 +142,7 @@ def attribute(
                     load_args, store, scan.files, settings, workers=workers, gpus_per_worker=gpus_per_worker
                 )
             else:
-                with err.status(f"Loading the {preset} stack..."):
+                with err.status(f"Loading the {vlm or preset} stack..."):
                     from mmtui.stacks import load_stack
 
                     stack = load_stack(load_args.pop("preset"), device=device, **load_args)
@@ -251,7 +257,7 @@ def _consume(
                     err.print(f"[dim]Skipped:[/] {event.message}", highlight=False, soft_wrap=True)
                 elif event.reason == "cached" and cached is not None:
                     assert run is not None
-                    emit_json(filter(None, [cached(run, event.path, event.sha256)]))
+                    emit_json({"type": "image", **row} for row in filter(None, [cached(run, event.path, event.sha256)]))
             elif isinstance(event, ImageDone):
                 counts["done"] += 1
                 progress.advance(task)
@@ -262,7 +268,7 @@ def _consume(
                 summary = {**image_summary(store, run, event.result_id, top, convention), "cached": False}
                 if json_out:  # judged on the run's images counted so far (the run's tables fold in batches)
                     summary["generic"] = image_generic_share(store, run, event.result_id)
-                    emit_json([summary])
+                    emit_json([{"type": "image", **summary}])
                 else:
                     summaries.append((summary, event.result_id))
     if not json_out and summaries:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from commands._app import (
+    BosOption,
     DeviceOption,
     EncoderOption,
     ExitCode,
@@ -17,6 +18,7 @@ from commands._app import (
     LmOption,
     PresetOption,
     ProjectionOption,
+    VlmOption,
     app,
     core_errors,
     emit_json,
@@ -56,6 +58,8 @@ def caption(
     lm: LmOption = None,
     encoder: EncoderOption = None,
     projection: ProjectionOption = None,
+    vlm: VlmOption = None,
+    bos: BosOption = False,
     prompt: Annotated[str, typer.Option("--prompt", help="Text after the image prefix.")] = DEFAULT_PROMPT,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Most tokens generated per caption.")
@@ -76,7 +80,9 @@ def caption(
     with core_errors():
         from mmtui import load_stack
 
-        stack = load_stack(preset, lm=lm, encoder=encoder, projection=projection, device=device, prompt=prompt)
+        stack = load_stack(
+            preset, lm=lm, encoder=encoder, projection=projection, device=device, prompt=prompt, vlm=vlm, bos=bos
+        )
         done = 0
         columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=True) as progress:
@@ -111,7 +117,14 @@ def _emit(stack, batch: list, max_tokens: int, json_out: bool, table: Table, pre
     texts = stack.caption([im.image for im in batch], max_new_tokens=max_tokens)
     if json_out:
         emit_json(
-            {"image": str(im.path), "sha256": im.sha256, "caption": text, "prompt": stack.prompt, "preset": preset}
+            {
+                "type": "caption",
+                "image": str(im.path),
+                "sha256": im.sha256,
+                "caption": text,
+                "prompt": stack.prompt,
+                "preset": preset,
+            }
             for im, text in zip(batch, texts, strict=True)
         )
     else:

@@ -60,10 +60,7 @@ def explain(
         warn(note)
     if json_out:
         emit_json({"type": "summary", "fdr": fdr, **vars(k)} for k in summary.kinds)
-        emit_json(
-            {"type": "label", **{k: v for k, v in r.items() if k != "unit"}, "neuron": r["unit"], "tokens": t}
-            for r, t in zip(shown, tokens, strict=True)
-        )
+        emit_json({"type": "label", **r, "tokens": t} for r, t in zip(shown, tokens, strict=True))
         emit_json({"type": "category", **vars(c), "best": list(c.best)} for c in summary.categories)
         return
     for k in summary.kinds:

@@ -64,6 +64,7 @@ def heatmap(
     err.print(f"wrote {target}", highlight=False)
     flat = int(grid.argmax())
     record = {
+        "type": "heatmap",
         "layer": layer,
         "unit": neuron,
         "image": str(image),

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.progress import TaskID
 from rich.table import Table
 
 from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, out
@@ -21,6 +20,7 @@ from commands._experiments import (
     load_metrics,
     open_store,
     progress_bar,
+    stage_progress,
 )
 
 
@@ -59,13 +59,6 @@ def layers(
                 clip_model=clip_model,
             )
             with progress_bar() as progress:
-                tasks: dict[str, TaskID] = {}
-
-                def report(stage: str, done: int, total: int) -> None:
-                    if stage not in tasks:
-                        tasks[stage] = progress.add_task(stage, total=total)
-                    progress.update(tasks[stage], completed=done)
-
                 rows = score_agreement(
                     store,
                     chosen,
@@ -75,7 +68,7 @@ def layers(
                     top=top,
                     interpretable_only=not all_units,
                     seed=seed,
-                    progress=report,
+                    progress=stage_progress(progress),
                 )
             agree = summarize(rows)
     if json_out:

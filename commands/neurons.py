@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import JustifyMethod
@@ -13,7 +13,7 @@ from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_
 from mmtui.defaults import INTERPRETABLE_MARK, NEURON_IMAGES, Convention
 
 if TYPE_CHECKING:
-    from mmtui.store import Store
+    from mmtui.store import Run, Store
 
 RunOption = Annotated[
     str | None, typer.Option("--run", help="Run id (prefix); default the most recent. See `mmtui runs`.")
@@ -63,7 +63,6 @@ def neurons(
     """List the cached neurons, best first, with their decoded top tokens."""
     from mmtui.store import Store
     from mmtui.store import prevalence as pv
-    from mmtui.store.queries import list_neurons
 
     if token is not None and token_contains is not None:
         fail("give --token (a whole token) or --token-contains (any text), not both")
@@ -78,93 +77,135 @@ def neurons(
         n_results = pv.run_size(store, chosen)
         if specific and pv.generic_above(n_results) is None:
             warn(f"the run has {n_results} result(s), under {pv.MIN_GENERIC_RESULTS}: no unit is called generic yet")
-        text = token if token_contains is None else token_contains
-        if label is not None:
-            from mmtui.store.labels import labelled_neurons
-
-            rows = pv.annotate(
-                labelled_neurons(
-                    store, chosen.key, chosen.lm_id, label, fdr=fdr, layer=layer, limit=limit, convention=decode
-                ),
-                n_results,
-            )
-            if not rows and not json_out:
-                out.print(f"No unit has the data label {label!r} at q < {fdr:g} (see `mmtui explain`).")
-                return
-        elif specific and image:
-            rows = pv.specific_units(
-                store,
-                chosen,
-                image,
-                layer=layer,
-                token=text,
-                contains=token_contains is not None,
-                interpretable=interpretable,
-                limit=limit,
-                convention=decode,
-            )
-        else:
-            rows = pv.annotate(
-                list_neurons(
-                    store,
-                    chosen,
-                    layer=layer,
-                    image=image,
-                    sort=sort,
-                    token=text,
-                    contains=token_contains is not None,
-                    interpretable=interpretable,
-                    limit=limit,
-                    convention=decode,
-                    max_n_top=pv.generic_above(n_results) if specific else None,
-                ),
-                n_results,
-            )
-        if json_out:
-            emit_json(rows)
-            return
-        title = f"Neurons of run {chosen.id} ({chosen.stack.name}, {chosen.counts})"
-        table = Table(title=title)
-        columns: list[tuple[str, JustifyMethod]] = [
-            ("neuron", "left"),
-            ("max", "right"),
-            ("mean", "right"),
-            ("top-100 in", "right"),
-            ("share", "right"),
-        ]
-        for name, justify in columns:
-            table.add_column(name, justify=justify, no_wrap=True)
-        if image:
-            table.add_column("this image", justify="right")
-        lifts = specific and image is not None
-        if lifts:
-            table.add_column("lift", justify="right")
-        if label is not None:
-            table.add_column("label (k/n, q)")
-        table.add_column("decoded tokens", overflow="fold")
-        for r in rows:
-            cells = [
-                f"L{r['layer']}.u{r['unit']}",
-                f"{r['max_score']:.3g}",
-                f"{r['mean_score']:.3g}",
-                str(r["n_top"]),
-                _share(r["prevalence"], r["generic"]),
-            ]
-            if image:
-                cells.append(f"{r['image_score']:.3g}")
-            if lifts:
-                cells.append("-" if r["lift"] is None else f"{r['lift']:.2f}")
-            if label is not None:
-                cells.append(f"{r['label']} ({r['k']}/{r['n']}, q {r['q']:.2g})")
-            mark = f"[green]{INTERPRETABLE_MARK}[/] " if r["interpretable"] else ""
-            cells.append(mark + ", ".join(t.strip() or repr(t) for t in r["tokens"]))
-            table.add_row(*cells)
-        out.print(table)
-        out.print(f"[dim]{INTERPRETABLE_MARK} interpretable: at least 7 of 10 tokens are dictionary words[/]")
-        out.print(
-            f"[dim]share: of the run's {n_results} {'images' if chosen.n_results == chosen.n_images else 'results'}, those whose top 100 hold the unit; G: generic "
-            f"(over {pv.GENERIC_SHARE:.0%}; --specific hides them){'; lift: z-score of its max on this image' if lifts else ''}[/]"
+        rows = _neuron_rows(
+            store,
+            chosen,
+            n_results,
+            layer=layer,
+            image=image,
+            sort=sort,
+            token=token if token_contains is None else token_contains,
+            contains=token_contains is not None,
+            interpretable=interpretable,
+            limit=limit,
+            specific=specific,
+            label=label,
+            fdr=fdr,
+            decode=decode,
         )
+        if label is not None and not rows and not json_out:
+            out.print(f"No unit has the data label {label!r} at q < {fdr:g} (see `mmtui explain`).")
+            return
+        if json_out:
+            emit_json({"type": "neuron", **row} for row in rows)
+            return
+        _print_neurons(rows, chosen, n_results, image=image, lifts=specific and image is not None, label=label)
+
+
+def _neuron_rows(
+    store: Store,
+    chosen: Run,
+    n_results: int,
+    *,
+    layer: int | None,
+    image: str | None,
+    sort: str,
+    token: str | None,
+    contains: bool,
+    interpretable: bool | None,
+    limit: int,
+    specific: bool,
+    label: str | None,
+    fdr: float,
+    decode: Convention,
+) -> list[dict[str, Any]]:
+    """The rows `neurons` lists: a data label's units, an image's units by lift (--specific --image), or the
+    run's units through the one neuron listing; each with its prevalence."""
+    from mmtui.store import prevalence as pv
+    from mmtui.store.queries import list_neurons
+
+    if label is not None:
+        from mmtui.store.labels import labelled_neurons
+
+        found = labelled_neurons(
+            store, chosen.key, chosen.lm_id, label, fdr=fdr, layer=layer, limit=limit, convention=decode
+        )
+        return pv.annotate(found, n_results)
+    if specific and image:
+        return pv.specific_units(
+            store,
+            chosen,
+            image,
+            layer=layer,
+            token=token,
+            contains=contains,
+            interpretable=interpretable,
+            limit=limit,
+            convention=decode,
+        )
+    listed = list_neurons(
+        store,
+        chosen,
+        layer=layer,
+        image=image,
+        sort=sort,
+        token=token,
+        contains=contains,
+        interpretable=interpretable,
+        limit=limit,
+        convention=decode,
+        max_n_top=pv.generic_above(n_results) if specific else None,
+    )
+    return pv.annotate(listed, n_results)
+
+
+def _print_neurons(
+    rows: list[dict[str, Any]], chosen: Run, n_results: int, *, image: str | None, lifts: bool, label: str | None
+) -> None:
+    """The rows as a rich table, with the columns the filters call for, and its legend."""
+    from mmtui.store import prevalence as pv
+
+    title = f"Neurons of run {chosen.id} ({chosen.stack.name}, {chosen.counts})"
+    table = Table(title=title)
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("neuron", "left"),
+        ("max", "right"),
+        ("mean", "right"),
+        ("top-100 in", "right"),
+        ("share", "right"),
+    ]
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)
+    if image:
+        table.add_column("this image", justify="right")
+    if lifts:
+        table.add_column("lift", justify="right")
+    if label is not None:
+        table.add_column("label (k/n, q)")
+    table.add_column("decoded tokens", overflow="fold")
+    for r in rows:
+        cells = [
+            f"L{r['layer']}.u{r['unit']}",
+            f"{r['max_score']:.3g}",
+            f"{r['mean_score']:.3g}",
+            str(r["n_top"]),
+            _share(r["prevalence"], r["generic"]),
+        ]
+        if image:
+            cells.append(f"{r['image_score']:.3g}")
+        if lifts:
+            cells.append("-" if r["lift"] is None else f"{r['lift']:.2f}")
+        if label is not None:
+            cells.append(f"{r['label']} ({r['k']}/{r['n']}, q {r['q']:.2g})")
+        mark = f"[green]{INTERPRETABLE_MARK}[/] " if r["interpretable"] else ""
+        cells.append(mark + ", ".join(t.strip() or repr(t) for t in r["tokens"]))
+        table.add_row(*cells)
+    out.print(table)
+    out.print(f"[dim]{INTERPRETABLE_MARK} interpretable: at least 7 of 10 tokens are dictionary words[/]")
+    out.print(
+        f"[dim]share: of the run's {n_results} {'images' if chosen.n_results == chosen.n_images else 'results'}, those whose top 100 hold the unit; G: generic "
+        f"(over {pv.GENERIC_SHARE:.0%}; --specific hides them){'; lift: z-score of its max on this image' if lifts else ''}[/]"
+    )
 
 
 def _share(prevalence: float | None, generic: bool) -> str:
@@ -188,18 +229,19 @@ def neuron(
     json_out: JsonOption = False,
 ) -> None:
     """One neuron: decoded tokens, score statistics and the images where it ranks highest."""
+    from mmtui.errors import NotFoundError
     from mmtui.store import Store
+    from mmtui.store.core import check_neuron
     from mmtui.store.labels import unit_labels
     from mmtui.store.prevalence import unit_prevalence
     from mmtui.store.queries import neuron_detail
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         chosen = store.run(run)
-        shape = chosen.shape
-        if not (0 <= layer < shape["n_layers"] and 0 <= index < shape["d_mlp"]):
-            fail(
-                f"no neuron L{layer}.u{index}: run {chosen.id} has layers 0..{shape['n_layers'] - 1} and units 0..{shape['d_mlp'] - 1}"
-            )
+        try:
+            check_neuron(layer, index, chosen.shape, owner=f"run {chosen.id}")
+        except NotFoundError as error:
+            fail(str(error))  # a range is a usage error (exit 2), checked before reading anything
         _fold(store, chosen.id)  # a running (or interrupted) job's cache: count every finished image
         detail = neuron_detail(store, chosen, layer, index, top_images=limit)
         detail["labels"] = unit_labels(store, chosen.key, layer, index)
@@ -211,7 +253,7 @@ def neuron(
     for im in detail["images"]:
         im["lift"] = lifts[im["result_id"]]
     if json_out:
-        emit_json([detail])
+        emit_json([{"type": "neuron_detail", **detail}])
         return
     s = detail["stats"]
     out.print(f"[bold]L{layer}.u{index}[/]  run {detail['run']}")

@@ -4,10 +4,9 @@ captions, and KS-test them against random vectors of matched statistics (the pap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import TaskID
 from rich.table import Table
 
 from commands._app import (
@@ -38,7 +37,12 @@ from commands._experiments import (
     load_metrics,
     loading,
     progress_bar,
+    stage_progress,
 )
+
+if TYPE_CHECKING:
+    from mmtui.experiments.prompts import PromptsResult
+    from mmtui.run.images import LoadedImage
 
 
 @app.command()
@@ -66,30 +70,18 @@ def prompts(
 ) -> None:
     """Decode image prompts into their nearest tokens and test whether they say more than random vectors do."""
     from mmtui.experiments.prompts import RANDOM_KINDS, decode_prompts, table
-    from mmtui.run.images import LoadedImage, find_images, iter_images
 
     if random_kind not in RANDOM_KINDS:
         fail(f"--random-kind {random_kind!r}: use {' or '.join(RANDOM_KINDS)}")
     check_stack_args(preset, projection)
-    failed = 0
     with core_errors():
-        from mmtui.errors import ImageError
-        from mmtui.run.images import LoadedImage
+        from mmtui.run.images import find_images
         from mmtui.run.pipeline import read_captions
         from mmtui.store import Store
 
         scan = find_images(image_dir)
         caption_map = read_captions(captions) if captions else None
-        images: list[LoadedImage] = []
-        for item in iter_images(scan.files[:limit] if limit else scan.files):
-            if isinstance(item, ImageError):
-                failed += 1
-                warn(str(item))
-            elif isinstance(item, LoadedImage):
-                images.append(item)
-            # else a Skip: the same photo under another name, decoded once
-        if not images:
-            fail(f"no readable image in {image_dir}")
+        images, failed = _read_images(scan.files[:limit] if limit else scan.files, image_dir)
         if caption_map is None:
             warn("no --captions: BERTScore needs human captions, so only CLIPScore can score the prompts")
         bert, clip = load_metrics(
@@ -108,13 +100,6 @@ def prompts(
                 preset, lm=lm, encoder=encoder, projection=projection, device=device, progress=load_progress
             )
         with Store.open(db_path(db)) as store, progress_bar() as progress:
-            tasks: dict[str, TaskID] = {}
-
-            def report(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total)
-                progress.update(tasks[stage], completed=done)
-
             result = decode_prompts(
                 stack,
                 store,
@@ -126,47 +111,70 @@ def prompts(
                 random_kind=random_kind,
                 bertscore=bert,
                 clipscore=clip,
-                progress=report,
+                progress=stage_progress(progress),
             )
     means = table(result)
     if json_out:
         emit_json({"type": "table", **row} for row in means)
         emit_json({"type": "ks", **t} for t in result.tests)
     else:
-        t2 = Table(title=f"Decoded image prompts vs baselines ({len(images)} images, {stack.name} stack)")
-        for name in ("text", "BERTScore", "n", "CLIPScore", "n "):
-            t2.add_column(name, justify="left" if name == "text" else "right")
-        labels = {
-            "random": f"random vectors ({random_kind})",
-            "prompt": f"image prompts ({k} nearest tokens)",
-            "caption": "model captions",
-            "nouns": "caption nouns",
-        }
-        for row in means:
-            t2.add_row(
-                labels[row["kind"]],
-                fmt(row["bertscore"], 4),
-                str(row["n_bertscore"]),
-                fmt(row["clipscore"], 2),
-                str(row["n_clipscore"]),
-            )
-        t2.caption = (
-            f"BERTScore: {result.bertscore_model or 'not run'}; CLIPScore: {result.clipscore_model or 'not run'}"
-        )
-        out.print(t2)
-        ks = Table(title="Two-sample KS tests")
-        for name in ("metric", "sample A", "sample B", "n A", "n B", "D", "p"):
-            ks.add_column(name, justify="right" if name in ("n A", "n B", "D", "p") else "left")
-        for t in result.tests:
-            ks.add_row(
-                t["metric"],
-                t["sample_a"],
-                t["sample_b"],
-                str(t["n_a"]),
-                str(t["n_b"]),
-                f"{t['d']:.3f}",
-                f"{t['p']:.3g}",
-            )
-        out.print(ks)
+        _print_tables(result, means, f"{len(images)} images, {stack.name} stack", random_kind, k)
     if failed:
         raise typer.Exit(int(ExitCode.PARTIAL))
+
+
+def _read_images(files: list[Path], image_dir: Path) -> tuple[list[LoadedImage], int]:
+    """The readable images among `files` (of IMAGE_DIR), each photo once, and how many failed (each warned);
+    fails when none is readable."""
+    from mmtui.errors import ImageError
+    from mmtui.run.images import LoadedImage, iter_images
+
+    failed = 0
+    images: list[LoadedImage] = []
+    for item in iter_images(files):
+        if isinstance(item, ImageError):
+            failed += 1
+            warn(str(item))
+        elif isinstance(item, LoadedImage):
+            images.append(item)
+        # else a Skip: the same photo under another name, decoded once
+    if not images:
+        fail(f"no readable image in {image_dir}")
+    return images, failed
+
+
+def _print_tables(result: PromptsResult, means: list[dict[str, Any]], what: str, random_kind: str, k: int) -> None:
+    """The mean scores per kind of text, and the KS tests, as two rich tables."""
+    t2 = Table(title=f"Decoded image prompts vs baselines ({what})")
+    for name in ("text", "BERTScore", "n", "CLIPScore", "n "):
+        t2.add_column(name, justify="left" if name == "text" else "right")
+    labels = {
+        "random": f"random vectors ({random_kind})",
+        "prompt": f"image prompts ({k} nearest tokens)",
+        "caption": "model captions",
+        "nouns": "caption nouns",
+    }
+    for row in means:
+        t2.add_row(
+            labels[row["kind"]],
+            fmt(row["bertscore"], 4),
+            str(row["n_bertscore"]),
+            fmt(row["clipscore"], 2),
+            str(row["n_clipscore"]),
+        )
+    t2.caption = f"BERTScore: {result.bertscore_model or 'not run'}; CLIPScore: {result.clipscore_model or 'not run'}"
+    out.print(t2)
+    ks = Table(title="Two-sample KS tests")
+    for name in ("metric", "sample A", "sample B", "n A", "n B", "D", "p"):
+        ks.add_column(name, justify="right" if name in ("n A", "n B", "D", "p") else "left")
+    for t in result.tests:
+        ks.add_row(
+            t["metric"],
+            t["sample_a"],
+            t["sample_b"],
+            str(t["n_a"]),
+            str(t["n_b"]),
+            f"{t['d']:.3f}",
+            f"{t['p']:.3g}",
+        )
+    out.print(ks)

@@ -45,6 +45,7 @@ def report(
         emit_json(
             [
                 {
+                    "type": "report",
                     "report": str(result.path),
                     "figures": {k: str(v) for k, v in result.figures.items()},
                     "missing": result.missing,

@@ -16,7 +16,7 @@ def runs(db: DbOption = None, json_out: JsonOption = False) -> None:
         rows = store.runs()
         modes = {r.id: store.target_modes(r.id) for r in rows}
     if json_out:
-        emit_json({**r.to_json(), "target_modes": modes[r.id]} for r in rows)
+        emit_json({"type": "run", **r.to_json(), "target_modes": modes[r.id]} for r in rows)
         return
     table = Table(title=f"Runs in {db_path(db)}")
     for name in ("run", "stack", "prompt", "site", "y", "images", "results", "target modes", "shape", "last write"):

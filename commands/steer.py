@@ -98,7 +98,7 @@ def steer(
             stack, store, chosen, units, images, values, mode=mode, max_new_tokens=max_new_tokens, on_error=on_error
         )
     if json_out:
-        emit_json(row.__dict__ for row in rows)
+        emit_json({"type": "steer", **row.__dict__} for row in rows)
     elif rows:
         out.print(_table(rows))
     if failures:

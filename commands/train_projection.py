@@ -170,7 +170,7 @@ def train_projection(
     if card["unreadable_images"]:
         warn(f"{card['unreadable_images']} images could not be read and were left out")
     if json_out:
-        emit_json([{"projection": str(result.path), **card}])
+        emit_json([{"type": "projection", "projection": str(result.path), **card}])
     else:
         _print_card(result.path, card)
     raise typer.Exit(int(ExitCode.PARTIAL if card["unreadable_images"] else ExitCode.OK))

@@ -27,7 +27,7 @@ def verify(
             model = load_lm_only(lm, revision or None, tokenizer or None)
         rows = verify_units(model, convention=decode.value)
     if json_out:
-        emit_json(rows)
+        emit_json({"type": "paper_unit", **row} for row in rows)
         return
     table = Table(title=f"Paper units decoded by {lm} ({decode.value})")
     for name in ("neuron", "paper's tokens", "decoded here (top 10)", "paper's in our top 10"):

@@ -3,11 +3,14 @@ decoded tokens, stripped of the leading space, are English dictionary words of a
 
 Dictionary: SCOWL (size 50, en-US and en-GB, as Debian's wamerican + wbritish), shipped in mmtui/data.
 A token counts when it, or its lower-cased form, is in the list (" Swim" -> "Swim" -> "swim").
+
+Also `printable`: decoded tokens and generated captions made safe to show (a terminal, a figure title).
 """
 
 from __future__ import annotations
 
 import gzip
+import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -36,3 +39,19 @@ def is_word(token: str) -> bool:
 def is_interpretable(tokens: Sequence[str], min_words: int = MIN_WORDS) -> bool:
     """At least `min_words` of the (top 10) tokens are dictionary words."""
     return sum(is_word(t) for t in tokens[:TOP_TOKENS]) >= min_words
+
+
+def printable(text: str) -> str:
+    """Model text safe to show: newlines and tabs as spaces, control and other invisible characters as
+    `\\xNN` / `\\uNNNN` escapes (so they cannot move a terminal's cursor); everything else unchanged."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch in "\n\t":
+            out.append(" ")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)

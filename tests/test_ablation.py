@@ -41,7 +41,7 @@ def test_empty_ablation_leaves_p_unchanged_exactly(tiny_stack, store_run):
     plain = target_probs(tiny_stack, prefix, row["context_ids"], row["target_token_id"])
     masks = [torch.zeros(1, tiny_stack.n_patches, tiny_stack.d_mlp, dtype=torch.bool)] * tiny_stack.n_layers
     hooked = target_probs(
-        tiny_stack, prefix, row["context_ids"], row["target_token_id"], ablation_hook(masks, tiny_stack.n_patches)
+        tiny_stack, prefix, row["context_ids"], row["target_token_id"], ablation_hook(masks, tiny_stack.image_slice)
     )
     assert torch.equal(plain, hooked)
     # the same probability attribution recorded, up to float32 batch noise
@@ -82,7 +82,7 @@ def test_zeroing_one_triple_changes_only_what_it_should(tiny_stack, store_run):
     masks = masks_for(
         [AblationSet(1, "top", None, cfg_entries)], tiny_stack.n_layers, tiny_stack.n_patches, tiny_stack.d_mlp, "cpu"
     )
-    hook = ablation_hook(masks, tiny_stack.n_patches)
+    hook = ablation_hook(masks, tiny_stack.image_slice)
     ours = target_probs(tiny_stack, prefix, row["context_ids"], row["target_token_id"], hook)
     theirs = target_probs(tiny_stack, prefix, row["context_ids"], row["target_token_id"], manual)
     assert torch.equal(ours, theirs)
@@ -108,7 +108,7 @@ def test_zeroing_one_triple_changes_only_what_it_should(tiny_stack, store_run):
 
 def test_hook_leaves_cached_decoding_steps_alone(tiny_stack):
     masks = [torch.ones(1, tiny_stack.n_patches, tiny_stack.d_mlp, dtype=torch.bool)] * tiny_stack.n_layers
-    hook = ablation_hook(masks, tiny_stack.n_patches)
+    hook = ablation_hook(masks, tiny_stack.image_slice)
     assert hook(0, torch.ones(1, 1, tiny_stack.d_mlp)) is None
     full = hook(0, torch.ones(1, tiny_stack.n_patches + 3, tiny_stack.d_mlp))
     assert full[:, : tiny_stack.n_patches].eq(0).all() and full[:, tiny_stack.n_patches :].eq(1).all()
@@ -120,7 +120,7 @@ def test_ablated_generation_differs_from_plain_only_through_the_prefix(tiny_stac
     prefix = _prefix(tiny_stack, row)
     plain = generate_captions(tiny_stack, prefix, max_new_tokens=8)
     none = [None] * tiny_stack.n_layers
-    assert generate_captions(tiny_stack, prefix, ablation_hook(none, tiny_stack.n_patches), max_new_tokens=8) == plain
+    assert generate_captions(tiny_stack, prefix, ablation_hook(none, tiny_stack.image_slice), max_new_tokens=8) == plain
 
 
 def test_random_baseline_same_layer_same_patch_seeded_and_nested(store_run):

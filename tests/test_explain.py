@@ -16,6 +16,7 @@ from scipy.stats import false_discovery_control, hypergeom
 from typer.testing import CliRunner
 
 from commands import app
+from mmtui.experiments import enrichment as en
 from mmtui.experiments import explain as ex
 from mmtui.experiments.specificity import CocoInstances
 from mmtui.store import ResultRecord, StackIdentity, Store
@@ -30,7 +31,7 @@ runner = CliRunner()
 # -- statistics -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("k", "n", "K", "N"), [(3, 5, 10, 50), (5, 5, 5, 50), (1, 20, 2, 80), (0, 4, 9, 30)])
 def test_hypergeom_p_matches_scipy_and_the_sum_of_terms(k: int, n: int, K: int, N: int) -> None:
-    got = ex.hypergeom_p(np.array([k]), np.array([n]), np.array([K]), N)[0]
+    got = en.hypergeom_p(np.array([k]), np.array([n]), np.array([K]), N)[0]
     exact = sum(comb(K, i) * comb(N - K, n - i) for i in range(k, min(n, K) + 1)) / comb(N, n)
     assert got == pytest.approx(hypergeom.sf(k - 1, N, K, n), rel=1e-12)
     assert got == pytest.approx(exact, rel=1e-9)
@@ -41,20 +42,20 @@ def test_hypergeom_p_many_counts_at_once() -> None:
     K = rng.integers(1, 40, 500)
     n = rng.integers(1, 21, 500)
     k = np.minimum(rng.integers(0, 21, 500), np.minimum(n, K))
-    assert np.allclose(ex.hypergeom_p(k, n, K, 60), hypergeom.sf(k - 1, 60, K, n), rtol=1e-12, atol=0)
+    assert np.allclose(en.hypergeom_p(k, n, K, 60), hypergeom.sf(k - 1, 60, K, n), rtol=1e-12, atol=0)
 
 
 def test_bh_against_a_hand_computation_and_scipy() -> None:
     p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
     # by rank: .005*5/1=.025, .01*5/2=.025, .03*5/3=.05, .04*5/4=.05, .5*5/5=.5 (then the running min from the top)
-    assert np.allclose(ex.bh(p), [0.025, 0.05, 0.05, 0.025, 0.5])
+    assert np.allclose(en.bh(p), [0.025, 0.05, 0.05, 0.025, 0.5])
     rng = np.random.default_rng(1)
     many = rng.uniform(size=300) ** 3
-    assert np.allclose(ex.bh(many), false_discovery_control(many))
+    assert np.allclose(en.bh(many), false_discovery_control(many))
     # tests not given have p = 1: the same as handing them in
-    assert np.allclose(ex.bh(many[:50], m=300), false_discovery_control(np.r_[many[:50], np.ones(250)])[:50])
+    assert np.allclose(en.bh(many[:50], m=300), false_discovery_control(np.r_[many[:50], np.ones(250)])[:50])
     with pytest.raises(ValueError):
-        ex.bh(many, m=10)
+        en.bh(many, m=10)
 
 
 def test_auroc_against_brute_force_with_ties() -> None:
@@ -62,7 +63,7 @@ def test_auroc_against_brute_force_with_ties() -> None:
     scores = rng.integers(0, 5, (25, 9)).astype(np.float32)  # many ties
     labels = rng.integers(0, 2, (25, 4))
     labels[:, 3] = 0  # no positives: undefined
-    got = ex.auroc(scores, labels, chunk=4)
+    got = en.auroc(scores, labels, chunk=4)
     for c in range(3):
         for u in range(9):
             pos, neg = scores[labels[:, c] == 1, u], scores[labels[:, c] == 0, u]
@@ -75,7 +76,7 @@ def test_enrichment_picks_each_units_least_p_term() -> None:
     # 6 images; term 0 on images 0-2, term 1 on 3-5, term 2 on every image (not tested)
     table = sparse.csr_matrix(np.array([[1, 0, 1]] * 3 + [[0, 1, 1]] * 3))
     units = sparse.csr_matrix(np.array([[1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 1, 0]]))
-    found = ex.enrichment(units, table)
+    found = en.enrichment(units, table)
     assert found.unit.tolist() == [0, 1]
     assert found.term.tolist() == [0, 1]
     assert found.k.tolist() == [3, 2] and found.n.tolist() == [3, 3] and found.K.tolist() == [3, 3]
@@ -206,7 +207,7 @@ def test_the_control_is_the_same_code_on_shuffled_rows(planted: tuple[Path, list
         stored = store_labels.labels(store, run.key, kind="word", control=1)
     terms, table = ex.term_table(ex.content_words([t["human_caption"] for t in texts], drop=["A picture of"]))
     assert "dog" in terms and "picture" not in terms
-    again = ex.enrichment(best.table, ex.shuffled(table, 5))
+    again = en.enrichment(best.table, en.shuffled(table, 5))
     assert len(stored) == len(again.unit)
     by_unit = {(r["layer"], r["unit"]): r for r in stored}
     for u, t, p, q in zip(again.unit, again.term, again.p, again.q, strict=True):
@@ -242,7 +243,7 @@ def test_the_commands_show_the_labels(planted: tuple[Path, list[int]]) -> None:
     result = runner.invoke(app, ["explain", "--db", str(db), "--json", "--recompute"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert {(r["layer"], r["neuron"]) for r in rows if r["type"] == "label"} == set(PLANTED)
+    assert {(r["layer"], r["unit"]) for r in rows if r["type"] == "label"} == set(PLANTED)
     assert next(r for r in rows if r["type"] == "summary")["shuffled"] == 0
     result = runner.invoke(app, ["explain", "--db", str(db)])
     assert "3 unit(s) with q < 0.05, against 0 with the labels shuffled" in result.stdout

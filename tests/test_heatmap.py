@@ -19,6 +19,7 @@ from mmtui.experiments.heatmap import (
     encoder_view,
     encoder_view_mask,
     frame_size,
+    render_heatmap,
     unit_activation_maps,
     upsample,
 )
@@ -86,6 +87,32 @@ def test_draw_overlay_writes_a_png(tiny_stack, pil_images, tmp_path):
         encoder_view(tiny_stack, pil_images[0]), [upsample(m, (64, 64)) for m in maps], ["a", "b"], tmp_path / "x.png"
     )
     assert Image.open(out).size[0] > 100
+
+
+def test_one_renderer_outlines_the_receptive_field():
+    view = np.full((40, 40, 3), 100, dtype=np.uint8)
+    heat = np.zeros((40, 40), dtype=np.float32)
+    heat[10:18, 10:18] = 1.0  # 64 of 1,600 pixels (4%): the 0.95 quantile is 0, so the region is exactly them
+    drawn = render_heatmap(view, heat)
+    cyan = (drawn == (0, 255, 255)).all(axis=-1)
+    ring = np.zeros_like(cyan)
+    ring[10:18, 10:18] = True
+    ring[11:17, 11:17] = False
+    assert (cyan == ring).all()  # the border of the region above the 0.95 quantile, nothing else
+    inside, outside = drawn[15, 15].astype(int), drawn[30, 30].astype(int)
+    assert (inside != 100).any() and abs(outside - 100).max() <= 100 * 0.2 + 1  # quiet: 80% photo
+    assert not (render_heatmap(view, -heat) == (0, 255, 255)).all(axis=-1).any()  # nothing above 0: no region
+
+
+def test_the_tui_draws_the_cli_heatmap(tiny_stack, pil_images):
+    from mmtui.tui.compute import heatmap_picture
+
+    picture = pil_images[0]
+    drawn, peak, grid = heatmap_picture(tiny_stack, picture, 1, 7, "post")
+    maps = unit_activation_maps(tiny_stack, picture, [(1, 7)])
+    expected = render_heatmap(encoder_view(tiny_stack, picture), upsample(maps[0], frame_size(tiny_stack)))
+    assert np.array_equal(np.asarray(drawn), expected) and peak == pytest.approx(float(maps[0].max()))
+    assert grid == maps[0].shape
 
 
 def test_heatmap_command(image_dir, tmp_path):

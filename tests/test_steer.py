@@ -28,11 +28,11 @@ def _setup(tiny_stack, store_run, batch: int):
 
 def test_scale_1_is_no_steering_bit_for_bit(tiny_stack, store_run):
     row, prefix = _setup(tiny_stack, store_run, 2)
-    hook = steer_hook(UNITS, [1.0, 1.0], "scale", tiny_stack.n_patches)
+    hook = steer_hook(UNITS, [1.0, 1.0], "scale", tiny_stack.image_slice)
     plain = last_logits(tiny_stack, prefix, row["context_ids"])
     steered = last_logits(tiny_stack, prefix, row["context_ids"], hook)
     assert torch.equal(plain, steered)
-    added = steer_hook(UNITS, [0.0, 0.0], "add", tiny_stack.n_patches)
+    added = steer_hook(UNITS, [0.0, 0.0], "add", tiny_stack.image_slice)
     assert torch.equal(plain, last_logits(tiny_stack, prefix, row["context_ids"], added))  # and adding 0
     assert generate_captions(tiny_stack, prefix, hook) == generate_captions(tiny_stack, prefix)
 
@@ -46,9 +46,9 @@ def test_scale_0_is_zero_ablation_bit_for_bit(tiny_stack, store_run):
             masks[layer] = torch.zeros(2, n_patches, d_mlp, dtype=torch.bool)
         masks[layer][:, :, unit] = True
     ablated = target_probs(
-        tiny_stack, prefix, row["context_ids"], row["target_token_id"], ablation_hook(masks, n_patches)
+        tiny_stack, prefix, row["context_ids"], row["target_token_id"], ablation_hook(masks, tiny_stack.image_slice)
     )
-    hook = steer_hook(UNITS, [0.0, 0.0], "scale", n_patches)
+    hook = steer_hook(UNITS, [0.0, 0.0], "scale", tiny_stack.image_slice)
     steered = p_of(last_logits(tiny_stack, prefix, row["context_ids"], hook), row["target_token_id"])
     assert torch.equal(ablated, steered)
     plain = target_probs(tiny_stack, prefix, row["context_ids"], row["target_token_id"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmtui.store import ResultRecord, Run, StackIdentity, Store, queries
+from mmtui.store import ResultRecord, Run, StackIdentity, Store, filters, queries
 from mmtui.tui.state import COLUMNS
 from mmtui.words import is_interpretable
 
@@ -198,12 +198,12 @@ TOKENS = ["", "horse", "HoRsE", "ing", "s", "zz", "50%", "a_b", "*star", "[x]", 
 
 
 @pytest.mark.parametrize("token", TOKENS)
-@pytest.mark.parametrize("cap", [queries.TEXT_HITS_CAP, 2])
+@pytest.mark.parametrize("cap", [filters.TEXT_HITS_CAP, 2])
 @pytest.mark.parametrize("contains", [True, False])
 def test_pages_match_a_brute_force_reading(
     store: Store, token: str, cap: int, contains: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(queries, "TEXT_HITS_CAP", cap)  # 2: every token takes the sorted-walk plan
+    monkeypatch.setattr(filters, "TEXT_HITS_CAP", cap)  # 2: every token takes the sorted-walk plan
     run = store.run()
     rows = everything(store, run)
     for key, _, _ in COLUMNS:
@@ -324,8 +324,8 @@ def test_a_token_is_a_whole_token_unless_asked_to_contain(tmp_path: Path) -> Non
             for (la, u), t in decoded.items()
         ]
         store.add_tokens("synthetic-lm", "raw", rows)
-        for cap in (queries.TEXT_HITS_CAP, 2):
-            queries.TEXT_HITS_CAP, saved = cap, queries.TEXT_HITS_CAP
+        for cap in (filters.TEXT_HITS_CAP, 2):
+            filters.TEXT_HITS_CAP, saved = cap, filters.TEXT_HITS_CAP
             try:
                 for token, contains, want in [
                     ("dog", False, {dog}),
@@ -347,4 +347,4 @@ def test_a_token_is_a_whole_token_unless_asked_to_contain(tmp_path: Path) -> Non
                     assert found <= set(decoded)
                     assert queries.count_neurons(store, run, token=token, contains=contains) == len(found)
             finally:
-                queries.TEXT_HITS_CAP = saved
+                filters.TEXT_HITS_CAP = saved

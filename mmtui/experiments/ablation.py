@@ -242,7 +242,7 @@ def _run_chunk(
     captions: dict[int, str | None] = {}
     if active:
         masks = masks_for(active, stack.n_layers, stack.n_patches, stack.d_mlp, stack.device)
-        hook = ablation_hook(masks, stack.n_patches, means)
+        hook = ablation_hook(masks, stack.image_slice, means)
         batch = prefix.expand(len(active), -1, -1)
         probs = target_probs(stack, batch, row["context_ids"], row["target_token_id"], hook, site)
         texts = (

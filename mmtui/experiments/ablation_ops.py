@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS
-from mmtui.errors import ImageError, MmtuiError
+from mmtui.errors import MmtuiError
 from mmtui.store import Run, Store
 from mmtui.store import experiments as xs
 
@@ -123,22 +123,23 @@ def masks_for(
 
 
 def ablation_hook(
-    masks: Sequence[torch.Tensor | None], n_patches: int, means: torch.Tensor | None = None
+    masks: Sequence[torch.Tensor | None], positions: slice, means: torch.Tensor | None = None
 ) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
-    """A `stack.hooks` function replacing the masked activations at the image positions.
+    """A `stack.hooks` function replacing the masked activations at the image positions (`Stack.image_slice`).
 
     masks[layer]: bool [B, P, d_mlp] or None. means: [n_layers, d_mlp] for mean ablation, None for zero.
-    Passes with fewer than P positions (the cached decoding steps) are left alone.
+    Passes that do not reach the last image position (the cached decoding steps) are left alone.
     """
     import torch
 
     def hook(layer: int, act: torch.Tensor) -> torch.Tensor | None:  # act [B, T, d_mlp]
         mask = masks[layer]
-        if mask is None or act.shape[1] < n_patches:
+        if mask is None or act.shape[1] < positions.stop:
             return None
-        head = act[:, :n_patches]  # [B, P, d_mlp]
+        image = act[:, positions]  # [B, P, d_mlp]
         value = torch.zeros((), dtype=act.dtype, device=act.device) if means is None else means[layer].to(act)
-        return torch.cat([torch.where(mask, value, head), act[:, n_patches:]], dim=1)
+        parts = [act[:, : positions.start], torch.where(mask, value, image), act[:, positions.stop :]]
+        return torch.cat(parts, dim=1)
 
     return hook
 
@@ -150,7 +151,7 @@ def last_logits(
     hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     site: str = "post",
 ) -> torch.Tensor:
-    """The logits at the last position of [prefix] + prompt + context ([B, V] float32): the pass that
+    """The logits at the last position of [lead] + [prefix] + prompt + context ([B, V] float32): the pass that
     `target_probs` takes P(target) from (and steering its logits)."""
     import torch
 
@@ -219,10 +220,10 @@ def unit_means(stack: Stack, store: Store, run: Run, batch_size: int = 8) -> tor
             continue  # an image gone from disk does not count; the rest still define the mean
     if not images:
         raise AblationError(f"mean ablation needs the run's images, and none of the {len(rows)} can be read")
-    n_patches = stack.n_patches
+    n_patches, positions = stack.n_patches, stack.image_slice
 
     def capture(layer: int, act: torch.Tensor) -> None:
-        total[layer] += act[:, :n_patches].double().sum(dim=(0, 1)).cpu()
+        total[layer] += act[:, positions].double().sum(dim=(0, 1)).cpu()
 
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -240,7 +241,4 @@ def load_result_image(row: dict[str, Any]) -> Any:
     """The PIL image of a result row, checked against its stored sha256."""
     from mmtui.run.images import load_image
 
-    loaded = load_image(row["path"])
-    if loaded.sha256 != row["image_sha256"]:
-        raise ImageError(row["path"], "the file changed since it was attributed; attribute it again")
-    return loaded.image
+    return load_image(row["path"], sha256=row["image_sha256"]).image

@@ -1,6 +1,7 @@
 """A unit's receptive field (method.md, experiment 3): its activations A_k(p) at the image positions of the
 captioning forward pass, laid out on the encoder's row-major patch grid, upsampled bilinearly to the encoder's
-input size, thresholded at the 0.95 quantile, and drawn over the image as the encoder sees it.
+input size, thresholded at the 0.95 quantile (THRESHOLD_Q), and drawn over the image as the encoder sees it by
+`render_heatmap`, the one drawing the CLI, the report and the TUI show.
 
 "As the encoder sees it": the encoder's own preprocessing (resize, crop) applied to the picture, so that the
 heatmap, the picture and any mask passed through `encoder_view_mask` share one frame (224 x 224 for BEiT,
@@ -16,12 +17,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from mmtui.defaults import THRESHOLD_Q
 from mmtui.errors import NotFoundError
+from mmtui.experiments.stats import quantile_mask
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
 
-THRESHOLD_Q = 0.95
+OUTLINE_RGB = (0, 255, 255)  # cyan: the border of the receptive field
+# inferno-like stops: dark (low activation) to bright yellow (high)
+_STOPS = np.array(
+    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39]]
+    + [[252, 255, 164]],
+    dtype=np.float32,
+)
 
 
 def check_units(stack: Stack, units: Sequence[tuple[int, int]]) -> None:
@@ -51,8 +60,10 @@ def batch_activation_maps(
     import torch
 
     check_units(stack, units)
-    n_patches = stack.n_patches
+    positions = stack.image_slice
     grid_h, grid_w = stack.grid
+    token_of = [i for i, c in enumerate(stack.cells) if c >= 0]  # the image positions that are patches
+    cell_of = [c for c in stack.cells if c >= 0]  # and their grid cells
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _unit) in enumerate(units):
         by_layer.setdefault(layer, []).append(i)
@@ -63,8 +74,10 @@ def batch_activation_maps(
             return
         idx = by_layer[layer]
         cols = torch.tensor([units[i][1] for i in idx], device=act.device)
-        vals = act[:, :n_patches].index_select(2, cols).float().cpu().numpy()  # [B, P, n]
-        out[:, idx] = vals.transpose(0, 2, 1).reshape(len(images), len(idx), grid_h, grid_w)
+        vals = act[:, positions].index_select(2, cols).float().cpu().numpy()  # [B, P, n]
+        flat = np.zeros((len(images), len(idx), grid_h * grid_w), dtype=np.float32)
+        flat[:, :, cell_of] = vals.transpose(0, 2, 1)[:, :, token_of]
+        out[:, idx] = flat.reshape(len(images), len(idx), grid_h, grid_w)
 
     with torch.no_grad():
         prefix = stack.encode(list(images))  # [B, P, d_model]
@@ -120,6 +133,38 @@ def frame_size(stack: Stack) -> tuple[int, int]:
     return _calibration(stack, (32, 32))[2]
 
 
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB uint8 [..., 3] along the inferno-like stops."""
+    pos = np.clip(values, 0.0, 1.0) * (len(_STOPS) - 1)
+    low = np.floor(pos).astype(int).clip(0, len(_STOPS) - 2)
+    frac = (pos - low)[..., None]
+    return (_STOPS[low] * (1 - frac) + _STOPS[low + 1] * frac).astype(np.uint8)
+
+
+def render_heatmap(
+    view: np.ndarray, heat: np.ndarray, q: float = THRESHOLD_Q, low: float = 0.2, high: float = 0.8
+) -> np.ndarray:
+    """The one heatmap drawing, for the CLI, the report and the TUI: `heat` (a unit's map upsampled to the
+    view's frame, `upsample`) coloured over `view` (uint8 [H, W, 3], `encoder_view`), with in cyan the border of
+    the pixels above its q-quantile (the receptive field: `quantile_mask`, as the specificity IoU). Negatives
+    count as 0 and the peak as 1; the colour covers the picture in proportion to the activation (from `low` to
+    `high`), so the photo stays readable where the unit is quiet. Returns uint8 [H, W, 3]."""
+    heat = np.asarray(heat, dtype=np.float32)
+    peak = float(heat.max())
+    norm = np.clip(heat, 0.0, None) / peak if peak > 0 else np.zeros_like(heat)
+    alpha = (low + (high - low) * norm)[..., None]
+    mixed = view.astype(np.float32) * (1 - alpha) + colormap(norm).astype(np.float32) * alpha
+    drawn = mixed.clip(0, 255).astype(np.uint8)
+    mask = quantile_mask(heat, q)
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    drawn[mask & ~inner] = OUTLINE_RGB
+    return drawn
+
+
 def draw_overlay(
     view: np.ndarray,
     maps: Sequence[np.ndarray],
@@ -130,7 +175,7 @@ def draw_overlay(
     q: float = THRESHOLD_Q,
     suptitle: str | None = None,
 ) -> Path:
-    """Write a PNG: the encoder view with each upsampled map over it (colour) and its > q-quantile outline.
+    """Write a PNG: the encoder view with each upsampled map drawn over it (`render_heatmap`), titled.
 
     view: uint8 [H, W, 3]; maps: [H, W] each, already in the encoder frame.
     """
@@ -146,9 +191,7 @@ def draw_overlay(
     for ax in axes.flat:
         ax.axis("off")
     for ax, heat, title in zip(axes.flat, maps, titles, strict=False):
-        ax.imshow(view)
-        ax.imshow(heat, cmap="inferno", alpha=0.55)
-        ax.contour(heat > np.quantile(heat, q), levels=[0.5], colors="cyan", linewidths=1.2)
+        ax.imshow(render_heatmap(view, heat, q))
         ax.set_title(title, fontsize=9)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmtui.defaults import THRESHOLD_Q
 from mmtui.errors import MmtuiError
 from mmtui.experiments.stats import iou, mean_interval, quantile_mask
 from mmtui.store import Run, Store
@@ -228,7 +229,7 @@ def score_images(
     result_ids: Sequence[int] | None = None,
     n_units: int = DEFAULT_TOP_UNITS,
     seeds: int = 3,
-    q: float = 0.95,
+    q: float = THRESHOLD_Q,
     category: str = "auto",
     single: bool = False,
     interpretable_only: bool = False,

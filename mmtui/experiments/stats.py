@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmtui.defaults import THRESHOLD_Q
+
 CI_METHODS = ("t", "bootstrap")
 
 
@@ -106,7 +108,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum()) / union if union else 0.0
 
 
-def quantile_mask(values: np.ndarray, q: float = 0.95) -> np.ndarray:
+def quantile_mask(values: np.ndarray, q: float = THRESHOLD_Q) -> np.ndarray:
     """Pixels strictly above the q-quantile of `values` (method.md: keep pixels above the 0.95 quantile).
 
     A constant map has no pixel above its quantile and gives an empty mask.

@@ -44,11 +44,11 @@ class SteerRow:
 
 
 def steer_hook(
-    units: Sequence[Unit], values: Sequence[float], mode: str, n_patches: int
+    units: Sequence[Unit], values: Sequence[float], mode: str, positions: slice
 ) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
     """A `stack.hooks` function that multiplies (mode scale) or adds to (mode add) the units' activations at
-    the image positions; batch row b takes values[b]. Passes shorter than the image prefix (cached decoding
-    steps) are left alone, as in ablation."""
+    the image positions (`Stack.image_slice`); batch row b takes values[b]. Passes that do not reach the last
+    image position (cached decoding steps) are left alone, as in ablation."""
     import torch
 
     if mode not in MODES:
@@ -61,14 +61,14 @@ def steer_hook(
 
     def hook(layer: int, act: torch.Tensor) -> torch.Tensor | None:  # act [B, T, d_mlp]
         idx = index.get(layer)
-        if idx is None or act.shape[1] < n_patches:
+        if idx is None or act.shape[1] < positions.stop:
             return None
         idx = idx.to(act.device)
         v = column.to(device=act.device, dtype=act.dtype)[:, None, None]  # [B, 1, 1]
-        head = act[:, :n_patches].clone()
-        picked = head[:, :, idx]
-        head[:, :, idx] = picked * v if mode == "scale" else picked + v
-        return torch.cat([head, act[:, n_patches:]], dim=1)
+        image = act[:, positions].clone()
+        picked = image[:, :, idx]
+        image[:, :, idx] = picked * v if mode == "scale" else picked + v
+        return torch.cat([act[:, : positions.start], image, act[:, positions.stop :]], dim=1)
 
     return hook
 
@@ -140,7 +140,7 @@ def steer(
             on_error(image, str(error))
             continue
         prefix = stack.encode([picture]).expand(len(settings), -1, -1)
-        hook = steer_hook(units, settings, mode, stack.n_patches)
+        hook = steer_hook(units, settings, mode, stack.image_slice)
         context = json_ids(result["context_ids"])
         logits = last_logits(stack, prefix, context, hook, site=run.site)
         probs = p_of(logits, int(result["target_token_id"])).tolist()

@@ -170,7 +170,7 @@ def score_targets(
     layer's g is formed as backward reaches it (see `Products`); no activation or gradient outlives it.
     """
     embeds, lengths = stack.build_inputs(prefix, [t.context_ids for t in targets])
-    products = Products(stack.n_layers, prefix.shape[1])
+    products = Products(stack.n_layers, stack.image_slice)
     # indices made on the device before the forward pass is queued: a host-to-device copy after it would wait
     read_at = torch.tensor(lengths, device=stack.device) - 1
     rows = torch.arange(len(targets), device=stack.device)
@@ -203,7 +203,7 @@ def caption_and_score(
     """
     batch = prefix.shape[0]
     embeds, _ = stack.build_inputs(prefix, [[] for _ in range(batch)])
-    products = Products(stack.n_layers, prefix.shape[1])
+    products = Products(stack.n_layers, stack.image_slice)
     cache = stack.new_cache()
     with torch.enable_grad(), stack.hooks(products.capture, site=site):
         last = stack.run_lm(cache, inputs_embeds=embeds)[:, -1]  # [B, d]: the last prompt token
@@ -262,7 +262,7 @@ def _attribute_read(
 class Products:
     """g = act * grad at the image positions of every layer, in one [B, L, P, d_mlp] buffer.
 
-    `capture` (the forward hook) copies a layer's activation at the P image positions into the layer's slot
+    `capture` (the forward hook) copies a layer's activation at the P image positions (`positions`) into the layer's slot
     and hooks the activation's gradient; backward multiplies the slot by that gradient the moment it is
     formed, and takes the layer's per-unit max and sum while the slot is hot. So neither the activations
     (a frozen matrix does not keep its input) nor the gradients outlive their layer: per layer only the
@@ -274,8 +274,9 @@ class Products:
     buffer would double what the forward pass holds).
     """
 
-    def __init__(self, n_layers: int, n_patch: int) -> None:
-        self.n_layers, self.n_patch = n_layers, n_patch
+    def __init__(self, n_layers: int, positions: slice) -> None:
+        self.n_layers, self.positions = n_layers, positions  # the image positions (Stack.image_slice)
+        self.n_patch = positions.stop - positions.start
         self.slots: torch.Tensor | None = None  # [B, L, P, d_mlp]: activations, then g in place
         self.wide: dict[int, torch.Tensor] = {}  # layer -> g [B, P, d_mlp], when wider than the activations
         self.unit_max: torch.Tensor | None = None  # [B, L, d_mlp], float32 or wider
@@ -295,7 +296,7 @@ class Products:
             self.unit_max = torch.empty(batch, self.n_layers, d_mlp, dtype=acc, device=act.device)
             self.unit_sum = torch.empty_like(self.unit_max)
         with torch.no_grad():
-            self.slots[:, layer].copy_(act[:, : self.n_patch])
+            self.slots[:, layer].copy_(act[:, self.positions])
         if not act.requires_grad:  # the first layer: backward stops at this leaf
             act = act.detach().requires_grad_(True)
             self.leaves[layer] = act
@@ -309,7 +310,7 @@ class Products:
             slot = self.slots[:, layer]  # [B, P, d_mlp]
             if slot.dtype == torch.float16:
                 slot = self.wide[layer] = slot.to(self.unit_max.dtype)
-            slot.mul_(grad[:, : self.n_patch])
+            slot.mul_(grad[:, self.positions])
             self.unit_max[:, layer] = slot.amax(dim=1)
             self.unit_sum[:, layer] = slot.sum(dim=1, dtype=self.unit_sum.dtype)
         self.done[layer] = True

@@ -1,8 +1,11 @@
 """What a unit writes into the vocabulary: decoder(W_out[:, k]) = top tokens of W_U @ W_out[:, k].
 
 Conventions (method.md): "raw" is the paper's formula (no final norm, no bias); "ln_f" first multiplies
-the output weights by the final norm's gain (the elementwise weight of ln_f / RMSNorm). Only the real
-vocabulary (ids below stack.real_vocab) takes part.
+the output weights by the final norm's gain (the elementwise weight of ln_f / RMSNorm; for Gemma, whose
+RMSNorm multiplies by 1 + weight, that: `LMAdapter.final_gain`). Only the real vocabulary (ids below
+stack.real_vocab) takes part. W_U is the output layer's weight, tied to the input embeddings or not. A
+family's final logit soft-capping (Gemma 2: cap * tanh(z / cap)) is left out: it is monotonic in each
+logit, so the top tokens are the same with it, and the logits kept are the plain products W_U @ w.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from mmtui.defaults import CONVENTIONS
 from mmtui.stacks.base import Stack
-from mmtui.stacks.lm import LMAdapter, weight_of
+from mmtui.stacks.lm import LMAdapter
 from mmtui.words import is_interpretable
 
 DEFAULT_K = 10
@@ -39,7 +42,7 @@ def _gain(stack: HasLM, convention: str) -> torch.Tensor | None:
     if convention == "raw":
         return None
     if convention == "ln_f":
-        return weight_of(stack.adapter.final_norm()).detach()
+        return stack.adapter.final_gain()
     raise ValueError(f"unknown decoding convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
 
 

@@ -222,9 +222,12 @@ def read_image_bytes(path: Path | str) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def load_image(path: Path | str) -> LoadedImage:
-    """Read, hash and decode one image file. Raises ImageError on any problem with this file."""
+def load_image(path: Path | str, sha256: str | None = None) -> LoadedImage:
+    """Read, hash and decode one image file. Raises ImageError on any problem with this file, and with `sha256`
+    (the image a result was attributed with) when the file no longer hashes to it."""
     data, sha = read_image_bytes(path)
+    if sha256 is not None and sha != sha256:
+        raise ImageError(str(path), "the file changed since it was attributed; attribute it again")
     return LoadedImage(path=Path(path), sha256=sha, image=decode_image(data, path))
 
 
@@ -268,8 +271,8 @@ def iter_images(
     for path in paths:
         try:
             data, sha = read_image_bytes(path)
-            if not in_shard(sha, shard):
-                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}", sha, duplicate=False)  # type: ignore[index]
+            if shard is not None and not in_shard(sha, shard):
+                yield Skip(Path(path), f"in another shard than {shard[0]}/{shard[1]}", sha, duplicate=False)
                 continue
             if sha in first_path:
                 yield Skip(Path(path), f"same image as {first_path[sha]}; computed once", sha, duplicate=True)

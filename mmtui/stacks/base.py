@@ -1,6 +1,9 @@
 """A stack: frozen image encoder -> linear projection -> frozen causal LM.
 
-The LM sees [P image-prompt embeddings] + the prompt tokens ("A picture of", no BOS) and captions greedily.
+The LM sees [lead tokens] + [P image-prompt embeddings] + the prompt tokens and captions greedily. The lead is
+empty on the default stacks ("A picture of", no BOS: the image sits at positions [0, P)); `bos` puts the LM's
+document-start token first, and a VLM checkpoint's chat template puts its user-turn header there
+(mmtui.stacks.vlm). `Stack.image_slice` says where the image positions are.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from PIL import Image
 
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from mmtui.errors import StackError
 from mmtui.stacks.lm import LMAdapter
 from mmtui.stacks.projection import Projection
 from mmtui.stacks.vision import VisionEncoder
@@ -24,6 +28,9 @@ from mmtui.store import StackIdentity
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+# document-start tokens by family (GPT-2/J/NeoX, SmolLM, Qwen; Llama 1/2, Mistral; Llama 3; Gemma), first found wins
+DOCUMENT_START = ("<|endoftext|>", "<s>", "<|begin_of_text|>", "<bos>")
 
 
 def _short_version(module_name: str) -> str:
@@ -53,6 +60,9 @@ class Stack:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     load_args: dict[str, Any] = field(default_factory=dict)  # how to load it again (see load_stack_for_run)
+    before_ids: list[int] = field(default_factory=list)  # tokens before the image (a chat template's header)
+    after_ids: list[int] | None = None  # tokens after the image instead of the tokenized prompt (a chat template)
+    bos: bool = False  # the LM's document-start token first, before `before_ids` (recorded in the fingerprint)
     adapter: LMAdapter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,10 +87,41 @@ class Stack:
         return self.encoder.grid
 
     @property
+    def lead_ids(self) -> list[int]:
+        """Token ids before the image positions: the document-start token (with `bos`), then `before_ids`."""
+        return ([self.document_start_id] if self.bos else []) + list(self.before_ids)
+
+    @property
+    def image_slice(self) -> slice:
+        """The image positions in the LM's input: [len(lead_ids), len(lead_ids) + n_patches)."""
+        start = len(self.lead_ids)
+        return slice(start, start + self.n_patches)
+
+    @property
+    def cells(self) -> list[int]:
+        """Per image position, its cell of the row-major patch grid (row * grid_w + col), -1 where the token is
+        no patch (a CLS token kept by a VLM's encoder). The identity on the default stacks."""
+        cells = getattr(self.encoder, "cells", None)
+        return list(cells) if cells is not None else list(range(self.n_patches))
+
+    @cached_property
+    def document_start_id(self) -> int:
+        """The LM's document-start token: the first of DOCUMENT_START in the vocabulary, else the tokenizer's
+        BOS (SmolLM2's BOS is the chat marker <|im_start|>, its document start <|endoftext|>)."""
+        vocab = self.tokenizer.get_vocab()
+        for text in DOCUMENT_START:
+            if text in vocab:
+                return int(vocab[text])
+        if self.tokenizer.bos_token_id is None:
+            raise StackError("--bos: this LM's tokenizer has no document-start (BOS) token; run without --bos")
+        return int(self.tokenizer.bos_token_id)
+
+    @property
     def fingerprint(self) -> dict[str, Any]:
         """What makes results comparable: the parts' identities, dtype, and library major.minor versions."""
         return {
             **self.identity,
+            **({"bos": self.token_text(self.document_start_id)} if self.bos else {}),
             "dtype": str(self.dtype).removeprefix("torch."),
             "torch": _short_version("torch"),
             "transformers": _short_version("transformers"),
@@ -147,18 +188,28 @@ class Stack:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids.to(self.device))
 
+    def prompt_ids(self) -> list[int]:
+        """The tokens between the image and the caption: `after_ids`, else the prompt's tokens."""
+        return list(self.after_ids) if self.after_ids is not None else self.tokenize(self.prompt)
+
     def build_inputs(
         self, prefix: torch.Tensor, continuations: Sequence[Sequence[int]]
     ) -> tuple[torch.Tensor, list[int]]:
-        """[prefix] + prompt + each item's continuation tokens, right-padded with zeros.
+        """[lead] + [prefix] + prompt + each item's continuation tokens, right-padded with zeros.
 
-        prefix: [B, P, d]. Returns (embeds [B, T, d], lengths): with causal attention, the padding after an
-        item's last token cannot change anything at or before it, so no attention mask is needed.
+        prefix: [B, P, d], placed at `image_slice`. Returns (embeds [B, T, d], lengths): with causal attention,
+        the padding after an item's last token cannot change anything at or before it, so no attention mask is
+        needed.
         """
-        prompt = self.tokenize(self.prompt)
+        prompt = self.prompt_ids()
         text, lengths = self.text_embeds([list(prompt) + list(c) for c in continuations])
-        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)  # [B, P + width, d]
-        return embeds, [prefix.shape[1] + n for n in lengths]
+        parts = [prefix.to(text.dtype), text]
+        lead = self.lead_ids
+        if lead:
+            ids = torch.tensor([lead], dtype=torch.long)
+            parts.insert(0, self.embed_tokens(ids).expand(prefix.shape[0], -1, -1).to(text.dtype))
+        embeds = torch.cat(parts, dim=1)  # [B, lead + P + width, d]
+        return embeds, [len(lead) + prefix.shape[1] + n for n in lengths]
 
     def text_embeds(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
         """Token rows embedded and right-padded with zero vectors: ([B, width, d], the rows' lengths)."""
@@ -205,12 +256,13 @@ class Stack:
         return "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters else "past_key_values"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM's output matrix on hidden states [..., d_model] -> [..., V]."""
-        return self.lm.get_output_embeddings()(hidden)
+        """The LM's output layer on final hidden states [..., d_model] -> [..., V], with the family's logit
+        soft-capping (Gemma 2), as the CausalLM's own forward computes them."""
+        return self.adapter.logits(hidden)
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[list[int]]:
-        """Greedy (temperature 0) continuation of [prefix] + prompt, with the KV cache; stops at a special token."""
+        """Greedy (temperature 0) continuation of [lead] + [prefix] + prompt, with the KV cache; stops at a special token."""
         embeds, _ = self.build_inputs(prefix, [[] for _ in range(prefix.shape[0])])
         cache = self.new_cache()
         return self.greedy(self.run_lm(cache, inputs_embeds=embeds)[:, -1], cache, max_new_tokens)

@@ -270,9 +270,15 @@ def load_stack(
     dtype: str | torch.dtype | None = None,
     prompt: str = DEFAULT_PROMPT,
     untrained_projection: bool = False,
+    vlm: str | None = None,
+    bos: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Stack:
     """Load a stack by preset name, with any part replaced by an explicit one.
+
+    vlm: a whole VLM checkpoint (hub id or folder, mmtui.stacks.vlm) instead of a preset and parts; `prompt`
+    is then the user turn's instruction (the default prompt gives the module's DEFAULT_INSTRUCTION).
+    bos: put the LM's document-start token before the image prefix (recorded in the fingerprint).
 
     dtype: default float32 on CPU, the preset's GPU dtype on CUDA (bfloat16; float16 for GPT-J's float16
     revision). untrained_projection: a fresh, untrained projection instead of a file (to train one).
@@ -280,6 +286,8 @@ def load_stack(
     Raises StackError with one line naming the part that failed.
     """
     dev = resolve_device(device)
+    if vlm:
+        return _vlm_stack(vlm, dev, dtype, revision, prompt, bos, progress)
     base = PRESETS.get(preset or "")
     if preset and base is None:
         raise StackError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -293,7 +301,7 @@ def load_stack(
         raise StackError(f"dtype {dtype!r} is not one a stack runs in; use one of {', '.join(DTYPES.values())}")
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else getattr(torch, base.gpu_dtype)
-    load_args = {
+    load_args: dict[str, Any] = {
         "preset": preset,
         "lm": lm,
         "encoder": encoder,
@@ -302,9 +310,11 @@ def load_stack(
         "revision": revision,
         "prompt": prompt,
     }
+    if bos:
+        load_args["bos"] = True  # only when set: the load arguments of earlier runs stay as they were
     if base.lm == "tiny" and not (lm or encoder or projection):
         stack = _tiny_stack(dev, dtype, prompt)
-        stack.load_args = load_args
+        stack.load_args, stack.bos = load_args, bos
         return stack
 
     # the preset's revision belongs to the preset's LM, not to one passed with --lm
@@ -344,7 +354,33 @@ def load_stack(
         device=dev,
         dtype=dtype,
         load_args=load_args,
+        bos=bos,
     )
+
+
+def _vlm_stack(
+    spec: str,
+    dev: torch.device,
+    dtype: str | torch.dtype | None,
+    revision: str | None,
+    prompt: str,
+    bos: bool,
+    progress: Callable[[str], None] | None,
+) -> Stack:
+    from mmtui.stacks.vlm import DEFAULT_INSTRUCTION, load_vlm
+
+    if bos:
+        raise StackError("--bos with --vlm: the checkpoint's chat template already sets what comes first")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if dtype is not None and dtype not in DTYPES:
+        raise StackError(f"dtype {dtype!r} is not one a stack runs in; use one of {', '.join(DTYPES.values())}")
+    if dtype is None:
+        dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    instruction = DEFAULT_INSTRUCTION if prompt == DEFAULT_PROMPT else prompt
+    stack = load_vlm(spec, revision=revision, dtype=dtype, device=dev, instruction=instruction, progress=progress)
+    stack.load_args = {"preset": None, "vlm": spec, "revision": revision, "prompt": instruction}
+    return stack
 
 
 def load_stack_for_run(run: Run, device: str = "auto", progress: Callable[[str], None] | None = None) -> Stack:

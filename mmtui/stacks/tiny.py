@@ -1,7 +1,8 @@
 """The `tiny` stack for tests: the paper's classes (GPT-J + BEiT + Linear) at toy size, random, seeded.
 
 Everything is built in code, offline: a byte-level BPE tokenizer trained on a few caption sentences,
-a 2-layer GPT-J, a 2-layer BEiT on 64 px images (a 4 x 4 patch grid), and a linear projection.
+a 2-layer GPT-J, a 2-layer BEiT on 64 px images (a 4 x 4 patch grid), and a linear projection. The other
+LM families (FAMILY_CONFIGS) come at the same size, for their tests and bench.
 """
 
 from __future__ import annotations
@@ -32,6 +33,32 @@ CORPUS = [
 ]
 # the tiny GPT-J's sizes; small enough that float64 checks against Captum take well under a second
 LM_CONFIG: dict[str, Any] = dict(n_positions=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=64)
+# the other LM families at the same toy size (tests/test_families.py, bench/families.py): transformers config
+# arguments by model_type; the gated ones share _GATED. Gemma's sliding window is shorter than a prompt, so
+# that the caches' window handling is exercised, and Gemma 2's logit cap is low enough to change P(c).
+_GATED: dict[str, Any] = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    max_position_embeddings=128,
+)
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_positions=128, n_embd=32, n_layer=2, n_head=4, n_inner=64),
+    "gpt_neox": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128
+    ),
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma2": {**_GATED, "sliding_window": 8, "final_logit_softcapping": 1.0},
+    "gemma3_text": {**_GATED, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {**_GATED, "tie_word_embeddings": False},
+    "olmo2": _GATED,
+}
 BEIT_CONFIG: dict[str, Any] = dict(
     image_size=64,
     patch_size=16,
@@ -60,30 +87,51 @@ def tiny_tokenizer():
     )
 
 
-def tiny_parts(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(GPT-J LM, BEiT model, BEiT image processor, projection, tokenizer), random with `seed`."""
+def tiny_family_lm(model_type: str, vocab: int, special_id: int) -> Any:
+    """A random CausalLM of one of FAMILY_CONFIGS' model types at toy size (seed it first), its norms' weights
+    perturbed so that a gain convention (weight or 1 + weight) shows in what is computed from them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type not in FAMILY_CONFIGS:
+        raise ValueError(f"no tiny config for {model_type!r}; one of {', '.join(FAMILY_CONFIGS)}")
+    specials = dict(bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, **specials, **FAMILY_CONFIGS[model_type])
+    lm = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in lm.named_parameters():
+            if "norm" in name or "ln_" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    return lm
+
+
+def tiny_parts(seed: int = 0, dtype: torch.dtype = torch.float32, family: str = "gptj"):
+    """(LM, BEiT model, BEiT image processor, projection, tokenizer), random with `seed`; the LM a GPT-J, or
+    a CausalLM of `family` (a model_type of FAMILY_CONFIGS)."""
     from transformers import BeitConfig, BeitImageProcessor, BeitModel, GPTJConfig, GPTJForCausalLM
 
     from mmtui.stacks.projection import Projection
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    lm = GPTJForCausalLM(
-        GPTJConfig(
-            vocab_size=len(tok),
-            bos_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **LM_CONFIG,
+    if family == "gptj":
+        lm = GPTJForCausalLM(
+            GPTJConfig(
+                vocab_size=len(tok),
+                bos_token_id=tok.eos_token_id,
+                eos_token_id=tok.eos_token_id,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                **LM_CONFIG,
+            )
         )
-    )
+    else:
+        lm = tiny_family_lm(family, len(tok), tok.eos_token_id)
     beit = BeitModel(BeitConfig(use_mean_pooling=True, **BEIT_CONFIG), add_pooling_layer=False)
     processor = BeitImageProcessor(
         size={"height": 64, "width": 64}, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
-    proj = Projection(BEIT_CONFIG["hidden_size"], LM_CONFIG["n_embd"])
+    proj = Projection(BEIT_CONFIG["hidden_size"], int(lm.config.hidden_size))
     with torch.no_grad():  # image prompts of roughly the word embeddings' scale, so captions depend on the image
         proj.linear.weight.mul_(4.0)
     # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function
@@ -91,18 +139,22 @@ def tiny_parts(seed: int = 0, dtype: torch.dtype = torch.float32):
     return lm, beit, processor, proj.to(dtype), tok
 
 
-def save_tiny_limber(directory: Path | str, seed: int = 0) -> dict[str, Path]:
+def save_tiny_limber(directory: Path | str, seed: int = 0, family: str = "gptj") -> dict[str, Path]:
     """Write a tiny stack in the paper stack's on-disk formats, for testing the `limber-beit-gptj` loader:
     an HF GPT-J folder, an HF BEiT folder with its processor, a GPT-2 style tokenizer folder (without
     `<|image|>`: the loader adds it, as LiMBeR did) and a LiMBeR `proj.ckpt` (state dict of nn.Linear).
+    With another `family`, the LM folder holds that family's tiny LM (and its tokenizer): a custom stack's
+    parts, for `--preset tiny --lm DIR --encoder beit:DIR --projection proj.ckpt`.
     """
     directory = Path(directory)
-    lm, beit, processor, proj, tok = tiny_parts(seed)
+    lm, beit, processor, proj, tok = tiny_parts(seed, family=family)
     paths = {name: directory / name for name in ("lm", "encoder", "tokenizer")}
     lm.save_pretrained(paths["lm"])
     beit.save_pretrained(paths["encoder"])
     processor.save_pretrained(paths["encoder"])
     tok.save_pretrained(paths["tokenizer"])
+    if family != "gptj":
+        tok.save_pretrained(paths["lm"])
     paths["projection"] = directory / "proj.ckpt"
     torch.save(proj.linear.state_dict(), paths["projection"])
     return paths

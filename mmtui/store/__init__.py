@@ -8,7 +8,7 @@ from mmtui.store.core import (
     StackIdentity,
     Store,
     pack_result,
-    target_mode,
 )
+from mmtui.store.records import target_mode
 
 __all__ = ["COUNT_TOP", "STATS_EVERY", "ResultRecord", "Run", "StackIdentity", "Store", "pack_result", "target_mode"]

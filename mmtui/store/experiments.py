@@ -16,7 +16,7 @@ import numpy as np
 
 from mmtui.errors import NotFoundError
 from mmtui.store import StackIdentity, Store
-from mmtui.store.core import _now
+from mmtui.store.connection import _now
 
 NO_SEED = -1  # the seed column of rows whose selection is deterministic (top, interpretable)
 

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmtui.store.arrays import unpack_array, unpack_value
-from mmtui.store.queries import _token_where, token_filter
+from mmtui.store.filters import token_filter, token_where
 
 if TYPE_CHECKING:
-    from mmtui.store import Store
+    from mmtui.store import Run, Store
     from mmtui.store._sqlite_utils import Database
 
 GENERIC_SHARE = 0.1
@@ -58,11 +58,6 @@ def _dims(conn: sqlite3.Connection, run_id: str) -> tuple[int, int]:
     ).fetchone()
     shape = json.loads(row[0])
     return int(shape["n_layers"]), int(shape["d_mlp"])
-
-
-def _run(run: Any) -> tuple[str, int, dict[str, Any], str]:
-    """The one place that reads a run's fields: (id, run_key, shape, lm_id)."""
-    return run.id, int(run.key), run.shape, run.lm_id
 
 
 # -- folding ------------------------------------------------------------------------------------------------
@@ -118,17 +113,17 @@ def fold_moments(db: Database | sqlite3.Connection, run_id: str, run_key: int, r
 
 
 # -- reading ------------------------------------------------------------------------------------------------
-def run_size(store: Store, run: Any) -> int:
+def run_size(store: Store, run: Run) -> int:
     """How many results of the run the per-unit tables count (prevalence's denominator)."""
-    _, run_key, _, _ = _run(run)
+    run_key = run.key
     row = store.db.execute("SELECT max(n) FROM unit_moments WHERE run_key = ?", [run_key]).fetchone()
     return int(row[0] or 0)
 
 
-def moments(store: Store, run: Any, layers: Iterable[int]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+def moments(store: Store, run: Run, layers: Iterable[int]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """(n, {layer: (mean, std)}) of unit_max over the run's results, for these layers (d_mlp values each; std
     NaN where n < 2 or the unit does not vary)."""
-    _, run_key, _, _ = _run(run)
+    run_key = run.key
     wanted = sorted({int(x) for x in layers})
     rows = store.db.execute(
         "SELECT layer, n, sum, sum_sq FROM unit_moments WHERE run_key = ? AND layer IN (SELECT value FROM json_each(?))",
@@ -175,7 +170,7 @@ def unit_max_of(store: Store, result_id: int, dims: tuple[int, int]) -> np.ndarr
 
 def unit_prevalence(
     store: Store,
-    run: Any,
+    run: Run,
     layer: int,
     unit: int,
     n_top: int,
@@ -184,7 +179,7 @@ def unit_prevalence(
 ) -> dict[str, Any]:
     """One unit's prevalence, generic flag, mean and std of unit_max over the run, and its lift on each of
     `result_ids` ({result id: lift or None})."""
-    _, _, shape, _ = _run(run)
+    shape = run.shape
     n, found = moments(store, run, [layer])
     mean, std = found.get(layer, (np.full(shape["d_mlp"], np.nan), np.full(shape["d_mlp"], np.nan)))
     above = generic_above(n, share)
@@ -221,14 +216,14 @@ def _n_tops(store: Store, run_key: int, units: Sequence[tuple[int, int]]) -> lis
 
 
 def image_generic_share(
-    store: Store, run: Any, result_id: int, top: int | None = None, share: float = GENERIC_SHARE
+    store: Store, run: Run, result_id: int, top: int | None = None, share: float = GENERIC_SHARE
 ) -> dict[str, Any]:
     """How much of an image's top-N triples (N = COUNT_TOP) belongs to the run's generic units, as the run's
     tables count now: distinct units and triples, generic ones of each, and the run size it is judged on
     (None shares where the run is too small to call any unit generic)."""
-    from mmtui.store.core import COUNT_TOP
+    from mmtui.store.results import COUNT_TOP
 
-    _, run_key, _, _ = _run(run)
+    run_key = run.key
     top = COUNT_TOP if top is None else top
     layer, unit, _patch, _score = (a[:top] for a in store.triples(result_id))
     units = sorted(set(zip(layer.tolist(), unit.tolist(), strict=True)))
@@ -259,7 +254,7 @@ def _keys(layer: np.ndarray, unit: np.ndarray) -> np.ndarray:
 
 def specific_units(
     store: Store,
-    run: Any,
+    run: Run,
     image: str,
     *,
     layer: int | None = None,
@@ -277,7 +272,7 @@ def specific_units(
     Planned for speed at GPT-J scale (6,000 units an image): the run's generic units come from the n_top index
     (few), the lifts are numpy over all the image's units, and neuron_stats and the tokens are read for the
     rows returned only (with a token or interpretable filter, the tokens of every candidate first)."""
-    run_id, run_key, shape, lm_id = _run(run)
+    run_id, run_key, shape, lm_id = run.id, run.key, run.shape, run.lm_id
     result = store.result(run_id, image)
     found = store.top_units(result["id"])  # (layer, unit, best score, best rank, patch), by rank
     if layer is not None:
@@ -288,6 +283,36 @@ def specific_units(
     score, rank = np.array([u[2] for u in found]), np.array([u[3] for u in found])
     n, stats = moments(store, run, set(la.tolist()))
     above = generic_above(n, share)
+    keep = _not_generic(store, run_key, la, un, above)
+    token = token_filter(token, contains)
+    if token is not None or interpretable is not None:
+        keep &= _passing(store, lm_id, convention, la, un, keep, token, contains, interpretable)
+    nan = np.full(shape["d_mlp"], np.nan)
+    mean = np.stack([stats.get(i, (nan, nan))[0] for i in range(shape["n_layers"])])
+    std = np.stack([stats.get(i, (nan, nan))[1] for i in range(shape["n_layers"])])
+    values = unit_max_of(store, result["id"], (shape["n_layers"], shape["d_mlp"]))[la, un].astype(np.float64)
+    z = lift(values, mean[la, un], std[la, un])
+    order = np.lexsort((rank, -score, np.where(np.isnan(z), np.inf, -z)))  # lift desc (none last), score, rank
+    order = order[keep[order]][:limit]
+    found_stats = _aggregates(store, run_key, lm_id, convention, la[order], un[order])
+    return [
+        {
+            "layer": int(la[i]),
+            "unit": int(un[i]),
+            "image_score": float(score[i]),
+            "image_rank": int(rank[i]),
+            **found_stats[(int(la[i]), int(un[i]))],
+            "prevalence": found_stats[(int(la[i]), int(un[i]))]["n_top"] / n if n else None,
+            "generic": False,
+            "unit_max": float(values[i]),
+            "lift": None if np.isnan(z[i]) else float(z[i]),
+        }
+        for i in order.tolist()
+    ]
+
+
+def _not_generic(store: Store, run_key: int, la: np.ndarray, un: np.ndarray, above: float | None) -> np.ndarray:
+    """Which of the units (la, un) are not generic: in the top-N of at most `above` images (all, for None)."""
     keep = np.ones(len(la), dtype=bool)
     if above is not None:
         generic = store.db.execute(
@@ -296,60 +321,51 @@ def specific_units(
         if generic:
             g = np.array(generic, dtype=np.int64)
             keep &= ~np.isin(_keys(la, un), _keys(g[:, 0], g[:, 1]))
-    token = token_filter(token, contains)
-    if token is not None or interpretable is not None:
-        where, args = [], []  # type: list[str], list[Any]
-        if token:  # the same filter as list_neurons: a whole token, or with `contains` any text (escaped)
-            where, args = _token_where(token, contains)
-        if interpretable is not None:
-            where.append("t.interpretable = ?")
-            args.append(int(interpretable))
-        passing = store.db.execute(
-            f"""SELECT t.layer, t.unit FROM json_each(?) k CROSS JOIN neuron_tokens t
-                ON t.lm_id = ? AND t.convention = ? AND t.layer = k.value >> 20 AND t.unit = k.value & 1048575
-                {"WHERE " + " AND ".join(where) if where else ""}""",
-            [json.dumps(_keys(la, un)[keep].tolist()), lm_id, convention, *args],
-        ).fetchall()
-        ok = np.array(passing, dtype=np.int64).reshape(-1, 2)
-        keep &= np.isin(_keys(la, un), _keys(ok[:, 0], ok[:, 1]))
-    nan = np.full(shape["d_mlp"], np.nan)
-    mean = np.stack([stats.get(i, (nan, nan))[0] for i in range(shape["n_layers"])])
-    std = np.stack([stats.get(i, (nan, nan))[1] for i in range(shape["n_layers"])])
-    values = unit_max_of(store, result["id"], (shape["n_layers"], shape["d_mlp"]))[la, un].astype(np.float64)
-    z = lift(values, mean[la, un], std[la, un])
-    order = np.lexsort((rank, -score, np.where(np.isnan(z), np.inf, -z)))  # lift desc (none last), score, rank
-    order = order[keep[order]][:limit]
-    picked = _keys(la[order], un[order]).tolist()
-    aggregates = {
-        (a, u): row
-        for a, u, *row in store.db.execute(
-            """SELECT s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.mean_score, t.tokens, t.interpretable
-               FROM json_each(?) k CROSS JOIN neuron_stats s
-                   ON s.run_key = ? AND s.layer = k.value >> 20 AND s.unit = k.value & 1048575
-               LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer
-                                         AND t.unit = s.unit""",
-            [json.dumps(picked), run_key, lm_id, convention],
-        ).fetchall()
+    return keep
+
+
+def _passing(
+    store: Store, lm_id: str, convention: str, la: np.ndarray, un: np.ndarray, keep: np.ndarray,
+    token: str | None, contains: bool, interpretable: bool | None,
+) -> np.ndarray:  # fmt: skip
+    """Which of the units (la, un) pass the token and interpretable filters, of those `keep` marks (their
+    decoded tokens are read for those only)."""
+    where, args = [], []  # type: list[str], list[Any]
+    if token:  # the same filter as list_neurons: a whole token, or with `contains` any text (escaped)
+        where, args = token_where(token, contains)
+    if interpretable is not None:
+        where.append("t.interpretable = ?")
+        args.append(int(interpretable))
+    passing = store.db.execute(
+        f"""SELECT t.layer, t.unit FROM json_each(?) k CROSS JOIN neuron_tokens t
+            ON t.lm_id = ? AND t.convention = ? AND t.layer = k.value >> 20 AND t.unit = k.value & 1048575
+            {"WHERE " + " AND ".join(where) if where else ""}""",
+        [json.dumps(_keys(la, un)[keep].tolist()), lm_id, convention, *args],
+    ).fetchall()
+    ok = np.array(passing, dtype=np.int64).reshape(-1, 2)
+    return np.isin(_keys(la, un), _keys(ok[:, 0], ok[:, 1]))
+
+
+def _aggregates(
+    store: Store, run_key: int, lm_id: str, convention: str, la: np.ndarray, un: np.ndarray
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per unit of (la, un): its aggregates and decoded tokens (read for these units only)."""
+    rows = store.db.execute(
+        """SELECT s.layer, s.unit, s.n_top, s.n_images, s.max_score, s.mean_score, t.tokens, t.interpretable
+           FROM json_each(?) k CROSS JOIN neuron_stats s
+               ON s.run_key = ? AND s.layer = k.value >> 20 AND s.unit = k.value & 1048575
+           LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer
+                                     AND t.unit = s.unit""",
+        [json.dumps(_keys(la, un).tolist()), run_key, lm_id, convention],
+    ).fetchall()
+    return {
+        (a, u): {
+            "n_top": n_top,
+            "n_images": n_images,
+            "max_score": max_score,
+            "mean_score": mean_score,
+            "tokens": json.loads(tokens) if tokens else [],
+            "interpretable": None if good is None else bool(good),
+        }
+        for a, u, n_top, n_images, max_score, mean_score, tokens, good in rows
     }
-    rows = []
-    for i in order.tolist():
-        n_top, n_images, max_score, mean_score, tokens, good = aggregates[(int(la[i]), int(un[i]))]
-        rows.append(
-            {
-                "layer": int(la[i]),
-                "unit": int(un[i]),
-                "image_score": float(score[i]),
-                "image_rank": int(rank[i]),
-                "n_top": n_top,
-                "n_images": n_images,
-                "max_score": max_score,
-                "mean_score": mean_score,
-                "tokens": json.loads(tokens) if tokens else [],
-                "interpretable": None if good is None else bool(good),
-                "prevalence": n_top / n if n else None,
-                "generic": False,
-                "unit_max": float(values[i]),
-                "lift": None if np.isnan(z[i]) else float(z[i]),
-            }
-        )
-    return rows

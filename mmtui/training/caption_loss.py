@@ -39,12 +39,12 @@ def caption_nll(
     feats: encoder features [B, P, d_vision]; captions: B lists of token ids (ending with EOS).
     """
     prefix = projection(feats.to(stack.device).float())  # [B, P, d_model]
-    n_patch, n_prompt = prefix.shape[1], len(stack.tokenize(stack.prompt))
+    n_before, n_prompt = stack.image_slice.start + prefix.shape[1], len(stack.prompt_ids())
     with _autocast(stack, amp):
         embeds, _ = stack.build_inputs(prefix.to(stack.dtype), captions)  # [B, T, d_model]
         hidden = stack.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, d_model]
         rows = [i for i, c in enumerate(captions) for _ in c]
-        start = n_patch + n_prompt - 1  # the position that predicts a caption's first token
+        start = n_before + n_prompt - 1  # the position that predicts a caption's first token
         cols = [start + j for c in captions for j in range(len(c))]
         logits = stack.logits(hidden[rows, cols])  # [N_tokens, V]
     targets = torch.tensor([t for c in captions for t in c], device=logits.device)

@@ -149,6 +149,6 @@ def prepare_data(
 
 
 def word_embedding_norm(stack: Stack) -> float:
-    """Mean L2 norm of the LM's input embeddings of real tokens."""
-    weight = stack.lm.get_input_embeddings().weight[: stack.real_vocab]  # type: ignore[index]
+    """Mean L2 norm of the LM's input embeddings of real tokens, as its body takes them (Gemma: scaled)."""
+    weight = stack.adapter.embedding()[: stack.real_vocab]
     return float(weight.float().norm(dim=-1).mean())

@@ -14,7 +14,9 @@ from textual.app import App
 from textual.binding import Binding
 
 from mmtui.defaults import GRAPHICS
+from mmtui.errors import NotFoundError
 from mmtui.store import Run
+from mmtui.store.core import match_run
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import StoreFailed, StoreOpened
 from mmtui.tui.screens.browse import BrowseScreen
@@ -72,15 +74,12 @@ class BrowseApp(ShowsWorkerErrors, App[None]):
     def show_runs(self, message: StoreOpened) -> None:
         self.runs = message.runs
         if self.run_id is not None:
-            chosen = [r for r in self.runs if r.id.startswith(self.run_id)]
-            if len(chosen) != 1:
-                ids = ", ".join(r.id for r in self.runs)
-                what = "No run" if not chosen else "Several runs"
-                self.switch_screen(
-                    ProblemScreen("Run not found", f"{what} with id {self.run_id!r} in {self.db_path} (runs: {ids}).")
-                )
+            try:
+                chosen = match_run(self.runs, self.run_id, self.db_path)
+            except NotFoundError as error:
+                self.switch_screen(ProblemScreen("Run not found", str(error)))
                 return
-            self.switch_screen(BrowseScreen(chosen[0]))
+            self.switch_screen(BrowseScreen(chosen))
         elif len(self.runs) == 1:
             self.switch_screen(BrowseScreen(self.runs[0]))
         else:

@@ -1,28 +1,17 @@
 """How numbers and model text are written on screen.
 
 Decoded tokens and generated captions can hold control characters, lone bytes (`�`) and leading spaces;
-`printable` keeps what a person can read and makes the rest visible instead of letting it move the cursor.
+`printable` (mmtui.words) keeps what a person can read and makes the rest visible instead of letting it move
+the cursor.
 """
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 
+from mmtui.words import printable
 
-def printable(text: str) -> str:
-    """Control and other invisible characters as `\\xNN` escapes; everything else unchanged."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch in "\n\t":
-            out.append(" ")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+__all__ = ["image_name", "printable", "prob", "score", "token"]
 
 
 def token(text: str) -> str:

@@ -18,8 +18,9 @@ from textual.widgets import Static
 from textual.worker import get_current_worker
 
 from mmtui.errors import MmtuiError
+from mmtui.run.images import load_image
 from mmtui.store import Run
-from mmtui.tui.compute import heatmap_picture, read_picture
+from mmtui.tui.compute import heatmap_picture
 from mmtui.tui.failures import ShowsWorkerErrors
 from mmtui.tui.messages import HeatmapComputed, HeatmapFailed, PictureLoaded, StackLoading
 from mmtui.tui.text import image_name
@@ -116,7 +117,7 @@ class HeatmapPane(ShowsWorkerErrors, Vertical):
     @work(thread=True, exclusive=True, group="picture", exit_on_error=False)
     def load_picture(self, result_id: int, path: str, sha256: str) -> None:
         try:
-            picture, problem = read_picture(path, sha256), None
+            picture, problem = load_image(path, sha256=sha256).image, None
         except MmtuiError as error:
             picture, problem = None, str(error)
         if not get_current_worker().is_cancelled:

@@ -1,8 +1,7 @@
 """Pictures in the terminal: real pixels through textual-image where the terminal speaks Sixel or the kitty
 graphics protocol, half blocks (two pixels per cell, `▀` with fore- and background colours) everywhere else.
 
-Also the heatmap overlay: a unit's activations over the encoder's patch grid, upsampled bilinearly to the
-image (the encoder resizes without keeping the aspect, so the grid covers the whole picture) and coloured.
+Also the heatmap's colour bar (the heatmap itself is drawn by mmtui.experiments.heatmap.render_heatmap).
 """
 
 from __future__ import annotations
@@ -19,37 +18,10 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widget import Widget
 
+from mmtui.experiments.heatmap import colormap
+
 if TYPE_CHECKING:
     from textual_image.widget import BaseImage
-
-# inferno-like stops: dark (low activation) to bright yellow (high)
-_STOPS = np.array(
-    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39]],
-    dtype=np.float32,
-)
-_STOPS = np.vstack([_STOPS, [[252, 255, 164]]])
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> RGB uint8 [..., 3] along the inferno-like stops."""
-    pos = np.clip(values, 0.0, 1.0) * (len(_STOPS) - 1)
-    low = np.floor(pos).astype(int).clip(0, len(_STOPS) - 2)
-    frac = (pos - low)[..., None]
-    return (_STOPS[low] * (1 - frac) + _STOPS[low + 1] * frac).astype(np.uint8)
-
-
-def overlay(image: Image.Image, grid_map: np.ndarray, low: float = 0.2, high: float = 0.8) -> Image.Image:
-    """Draw a [grid_h, grid_w] activation map over `image`: negatives count as 0, the map's peak as 1. The
-    colour covers the picture in proportion to the activation (from `low` to `high`), so the photo stays
-    readable where the unit is quiet."""
-    peak = float(grid_map.max())
-    norm = np.clip(grid_map, 0.0, None) / peak if peak > 0 else np.zeros_like(grid_map)
-    small = Image.fromarray(norm.astype(np.float32), mode="F")
-    big = np.asarray(small.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32)
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    alpha = (low + (high - low) * big)[..., None]
-    mixed = base * (1 - alpha) + colormap(big).astype(np.float32) * alpha
-    return Image.fromarray(mixed.clip(0, 255).astype(np.uint8), mode="RGB")
 
 
 def colorbar(width: int = 16) -> Text:
