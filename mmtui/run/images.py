@@ -139,8 +139,8 @@ def decode_image(data: bytes, path: Path | str) -> Image.Image:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+            upright: Image.Image = ImageOps.exif_transpose(img) or img
+            return _to_rgb(upright)
     except UnidentifiedImageError as err:
         raise ImageError(str(path), "not an image PIL can read; remove it or convert it to JPEG or PNG") from err
     except (OSError, SyntaxError, ValueError) as err:
