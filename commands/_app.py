@@ -65,8 +65,29 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per li
 LmOption = Annotated[
     str | None, typer.Option("--lm", help="LM: hub id, local folder or .gguf file (overrides the preset).")
 ]
+
+
+def _check_encoder(value: str | None) -> str | None:
+    """A malformed --encoder is refused before any model loads."""
+    if value is not None:
+        from mmtui.defaults import parse_encoder_spec
+        from mmtui.errors import StackError
+
+        try:
+            parse_encoder_spec(value)
+        except StackError as error:
+            fail(str(error).replace("[", r"\["))
+    return value
+
+
 EncoderOption = Annotated[
-    str | None, typer.Option("--encoder", help="Image encoder: beit:<id|folder>, timm:<name> or efficientnet-lite0.")
+    str | None,
+    typer.Option(
+        "--encoder",
+        help="Image encoder: hf:<id|folder>[@LAYER][+cls] (CLIP, SigLIP, DINOv2), timm:<name>[@LAYER][+cls], "
+        "beit:<id|folder> or efficientnet-lite0. LAYER: hidden state as LLaVA's vision_feature_layer (-2).",
+        callback=_check_encoder,
+    ),
 ]
 VlmOption = Annotated[
     str | None,

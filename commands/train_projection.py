@@ -1,4 +1,5 @@
-"""`mmtui train-projection`: train a stack's linear projection on image-caption pairs, LM and encoder frozen."""
+"""`mmtui train-projection`: train a stack's projection (linear or MLP) on image-caption pairs, LM and encoder
+frozen."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from commands._app import (
     out,
     warn,
 )
-from mmtui.defaults import DEFAULT_PRESET, DEFAULT_PROMPT
+from mmtui.defaults import DEFAULT_PRESET, DEFAULT_PROMPT, ProjectionKind
 
 DEFAULT_OUT = Path("cache") / "projections" / "projection.safetensors"
 PHASES = {"features": "encoding images", "train": "training", "eval": "held-out eval"}
@@ -85,6 +86,10 @@ def train_projection(
     out_path: Annotated[
         Path, typer.Option("--out", help="Projection file to write (.safetensors; card beside it).")
     ] = (DEFAULT_OUT),
+    kind: Annotated[
+        ProjectionKind,
+        typer.Option("--kind", help="linear (LiMBeR) or mlp (LLaVA's Linear-GELU-Linear, d_model wide)."),
+    ] = ProjectionKind.LINEAR,
     epochs: Annotated[float, typer.Option("--epochs", min=0.01, help="Passes over the training captions.")] = 6.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Captions per step.")] = 128,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate (warm-up, cosine).")] = 5e-3,
@@ -108,7 +113,7 @@ def train_projection(
     device: DeviceOption = "auto",
     json_out: JsonOption = False,
 ) -> None:
-    """Train the linear projection (image features -> LM input) with the LM and encoder frozen.
+    """Train the projection (image features -> LM input; linear or MLP) with the LM and encoder frozen.
 
     Loss: next-token loss of human captions after the image prefix and the prompt. Resumable: a checkpoint
     (<out>.ckpt) is written as it goes and on Ctrl-C; run the same command again to go on.
@@ -127,6 +132,7 @@ def train_projection(
         learn_scale=learn_scale,
         captions=captions,
         seed=seed,
+        kind=kind.value,
     )
     checkpoint = out_path.with_name(out_path.name + ".ckpt")
     if restart:
@@ -179,7 +185,7 @@ def train_projection(
 def _print_card(path: Path, card: dict) -> None:
     facts = card["training"]
     out.print(
-        f"Wrote {path} (card: {path.name}.json): {facts['steps']} steps, train loss {facts['train_loss']:.3f}, "
+        f"Wrote {path} ({card['projection_kind']} projection; card: {path.name}.json): {facts['steps']} steps, train loss {facts['train_loss']:.3f}, "
         f"token norm {facts['final_scale']:.2f}",
         highlight=False,
     )

@@ -5,7 +5,10 @@ the values in --help and rejects any other), and the core checks plain strings a
 """
 
 import re
+from dataclasses import dataclass
 from enum import Enum
+
+from mmtui.errors import StackError
 
 DEFAULT_PRESET = "smol"
 DEFAULT_PROMPT = "A picture of"
@@ -66,6 +69,13 @@ class Engine(str, Enum):
     RAY = "ray"
 
 
+class ProjectionKind(str, Enum):
+    """The projection train-projection trains: LiMBeR's linear map, or LLaVA's MLP (Linear-GELU-Linear)."""
+
+    LINEAR = "linear"
+    MLP = "mlp"
+
+
 class Graphics(str, Enum):
     """How the TUI draws pictures: auto (pixels when the terminal can), pixels (Sixel/kitty), or half blocks."""
 
@@ -81,6 +91,7 @@ ABLATION_MODES = tuple(m.value for m in AblationMode)
 UNIT_MODES = tuple(m.value for m in UnitMode)
 BASELINES = tuple(m.value for m in Baseline)
 GRAPHICS = tuple(m.value for m in Graphics)
+PROJECTION_KINDS = tuple(m.value for m in ProjectionKind)
 DEFAULT_KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # the ablation's k grid (method.md, experiment 4)
 
 
@@ -98,6 +109,57 @@ def parse_ks(text: str, most: int | None = None) -> tuple[int, ...]:
     if most is not None and ks[-1] > most:
         raise ValueError(f"k = {ks[-1]} is more than the {most} triples stored per image")
     return tuple(ks)
+
+
+# -- the --encoder grammar (mmtui.stacks.vision describes the encoders; parsed here, free of torch, so the
+# commands refuse a malformed spec before any model loads) ---------------------------------------------------
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A parsed --encoder value: kind (efficientnet-lite0, beit, hf, timm), the model, and for ViTs the layer
+    (None: the model's own output) and whether the CLS token is kept. str() gives the canonical spec."""
+
+    kind: str
+    name: str = ""
+    layer: int | None = None
+    cls: bool = False
+
+    def __str__(self) -> str:
+        if self.kind == "efficientnet-lite0":
+            return self.kind
+        layer = f"@{self.layer}" if self.layer is not None else ""
+        return f"{self.kind}:{self.name}{layer}{'+cls' if self.cls else ''}"
+
+
+ENCODER_FORMS = "efficientnet-lite0, beit:<id|folder>, hf:<id|folder>[@LAYER][+cls] or timm:<name>[@LAYER][+cls]"
+_VIT_SPEC = re.compile(r"(?P<name>.+?)(?:@(?P<layer>[+-]?\d+))?(?P<cls>\+cls)?")
+
+
+def parse_encoder_spec(text: str) -> EncoderSpec:
+    """`hf:openai/clip-vit-large-patch14-336@-2` -> EncoderSpec("hf", "openai/...", -2, False).
+
+    Raises StackError with one line naming the problem; nothing is loaded.
+    """
+    text = text.strip()
+    if text == "efficientnet-lite0":
+        return EncoderSpec(text)
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in ("beit", "hf", "timm"):
+        raise StackError(f"unknown encoder {text!r}; use {ENCODER_FORMS}")
+    if kind == "beit":
+        if not rest:
+            raise StackError(f"encoder {text!r} names no model; write beit:<hub id or folder>")
+        return EncoderSpec(kind, rest)
+    m = _VIT_SPEC.fullmatch(rest)
+    if m is None or not m.group("name"):
+        raise StackError(f"encoder {text!r} names no model; write {kind}:<{'id|folder' if kind == 'hf' else 'name'}>")
+    name = m.group("name")
+    if "@" in name:
+        raise StackError(
+            f"encoder {text!r}: after @ comes a layer number (an index into the hidden states, -2 as LLaVA), "
+            f"e.g. {kind}:{name.split('@')[0]}@-2"
+        )
+    layer = int(m.group("layer")) if m.group("layer") is not None else None
+    return EncoderSpec(kind, name, layer, m.group("cls") is not None)
 
 
 INTERPRETABLE_MARK = "●"  # marks an interpretable unit (words.is_interpretable) in the CLI's tables and the TUI's

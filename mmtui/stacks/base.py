@@ -22,7 +22,7 @@ from PIL import Image
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from mmtui.errors import StackError
 from mmtui.stacks.lm import LMAdapter
-from mmtui.stacks.projection import Projection
+from mmtui.stacks.projection import BaseProjection
 from mmtui.stacks.vision import VisionEncoder
 from mmtui.store import StackIdentity
 
@@ -51,7 +51,7 @@ class Stack:
 
     name: str
     encoder: VisionEncoder
-    projection: Projection
+    projection: BaseProjection
     lm: PreTrainedModel
     tokenizer: Any
     real_vocab: int

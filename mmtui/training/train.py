@@ -1,4 +1,4 @@
-"""Train the linear projection of a stack with its LM and image encoder frozen (LiMBeR's recipe).
+"""Train the projection (linear, or LLaVA's MLP) of a stack with its LM and image encoder frozen (LiMBeR's recipe).
 
 Loss: the LM's next-token loss on a human caption read after [image prefix] + prompt, the caption ending in
 the LM's end-of-sequence token so that greedy captions stop. Only the projection's weights train. Encoder
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mmtui.stacks.base import DEFAULT_PROMPT, Stack
-from mmtui.stacks.projection import Projection
+from mmtui.stacks.projection import KINDS, BaseProjection, MLPProjection, Projection
 from mmtui.training.caption_data import CaptionSource, encoder_key
 from mmtui.training.caption_loss import caption_examples, caption_nll, evaluate
 from mmtui.training.data import (
@@ -45,7 +45,7 @@ class TrainConfig:
     norm: "auto" rescales every projected token to the mean L2 norm of the LM's word embeddings, a number to
     that norm, None keeps the plain linear map. learn_scale: that norm is a trained parameter.
     captions: "all" (every caption of every image is one sample per epoch) or "one" (one random caption per
-    image per epoch). epochs may be fractional.
+    image per epoch). epochs may be fractional. kind: "linear" (LiMBeR) or "mlp" (LLaVA's Linear-GELU-Linear).
     """
 
     epochs: float = 4.0
@@ -57,6 +57,7 @@ class TrainConfig:
     learn_scale: bool = False
     captions: str = "all"
     seed: int = 0
+    kind: str = "linear"
     max_tokens: int = 40
     checkpoint_every: int = 100
     amp: bool = True  # bfloat16 autocast of the frozen LM on CUDA
@@ -64,7 +65,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    projection: Projection
+    projection: BaseProjection
     card: dict[str, Any]
     path: Path
 
@@ -94,12 +95,14 @@ def _schedule(config: TrainConfig, total: int) -> Callable[[int], float]:
 
 def _run_id(stack: Stack, data: TrainingData, config: TrainConfig) -> str:
     keep = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_every"}
+    if keep["kind"] == "linear":  # the runs of before `kind` existed keep their ids (and their checkpoints)
+        del keep["kind"]
     parts = {"config": keep, "data": data.sha256, "lm": stack.identity.get("lm"), "prompt": stack.prompt}
     parts["encoder"] = encoder_key(stack.identity, stack.encoder.name, stack.dtype)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, run_id: str, step: int, proj: Projection, opt, sched, loss: float) -> None:
+def _save_checkpoint(path: Path, run_id: str, step: int, proj: BaseProjection, opt, sched, loss: float) -> None:
     state = {
         "run_id": run_id,
         "step": step,
@@ -134,15 +137,18 @@ def load_training_stack(
     )
 
 
-def new_projection(stack: Stack, config: TrainConfig) -> Projection:
-    """An untrained projection for the stack, seeded; its norm resolved from the config."""
+def new_projection(stack: Stack, config: TrainConfig) -> BaseProjection:
+    """An untrained projection of the config's kind for the stack, seeded; its norm resolved from the config."""
+    if config.kind not in KINDS:
+        raise TrainingError(f"projection kind must be one of {', '.join(KINDS)}, not {config.kind!r}")
     norm = config.norm
     if norm == "auto":
         norm = word_embedding_norm(stack)
     if isinstance(norm, str):
         raise TrainingError(f"norm must be 'auto', a number or None, not {norm!r}")
     torch.manual_seed(config.seed)
-    return Projection(stack.encoder.dim, stack.adapter.embedding().shape[1], norm, config.learn_scale)
+    kind = MLPProjection if config.kind == "mlp" else Projection
+    return kind(stack.encoder.dim, stack.adapter.embedding().shape[1], norm, config.learn_scale)
 
 
 def fit(
@@ -152,7 +158,7 @@ def fit(
     checkpoint: Path | str,
     *,
     on_progress: ProgressFn | None = None,
-) -> tuple[Projection, dict[str, Any]]:
+) -> tuple[BaseProjection, dict[str, Any]]:
     """Train a projection on `data.train`; resume from `checkpoint` when it holds this very run.
 
     Returns the projection (eval mode, frozen) and the training facts for the card. Ctrl-C saves the
@@ -211,7 +217,7 @@ def fit(
         "samples_per_epoch": len(_epoch_samples(data, config, 0)),
         "train_loss": running,
         "norm_value": proj.norm,
-        "final_scale": float(proj.log_scale.exp()) if proj.learn_scale else proj.norm,
+        "final_scale": float(proj.log_scale.detach().exp()) if proj.learn_scale else proj.norm,
         "resumed_at_step": resumed_at or None,
         "train_seconds": round(time.monotonic() - started, 1),
     }
@@ -220,7 +226,7 @@ def fit(
 
 def heldout_report(
     stack: Stack,
-    proj: Projection,
+    proj: BaseProjection,
     data: TrainingData,
     *,
     batch_size: int = 64,
@@ -295,6 +301,7 @@ def make_card(
     return {
         "format": CARD_FORMAT,
         "mmtui": __version__,
+        "projection_kind": config.kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "stack": {
             **parts,
