@@ -1,13 +1,16 @@
 """Stress: N concurrent `mmtui attribute` processes (preset tiny, CPU) on one cache, round after round.
 
-Each round starts N processes at once on one cache file, in one of four scenarios: fresh or existing cache, and
-the same images for all or a different folder each. After a round it checks the cache: how many processes crashed
-(non-zero exit or a traceback), duplicate result rows, `PRAGMA integrity_check`, and whether every image was done
-exactly once. Prints one table row per scenario.
+Each round starts N processes at once on one cache file, in one of six scenarios: a fresh or an existing cache,
+and images that are the same for all, disjoint (each process its own images) or overlapping (each process shares
+half its images with the next one). Distinct images are the bundled samples and copies of them with one pixel
+changed, so no two files of a disjoint set have the same bytes. After a round it checks the cache: how many
+processes crashed (non-zero exit or a traceback), duplicate result rows, `PRAGMA integrity_check`, and whether
+every image was done exactly once. Prints one table row per scenario; the scenarios run in turn, whole cycles.
 
-    python bench/stress_concurrent.py                    # 4 processes, rounds for ~2 minutes (a round of 4
+    python bench/stress_concurrent.py                    # 4 processes, cycles for ~2 minutes (a round of 4
                                                          # tiny processes takes 1-2 min on 2 busy cores)
     python bench/stress_concurrent.py --procs 6 --seconds 600
+    python bench/stress_concurrent.py --procs 3 --images 2 --seconds 0   # one round of each scenario
 """
 
 from __future__ import annotations
@@ -27,28 +30,46 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "mmtui" / "data" / "samples"
-SCENARIOS = [("fresh", "same"), ("existing", "same"), ("fresh", "different"), ("existing", "different")]
+SCENARIOS = [(cache, images) for images in ("same", "disjoint", "overlapping") for cache in ("fresh", "existing")]
 
 
-def _folders(work: Path, procs: int, per_folder: int, same: bool) -> list[Path]:
+def _pool(work: Path, n: int) -> list[Path]:
+    """n images with distinct bytes: the samples, then copies of them with one pixel changed."""
+    from PIL import Image
+
+    folder = work / "pool"
+    folder.mkdir(exist_ok=True)
     photos = sorted(SAMPLES.glob("*.jpg"))
-    if same:
-        folder = work / "same"
-        if not folder.exists():
-            folder.mkdir()
-            for f in photos[:per_folder]:
-                shutil.copy(f, folder / f.name)
-        return [folder] * procs
+    pool = []
+    for i in range(n):
+        source = photos[i % len(photos)]
+        path = folder / f"{i:03d}_{source.name}" if i < len(photos) else folder / f"{i:03d}_{source.stem}.png"
+        if not path.exists():
+            if i < len(photos):
+                shutil.copy(source, path)
+            else:
+                with Image.open(source) as img:
+                    rgb = img.convert("RGB")
+                rgb.putpixel((i % rgb.width, 0), (i % 256, (i // 256) % 256, 7))
+                rgb.save(path)
+        pool.append(path)
+    return pool
+
+
+def _folders(work: Path, procs: int, per_folder: int, kind: str) -> list[Path]:
+    """The folder each process attributes: one shared folder (same), or one each (disjoint, overlapping)."""
+    half = max(per_folder // 2, 1)
+    pool = _pool(work, procs * per_folder if kind != "overlapping" else half * (procs - 1) + per_folder)
     folders = []
-    for i in range(procs):  # different images: each folder its own slice of photos (wrapping round)
-        folder = work / f"part{i}"
+    for i in range(1 if kind == "same" else procs):
+        folder = work / f"{kind}{i}"
+        start = {"same": 0, "disjoint": i * per_folder, "overlapping": i * half}[kind]
         if not folder.exists():
             folder.mkdir()
-            for j in range(per_folder):
-                f = photos[(i * per_folder + j) % len(photos)]
-                shutil.copy(f, folder / f"{i}_{j}_{f.name}")
+            for f in pool[start : start + per_folder]:
+                shutil.copy(f, folder / f.name)
         folders.append(folder)
-    return folders
+    return folders * procs if kind == "same" else folders
 
 
 def _round(db: Path, folders: list[Path]) -> list[tuple[int, str]]:
@@ -99,14 +120,14 @@ def main() -> None:
         template = work / "existing.db"  # an existing cache: migrated, with a run of other images in it
         seed = work / "seed"
         seed.mkdir()
-        _round(template, _folders(seed, 1, 2, True))
+        _round(template, _folders(seed, 1, 2, "same"))
         for n, (cache, images) in enumerate(itertools.cycle(SCENARIOS)):
-            if n > 0 and time.monotonic() - started > args.seconds:  # the scenarios run in turn: give time for all 4
+            if n > 0 and n % len(SCENARIOS) == 0 and time.monotonic() - started > args.seconds:  # whole cycles
                 break
             db = work / f"{cache}{n}.db"
             if cache == "existing":
                 shutil.copy(template, db)
-            folders = _folders(work, args.procs, args.images, images == "same")
+            folders = _folders(work, args.procs, args.images, images)
             t0 = time.monotonic()
             outcomes = _round(db, folders)
             row = rows[(cache, images)]

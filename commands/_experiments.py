@@ -19,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from commands._app import err, warn
+from commands._app import err, fail, warn
 
 if TYPE_CHECKING:
     from mmtui.experiments.metrics import BertScorer, ClipScorer
@@ -171,3 +171,21 @@ def open_store(db: Path, create: bool = False) -> Iterator[Store]:
 
 def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def check_stack_args(preset: str | None, projection: Path | None = None) -> None:
+    """What a model load would reject only after loading (seconds to minutes): an unknown preset, a missing
+    projection file. Commands call it before loading anything."""
+    from mmtui.stacks.presets import PRESETS
+
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if projection is not None and not projection.is_file():
+        fail(f"--projection {projection}: no such file; pass a LiMBeR proj.ckpt or our .safetensors")
+
+
+def check_unit(layer: int, unit: int, shape: dict[str, Any]) -> None:
+    """A (layer, unit) outside the stack's shape: a usage error naming the valid range."""
+    n_layers, d_mlp = int(shape["n_layers"]), int(shape["d_mlp"])
+    if not (0 <= layer < n_layers and 0 <= unit < d_mlp):
+        fail(f"L{layer}.u{unit} is not in this stack: layers 0..{n_layers - 1}, units 0..{d_mlp - 1}")

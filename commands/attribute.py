@@ -30,6 +30,7 @@ from commands._app import (
     out,
     warn,
 )
+from commands._experiments import check_stack_args
 from mmtui.defaults import DEFAULT_KEEP, DEFAULT_PRESET, DEFAULT_PROMPT, Convention, Engine, Site, YKind
 
 if TYPE_CHECKING:
@@ -153,14 +154,9 @@ def attribute(
 
 def _check_before_loading(preset: str, target: str | None, projection: Path | None, image_dir: Path | None) -> None:
     """Arguments a model load would only reject minutes later (and an unknown preset after making the cache)."""
-    from mmtui.stacks.presets import PRESETS
-
-    if preset not in PRESETS:
-        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    check_stack_args(preset, projection)
     if target is not None and not target.strip():
         fail("--target is empty; pass a word such as --target dog")
-    if projection is not None and not projection.is_file():
-        fail(f"--projection {projection}: no such file; pass a LiMBeR proj.ckpt or our .safetensors")
     if image_dir is not None and image_dir.is_file():
         from mmtui.run.images import load_image
 

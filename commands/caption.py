@@ -27,6 +27,7 @@ from commands._app import (
     out,
     warn,
 )
+from commands._experiments import check_stack_args
 from mmtui.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET, DEFAULT_PROMPT
 
 
@@ -71,6 +72,7 @@ def caption(
     from mmtui.errors import ImageError
     from mmtui.run.images import Skip, iter_images
 
+    check_stack_args(preset, projection)
     files, failed = _image_files(images)
     if not files:
         fail("no image to caption; pass image files or folders of images")

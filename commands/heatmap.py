@@ -20,7 +20,7 @@ from commands._app import (
     fail,
     out,
 )
-from commands._experiments import RunOption, run_stack
+from commands._experiments import RunOption, check_stack_args, check_unit, run_stack
 from mmtui.defaults import Site
 
 
@@ -50,9 +50,10 @@ def heatmap(
 
     if preset is not None and run is not None:
         fail("--preset and --run both choose the stack; pass one of them")
+    check_stack_args(preset)
     with core_errors():
         picture = load_image(image)
-        stack, chosen_site = _stack(preset, run, site.value if site else "", device, db_path(db))
+        stack, chosen_site = _stack(preset, run, site.value if site else "", device, db_path(db), layer, neuron)
         site_name = chosen_site or Site.POST.value
         maps = unit_activation_maps(stack, picture.image, [(layer, neuron)], site_name)
         grid = maps[0]
@@ -85,7 +86,7 @@ def heatmap(
     out.print(table)
 
 
-def _stack(preset: str | None, run_id: str | None, site: str, device: str, db: Path):  # noqa: ANN202
+def _stack(preset: str | None, run_id: str | None, site: str, device: str, db: Path, layer: int, unit: int):  # noqa: ANN202
     """The run's stack when --run is given or the cache has a run and no --preset; else the preset."""
     from mmtui.stacks import load_stack
     from mmtui.store import Store
@@ -95,6 +96,7 @@ def _stack(preset: str | None, run_id: str | None, site: str, device: str, db: P
             runs = store.runs()
             if runs or run_id is not None:
                 chosen = store.run(run_id)
+                check_unit(layer, unit, chosen.shape)  # before the load
                 return run_stack(chosen, device), site or chosen.site
     with err.status(f"Loading the {preset or 'smol'} stack..."):
         return load_stack(preset or "smol", device=device), site

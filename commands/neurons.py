@@ -10,7 +10,7 @@ from rich.console import JustifyMethod
 from rich.table import Table
 
 from commands._app import DbOption, JsonOption, app, core_errors, db_path, emit_json, fail, out, warn
-from mmtui.defaults import NEURON_IMAGES, Convention
+from mmtui.defaults import INTERPRETABLE_MARK, NEURON_IMAGES, Convention
 
 if TYPE_CHECKING:
     from mmtui.store import Run, Store
@@ -73,7 +73,7 @@ def neurons(
         n_layers = chosen.shape["n_layers"]
         if layer is not None and not 0 <= layer < n_layers:
             fail(f"--layer {layer}: run {chosen.id} has layers 0..{n_layers - 1}")
-        store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
+        _fold(store, chosen.id)  # a running (or interrupted) job's cache: count every finished image
         n_results = pv.run_size(store, chosen)
         if specific and pv.generic_above(n_results) is None:
             warn(f"the run has {n_results} result(s), under {pv.MIN_GENERIC_RESULTS}: no unit is called generic yet")
@@ -165,7 +165,7 @@ def _print_neurons(
     """The rows as a rich table, with the columns the filters call for, and its legend."""
     from mmtui.store import prevalence as pv
 
-    title = f"Neurons of run {chosen.id} ({chosen.stack.name}, {chosen.n_images} images)"
+    title = f"Neurons of run {chosen.id} ({chosen.stack.name}, {chosen.counts})"
     table = Table(title=title)
     columns: list[tuple[str, JustifyMethod]] = [
         ("neuron", "left"),
@@ -197,13 +197,13 @@ def _print_neurons(
             cells.append("-" if r["lift"] is None else f"{r['lift']:.2f}")
         if label is not None:
             cells.append(f"{r['label']} ({r['k']}/{r['n']}, q {r['q']:.2g})")
-        mark = "[green]*[/] " if r["interpretable"] else ""
+        mark = f"[green]{INTERPRETABLE_MARK}[/] " if r["interpretable"] else ""
         cells.append(mark + ", ".join(t.strip() or repr(t) for t in r["tokens"]))
         table.add_row(*cells)
     out.print(table)
-    out.print("[dim]* interpretable: at least 7 of 10 tokens are dictionary words[/]")
+    out.print(f"[dim]{INTERPRETABLE_MARK} interpretable: at least 7 of 10 tokens are dictionary words[/]")
     out.print(
-        f"[dim]share: of the run's {n_results} images, those whose top 100 hold the unit; G: generic "
+        f"[dim]share: of the run's {n_results} {'images' if chosen.n_results == chosen.n_images else 'results'}, those whose top 100 hold the unit; G: generic "
         f"(over {pv.GENERIC_SHARE:.0%}; --specific hides them){'; lift: z-score of its max on this image' if lifts else ''}[/]"
     )
 
@@ -242,7 +242,7 @@ def neuron(
             check_neuron(layer, index, chosen.shape, owner=f"run {chosen.id}")
         except NotFoundError as error:
             fail(str(error))  # a range is a usage error (exit 2), checked before reading anything
-        store.fold_pending(chosen.id)  # a running (or interrupted) job's cache: count every finished image
+        _fold(store, chosen.id)  # a running (or interrupted) job's cache: count every finished image
         detail = neuron_detail(store, chosen, layer, index, top_images=limit)
         detail["labels"] = unit_labels(store, chosen.key, layer, index)
         found = unit_prevalence(
@@ -259,7 +259,11 @@ def neuron(
     out.print(f"[bold]L{layer}.u{index}[/]  run {detail['run']}")
     out.print(
         f"max score {s['max_score']:.4g}   mean {s['mean_score']:.4g}   in the top 100 of {s['n_top']} image(s)   "
-        f"stored for {s['n_images']} image(s)"
+        + (
+            f"stored for {s['n_images']} image(s)"
+            if chosen.n_results == chosen.n_images
+            else f"stored for {s['n_images']} of the run's {chosen.counts}"
+        )
     )
     p = detail["prevalence"]
     if p["prevalence"] is not None:
@@ -300,3 +304,14 @@ def neuron(
             im["caption"],
         )
     out.print(table)
+
+
+def _fold(store: Store, run_id: str) -> None:
+    """Count every finished image before reading the per-unit tables; a read-only cache folds nothing, so say
+    what its figures leave out."""
+    store.fold_pending(run_id)
+    if store.readonly and (left := store.unfolded(run_id)):
+        warn(
+            f"{store.path} is read-only: {left} result(s) written after the last fold (an interrupted run) are not "
+            "in the per-unit figures; run this on a writable copy to count them"
+        )

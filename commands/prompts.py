@@ -32,6 +32,7 @@ from commands._experiments import (
     CaptionsOption,
     ClipModelOption,
     NoClipOption,
+    check_stack_args,
     fmt,
     load_metrics,
     loading,
@@ -72,6 +73,7 @@ def prompts(
 
     if random_kind not in RANDOM_KINDS:
         fail(f"--random-kind {random_kind!r}: use {' or '.join(RANDOM_KINDS)}")
+    check_stack_args(preset, projection)
     with core_errors():
         from mmtui.run.images import find_images
         from mmtui.run.pipeline import read_captions

@@ -14,11 +14,12 @@ def runs(db: DbOption = None, json_out: JsonOption = False) -> None:
 
     with core_errors(), Store.open(db_path(db), create=False) as store:
         rows = store.runs()
+        modes = {r.id: store.target_modes(r.id) for r in rows}
     if json_out:
-        emit_json({"type": "run", **r.to_json()} for r in rows)
+        emit_json({"type": "run", **r.to_json(), "target_modes": modes[r.id]} for r in rows)
         return
     table = Table(title=f"Runs in {db_path(db)}")
-    for name in ("run", "stack", "prompt", "site", "y", "images", "results", "shape", "last write"):
+    for name in ("run", "stack", "prompt", "site", "y", "images", "results", "target modes", "shape", "last write"):
         table.add_column(name, overflow="fold")
     for r in rows:
         shape = r.shape
@@ -30,7 +31,12 @@ def runs(db: DbOption = None, json_out: JsonOption = False) -> None:
             r.y_kind,
             str(r.n_images),
             str(r.n_results),
+            ", ".join(f"{mode} {n:,}" for mode, n in modes[r.id].items()) or "-",
             f"{shape['n_layers']} layers x {shape['d_mlp']} units, {shape['n_patches']} patches",
             r.last_write or "-",
         )
+    table.caption = (
+        "target modes: auto (first noun of the greedy caption), human (of a human caption, --captions), word:W "
+        "(--target W); one result per image and mode, and every count over a run counts results"
+    )
     out.print(table)

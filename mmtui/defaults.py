@@ -160,3 +160,6 @@ def parse_encoder_spec(text: str) -> EncoderSpec:
         )
     layer = int(m.group("layer")) if m.group("layer") is not None else None
     return EncoderSpec(kind, name, layer, m.group("cls") is not None)
+
+
+INTERPRETABLE_MARK = "●"  # marks an interpretable unit (words.is_interpretable) in the CLI's tables and the TUI's

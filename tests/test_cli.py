@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -442,3 +443,46 @@ def test_closed_pipe_on_a_table_ends_with_0(filled_db, args):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- issue 19 item 6: arguments checked before any model load -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["caption", "IMG", "--projection", "no-such.safetensors"], "--projection no-such.safetensors: no such file"),
+        (["caption", "IMG", "--preset", "nope"], "unknown preset 'nope'"),
+        (["prompts", "IMG", "--projection", "no-such.safetensors"], "--projection no-such.safetensors: no such file"),
+        (["heatmap", "0", "1", "IMG", "--preset", "nope"], "unknown preset 'nope'"),
+    ],
+)
+def test_model_commands_check_arguments_before_loading(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import coco_files
+
+    import mmtui.stacks.presets as presets
+
+    def loaded(*a: object, **k: object) -> None:
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(presets, "load_stack", loaded)
+    monkeypatch.setattr(presets, "load_lm", loaded)
+    image = str(coco_files(1)[0])
+    done = CliRunner().invoke(app, [image if a == "IMG" else a for a in args])
+    assert done.exit_code == 2, done.output
+    assert message in " ".join(done.stderr.split())
+
+
+def test_heatmap_unit_out_of_range_before_loading(attributed_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import coco_files
+
+    import commands.heatmap as heatmap
+
+    def loaded(*a: object, **k: object) -> None:
+        raise AssertionError("the run's stack was loaded before the unit was checked")
+
+    monkeypatch.setattr(heatmap, "run_stack", loaded)
+    image = str(coco_files(1)[0])
+    done = CliRunner().invoke(app, ["heatmap", "99", "5", image, "--db", str(attributed_db)])
+    assert done.exit_code == 2, done.output
+    assert "L99.u5 is not in this stack: layers 0..1" in " ".join(done.stderr.split())

@@ -115,9 +115,26 @@ def test_exif_rotation_is_applied(tmp_path):
 
 def test_decompression_bomb_guard_stays_on(tmp_path, monkeypatch):
     path = _save(Image.new("RGB", (100, 100)), tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px > 2 x the limit: PIL refuses
-    with pytest.raises(ImageError, match="too large"):
+    monkeypatch.setenv("MMTUI_MAX_IMAGE_MPIX", "0.001")  # 10,000 px > 2 x the cap: PIL's error, one line
+    with pytest.raises(ImageError, match="over the cap of 0 megapixels; .*MMTUI_MAX_IMAGE_MPIX"):
         load_image(path)
+    monkeypatch.setenv("MMTUI_MAX_IMAGE_MPIX", "0.01")  # raised to the image's size: it loads
+    assert load_image(path).image.size == (100, 100)
+
+
+def test_144_megapixel_png_is_one_line_not_a_warning(tmp_path, monkeypatch, recwarn):
+    """Issue 19 item 6: between PIL's warning line and its error line (89.5 and 179 megapixels) PIL only warns
+    (a raw DecompressionBombWarning on stderr) and decodes the whole thing; mmtui skips it with one line."""
+    path = tmp_path / "huge.png"
+    Image.new("1", (12_000, 12_000)).save(path)  # 144 megapixels, 1 bit: 18 MB in memory, a small file
+    [problem] = [
+        x
+        for x in iter_images([path, _save(Image.new("RGB", (8, 8)), tmp_path / "ok.png")])
+        if isinstance(x, ImageError)
+    ]
+    assert "144 megapixels, over the cap of 90 megapixels" in str(problem)
+    assert "MMTUI_MAX_IMAGE_MPIX" in str(problem)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_symlink_loop_is_entered_once(tmp_path):

@@ -261,3 +261,24 @@ def test_efficientnet_encoder_runs_in_every_float_dtype(dtype, pil_images):
 def test_other_dtypes_refused_in_one_line(dtype):
     with pytest.raises(StackError, match="use one of float32, float64, float16, bfloat16"):
         load_stack("tiny", device="cpu", dtype=dtype)
+
+
+def test_unreachable_hub_fails_at_once_without_hf_hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 item 11: a hub id not in the local cache, the hub unreachable and HF_HUB_OFFLINE unset: one line
+    before transformers is asked (its retries take a minute). The probe is replaced: no test reaches the network."""
+    import transformers
+
+    from mmtui.stacks import presets
+
+    def asked(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transformers was asked to load from an unreachable hub")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(presets, "_hub_reachable", lambda timeout=presets.HUB_PROBE_SECONDS: False)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", asked)
+    with pytest.raises(StackError, match="not in the local Hugging Face cache and the Hugging Face hub cannot be"):
+        presets.load_lm("no-such-owner/no-such-model-mmtui", None, torch.float32, None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StackError, match="HF_HUB_OFFLINE is set"):
+        presets.load_lm("no-such-owner/no-such-model-mmtui", None, torch.float32, None)

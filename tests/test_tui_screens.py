@@ -358,3 +358,31 @@ def test_browse_command_errors(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert message in " ".join(result.output.replace("\u2502", " ").split())  # the lines of rich's error panel
+
+
+# -- issue 19 item 13: the ablation form's checkbox, `r` on one run, nothing cut off at 80 x 24 --------------------
+@pytest.mark.anyio
+async def test_regenerate_box_off_looks_empty_and_r_on_one_run_says_so(synthetic_db: Path) -> None:
+    from mmtui.tui.screens.ablation import AblationScreen, Tick
+
+    app = make_app(synthetic_db, graphics="halfblock")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        said: list[str] = []
+        app.screen.notify = lambda message, **kwargs: said.append(str(message))  # type: ignore[method-assign]
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, BrowseScreen)
+        assert any("one run" in m for m in said), said
+        await pilot.press("a")
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, AblationScreen)
+        box = screen.query_one("#captions", Tick)
+        assert box.value is False and "X" not in box._button.plain  # off by default, and it looks off
+        box.value = True
+        assert "X" in box._button.plain
+        for button in ("#start", "#cancel"):  # the form's last row fits 80 columns
+            region = screen.query_one(button).region
+            assert region.right <= 80 and region.width > 0, (button, region)
+        await pilot.press("escape", "q")

@@ -269,7 +269,7 @@ def _page_html(run: Run, stack_line: str, sections: list[str], missing: list[str
         "max-width:1200px;margin:auto}img{max-width:100%}table{border-collapse:collapse;font-size:12px;margin:8px 0}"
         "td,th{border:1px solid #ccc;padding:2px 6px}</style>"
         f"<h1>Multimodal neurons: run {html.escape(run.id)}</h1><p>{html.escape(stack_line)}</p>"
-        f"<p>{run.n_images} images in the run.</p>"
+        f"<p>{run.counts} in the run.</p>"
         + "".join(sections)
         + (f"<h2>Not in this report yet</h2><ul>{not_yet}</ul>" if not_yet else "")
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,22 +116,49 @@ def decode_image(data: bytes, path: Path | str) -> Image.Image:
     """
     if not data:
         raise ImageError(str(path), "empty file (0 bytes); remove it or replace it with the real image")
+    cap = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = cap  # PIL warns above it and refuses above twice it: both are refused here
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
-    except Image.DecompressionBombError as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        size = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = f"{int(size.group(1)) / 1e6:.0f} megapixels" if size else "too many pixels"
         raise ImageError(
             str(path),
-            f"image too large to decode safely ({err}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels",
+            f"skipped: {pixels}, over the cap of {cap / 1e6:.0f} megapixels; "
+            f"downscale it, or raise the cap with {MAX_IMAGE_MPIX_ENV}=N",
         ) from err
     except UnidentifiedImageError as err:
         raise ImageError(str(path), "not an image PIL can read; remove it or convert it to JPEG or PNG") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(str(path), f"corrupt or truncated image ({err}); re-export or remove it") from err
+    try:
+        with img:
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            upright: Image.Image = ImageOps.exif_transpose(img) or img
+            return _to_rgb(upright)
+    except UnidentifiedImageError as err:
+        raise ImageError(str(path), "not an image PIL can read; remove it or convert it to JPEG or PNG") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(str(path), f"corrupt or truncated image ({err}); re-export or remove it") from err
+
+
+MAX_IMAGE_MPIX_ENV = "MMTUI_MAX_IMAGE_MPIX"
+DEFAULT_MAX_IMAGE_MPIX = 89.5  # PIL's own default warning line (89,478,485 pixels): a 144-megapixel PNG is over it
+
+
+def max_image_pixels() -> int:
+    """The most pixels an image may have: $MMTUI_MAX_IMAGE_MPIX megapixels (default 89.5, PIL's)."""
+    text = os.environ.get(MAX_IMAGE_MPIX_ENV, "").strip()
+    try:
+        mpix = float(text) if text else DEFAULT_MAX_IMAGE_MPIX
+    except ValueError:
+        mpix = DEFAULT_MAX_IMAGE_MPIX
+    return max(int(mpix * 1e6), 1)
 
 
 MAX_IMAGE_MB_ENV = "MMTUI_MAX_IMAGE_MB"

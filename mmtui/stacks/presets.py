@@ -107,6 +107,53 @@ def _package_file(spec: str) -> Path:
     return path
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_offline_set() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no", "off")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """One TCP connection to the hub's endpoint (huggingface_hub retries an unreachable hub for ~30-50 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_files_only(what: str, repo: str, revision: str | None) -> bool:
+    """Whether `repo` (a hub id, not a local folder) must load from the local Hugging Face cache alone: True when
+    the hub cannot be reached (or HF_HUB_OFFLINE is set) and the cache holds it. When it can neither be reached
+    nor found in the cache, a StackError says so at once, instead of the minute of retries transformers spends.
+    """
+    if Path(repo).exists():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str)
+    offline = _hub_offline_set()
+    if not offline and _hub_reachable():
+        return False
+    if cached:
+        return True
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached from here"
+    raise StackError(
+        f"cannot load the {what} {repo!r}: it is not in the local Hugging Face cache and {why}; download it where "
+        "there is network (huggingface-cli download), or pass a local folder"
+    )
+
+
 def load_lm(
     spec: str,
     revision: str | None,
@@ -136,10 +183,16 @@ def load_lm(
             model, tok, digest = load_gguf(path, dtype, progress)
             identity: dict[str, Any] = {"lm": f"gguf:{path.name}", "lm_sha256": digest}
         else:
+            local = hub_files_only("LM", spec, revision)
             if progress:
                 progress(f"loading {spec}")
-            model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(tokenizer or spec, revision=None if tokenizer else revision)
+            model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype, local_files_only=local)
+            tok_spec = tokenizer or spec
+            tok = AutoTokenizer.from_pretrained(
+                tok_spec,
+                revision=None if tokenizer else revision,
+                local_files_only=local or (tok_spec != spec and hub_files_only("tokenizer", tok_spec, None)),
+            )
             identity = {
                 "lm": spec,
                 "lm_revision": revision,
@@ -185,9 +238,10 @@ def load_encoder(spec: str | EncoderSpec, dtype: torch.dtype) -> tuple[VisionEnc
         return load_hf_encoder(parsed, dtype)
     from transformers import BeitImageProcessor, BeitModel
 
+    local = hub_files_only("BEiT encoder", name, None)
     try:
-        model = BeitModel.from_pretrained(name, add_pooling_layer=False, dtype=dtype)
-        processor = BeitImageProcessor.from_pretrained(name)
+        model = BeitModel.from_pretrained(name, add_pooling_layer=False, dtype=dtype, local_files_only=local)
+        processor = BeitImageProcessor.from_pretrained(name, local_files_only=local)
     except (OSError, ValueError) as err:
         raise StackError(f"cannot load BEiT encoder {name!r}: {str(err).splitlines()[0]}") from err
     return BeitEncoder(model, processor, name), {

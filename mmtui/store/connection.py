@@ -45,6 +45,7 @@ class Connection:
         self.path = path
         self.timeout = timeout
         self._run_keys: dict[str, int] = {}  # a run's key never changes
+        self.readonly = False  # opened read-only (Store.open): nothing is folded or written
 
     def close(self) -> None:
         self.db.close()

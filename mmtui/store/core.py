@@ -17,6 +17,7 @@ from mmtui.store._sqlite_utils import Database
 from mmtui.store.connection import DEFAULT_TIMEOUT_S, _now, _translate, corrupt_error
 from mmtui.store.migrations import migrations
 from mmtui.store.records import (
+    TARGET_MODE_SQL,
     Packed,
     ResultRecord,
     Run,
@@ -59,11 +60,20 @@ class Store(ResultsMixin, TokensMixin):
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, path: Path | str, *, create: bool = True, timeout: float = DEFAULT_TIMEOUT_S, threads: bool = False
+        cls,
+        path: Path | str,
+        *,
+        create: bool = True,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        threads: bool = False,
+        readonly: bool | None = None,
     ) -> Store:
         """Open (and migrate) the cache at `path`.
 
         create=False: a missing file is an error (read-only commands never make an empty cache).
+        readonly: open it read-only (SQLite's mode=ro): no migration, no fold (`fold_pending` does nothing;
+        `unfolded` says what the per-unit tables do not count yet). None: read-only when the file or its folder
+        is not writable (chmod a-w, a read-only mount), else read-write.
         Raises StoreTooNewError for a cache written by a newer mmtui, StoreLockedError when another
         process holds the lock longer than `timeout` seconds.
         """
@@ -76,13 +86,29 @@ class Store(ResultsMixin, TokensMixin):
             path.parent.mkdir(parents=True, exist_ok=True)
         # a WAL file left beside the cache: the last process did not close it (a crash, a kill, a power cut)
         unclean = os.path.getsize(f"{path}-wal") > 0 if os.path.exists(f"{path}-wal") else False
+        if readonly is None:
+            readonly = path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
         started = time.monotonic()
         try:
-            conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=not threads)
+            if readonly:
+                uri = f"{path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=not threads)
+            else:
+                conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=not threads)
             db = Database(conn)
             db.execute("PRAGMA foreign_keys = ON")
             store = cls(db, path, timeout)
+            store.readonly = readonly
             store._check_version()
+            if readonly:
+                if unclean:
+                    store.check_integrity()
+                if migrations.pending(db):
+                    raise StoreError(
+                        f"{path} is read-only and was written by an earlier mmtui: it must be converted once; make "
+                        "it writable for one command (or copy it) and run again"
+                    )
+                return store
             if db.journal_mode != "wal":
                 db.enable_wal()
             # in WAL mode, NORMAL never corrupts the file; a power cut may lose the last commits, not a crash
@@ -175,11 +201,12 @@ class Store(ResultsMixin, TokensMixin):
 
     def runs(self) -> list[Run]:
         """Every run with its stack and counts, newest first."""
-        sql = """
+        sql = f"""
             SELECT runs.id, runs.run_key, runs.stack_id, stacks.name AS stack, runs.prompt, runs.site, runs.y_kind,
                    runs.settings, runs.created, stacks.shape, stacks.fingerprint, stacks.lm_id,
                    (SELECT count(*) FROM results WHERE results.run_id = runs.id) AS n_results,
                    (SELECT count(DISTINCT image_sha256) FROM results WHERE results.run_id = runs.id) AS n_images,
+                   (SELECT count(DISTINCT {TARGET_MODE_SQL}) FROM results WHERE results.run_id = runs.id) AS n_modes,
                    (SELECT max(created) FROM results WHERE results.run_id = runs.id) AS last_write
             FROM runs JOIN stacks ON stacks.id = runs.stack_id
             ORDER BY coalesce(last_write, runs.created) DESC

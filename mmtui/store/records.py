@@ -70,6 +70,16 @@ class StackIdentity:
         return int(self.shape["n_layers"]) * int(self.shape["d_mlp"])
 
 
+def target_mode(target_spec: str) -> str:
+    """How a result's target was chosen, from its resume key: `auto` (first noun of the greedy caption), `human`
+    (first noun of a human caption, --captions) or `word:<w>` (--target w). One run may hold several modes (one
+    result per image and mode); counts name them ("24 results on 8 images, 3 target modes")."""
+    return "human" if target_spec.startswith("human:") else target_spec
+
+
+TARGET_MODE_SQL = "CASE WHEN target_spec LIKE 'human:%' THEN 'human' ELSE target_spec END"  # target_mode in SQL
+
+
 @dataclass(frozen=True)
 class Run:
     """A stored run (`Store.run`, `Store.runs`): its id and integer key, its stack, what was attributed (site,
@@ -85,6 +95,16 @@ class Run:
     n_results: int = 0
     n_images: int = 0
     last_write: str | None = None
+    n_modes: int = 1  # target modes among its results (see target_mode)
+
+    @property
+    def counts(self) -> str:
+        """Its results, images and target modes in words, the same in every view: "8 images" when each image has
+        one result, else "24 results on 8 images, 3 target modes"."""
+        if self.n_results == self.n_images and self.n_modes <= 1:
+            return f"{self.n_images:,} image{'s' * (self.n_images != 1)}"
+        modes = f", {self.n_modes} target modes" if self.n_modes > 1 else ""
+        return f"{self.n_results:,} results on {self.n_images:,} image{'s' * (self.n_images != 1)}{modes}"
 
     @property
     def shape(self) -> dict[str, Any]:
@@ -120,6 +140,7 @@ class Run:
             n_results=int(row["n_results"]),
             n_images=int(row["n_images"]),
             last_write=row["last_write"],
+            n_modes=int(row.get("n_modes") or 1),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -139,6 +160,7 @@ class Run:
             "lm_id": self.stack.lm_id,
             "n_results": self.n_results,
             "n_images": self.n_images,
+            "n_target_modes": self.n_modes,
             "last_write": self.last_write,
         }
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError
 from mmtui.store.connection import Connection, _now
-from mmtui.store.records import Packed, ResultRecord, pack_result, storable_path
+from mmtui.store.records import TARGET_MODE_SQL, Packed, ResultRecord, pack_result, storable_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,7 +25,9 @@ class ResultsMixin(Connection):
     def fold_pending(self, run_id: str) -> int:
         """Fold the results a running (or interrupted) run has not yet counted into neuron_stats and
         neuron_images, so the per-unit tables count every finished image; returns how many (0: nothing to do,
-        and nothing written)."""
+        and nothing written). A read-only store folds nothing: its readers count what was folded before."""
+        if self.readonly:
+            return 0
         return self.refresh_stats(run_id) if self.pending_stats(run_id) else 0
 
     def done_keys(self, run_id: str) -> set[tuple[str, str]]:
@@ -100,6 +102,12 @@ class ResultsMixin(Connection):
         if stats:
             self.refresh_stats(run_id, count_top)
         return result_id
+
+    def unfolded(self, run_id: str) -> int:
+        """How many of the run's results the per-unit tables do not count yet (a run interrupted before its
+        fold, read from a read-only cache)."""
+        row = self.db.execute("SELECT count(*) FROM results WHERE run_id = ? AND in_stats = 0", [run_id]).fetchone()
+        return int(row[0])
 
     def pending_stats(self, run_id: str) -> bool:
         row = self.db.execute("SELECT 1 FROM results WHERE run_id = ? AND in_stats = 0 LIMIT 1", [run_id]).fetchone()
@@ -193,9 +201,17 @@ class ResultsMixin(Connection):
             )
         return rows[0]
 
+    def target_modes(self, run_id: str) -> dict[str, int]:
+        """The run's target modes (see target_mode) with their result counts, most results first."""
+        sql = f"""SELECT {TARGET_MODE_SQL} AS mode, count(*) AS n FROM results WHERE run_id = ?
+                  GROUP BY mode ORDER BY n DESC, mode"""
+        return {row["mode"]: int(row["n"]) for row in self.db.query(sql, [run_id])}
+
     def results(self, run_id: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        sql = """SELECT results.id, results.image_sha256, images.path, results.target, results.target_token_id,
-                        results.target_token, results.target_source, results.caption, results.p_target, results.y_c
+        """The run's results in the order written; `target_mode` says how each one's target was chosen."""
+        sql = f"""SELECT results.id, results.image_sha256, images.path, results.target, results.target_token_id,
+                        results.target_token, results.target_source, results.caption, results.p_target, results.y_c,
+                        {TARGET_MODE_SQL} AS target_mode
                  FROM results JOIN images ON images.sha256 = results.image_sha256
                  WHERE run_id = ? ORDER BY results.id"""
         if limit is not None:

@@ -18,6 +18,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.content import Content
 from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, ProgressBar, Select, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
@@ -50,6 +51,16 @@ def percent(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "-"
     return f"{100 * value + 0.0:.1f}%" if abs(value) >= 0.0005 else "0.0%"
+
+
+class Tick(Checkbox):
+    """A checkbox whose off state is an empty box: a compact Checkbox draws its X in both states, only dimmer, so
+    off looked checked."""
+
+    @property
+    def _button(self) -> Content:
+        self.BUTTON_INNER = "X" if self.value else " "
+        return super()._button
 
 
 class AblationScreen(AppScreen):
@@ -85,9 +96,9 @@ class AblationScreen(AppScreen):
             with Horizontal(classes="form-row"):
                 yield Label("images", classes="form-label")
                 if self.result_ids is None:
-                    first = min(DEFAULT_RUN_IMAGES, self.run.n_images)
+                    first = min(DEFAULT_RUN_IMAGES, self.run.n_results)
                     yield Input(str(first), id="n-images", type="integer", compact=True, classes="form-short")
-                    yield Label(f"first of the run's {self.run.n_images:,}", classes="form-note")
+                    yield Label(f"first of the run's {self.run.counts}", classes="form-note")
                 else:
                     yield Label(f"{self.label} ({len(self.result_ids)})", classes="form-note")
             with Horizontal(classes="form-row"):
@@ -104,7 +115,8 @@ class AblationScreen(AppScreen):
                 )
                 yield Label("seeds", classes="form-label-short")
                 yield Input("3", id="seeds", type="integer", compact=True, classes="form-short")
-                yield Label("mode", classes="form-label-short")
+            with Horizontal(classes="form-row"):  # its own row: the four fields of one row did not fit 80 columns
+                yield Label("mode", classes="form-label")
                 yield Select(
                     [("zero", "zero"), ("mean", "mean")], value="zero", allow_blank=False, compact=True, id="mode"
                 )
@@ -117,8 +129,7 @@ class AblationScreen(AppScreen):
                     id="unit-mode",
                 )
             with Horizontal(classes="form-row"):
-                yield Label("", classes="form-label")
-                yield Checkbox("regenerate captions (BERTScore vs the original; slower)", compact=True, id="captions")
+                yield Tick("regenerate captions (slower)", compact=True, id="captions")
                 yield Button("Run (ctrl+r)", id="start", variant="primary", compact=True)
                 yield Button("Cancel (c)", id="cancel", variant="error", compact=True, disabled=True)
         with Horizontal(id="ablation-progress"):
@@ -133,15 +144,14 @@ class AblationScreen(AppScreen):
 
     def on_mount(self) -> None:
         self.query_one("#ablation-form").border_title = "Dose-response: ablate each image's top-k, measure P(target)"
-        self.query_one("#summary-pane").border_title = "Mean relative drop of P(target) (95% interval over images)"
+        self.query_one("#summary-pane").border_title = "Mean drop of P(target), 95% interval"
         self.query_one("#plot").border_title = "Dose-response"
         table = self.query_one("#summary", DataTable)
         for header in ("condition", "k", "images", "mean drop", "interval", "P before", "P after", "BERTScore"):
             table.add_column(header, key=header)
         self.query_one("#progress", ProgressBar).display = False
         self.query_one("#ablation-status", Static).update(
-            "ctrl+r runs · triples: each image's k best (layer, unit, patch), zeroed (or set to the unit's mean) "
-            "at that patch · units: its k best units, at every patch"
+            "ctrl+r runs · triples: each image's k best (layer, unit, patch) · units: its k best units, at every patch"
         )
         self.draw_plot()
 

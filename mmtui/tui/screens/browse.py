@@ -28,7 +28,7 @@ from mmtui.tui.widgets.title import TitleBar
 
 
 def run_title(run: Run) -> str:
-    return f"run {run.id} · {run.stack.name} · {run.n_images:,} images · {run_shape(run)}"
+    return f"run {run.id} · {run.stack.name} · {run.counts} · {run_shape(run)}"
 
 
 class BrowseScreen(AppScreen):
@@ -331,6 +331,11 @@ class BrowseScreen(AppScreen):
         if action == "runs":  # only a store of several runs has others to choose
             return len(self.app.runs) > 1
         return True
+
+    def key_r(self) -> None:
+        """`r` with one run: its binding is off (no other run to choose); say so rather than do nothing."""
+        if len(self.app.runs) <= 1:
+            self.notify(f"This store holds one run ({self.run.id}); there is no other to choose.", timeout=4)
 
     def action_runs(self) -> None:
         from mmtui.tui.screens.runs import RunsScreen

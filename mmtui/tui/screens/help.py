@@ -9,12 +9,16 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from mmtui.defaults import INTERPRETABLE_MARK
+
 INTRO = (
     "A neuron is (layer, unit), both 0-based, written L7.u12134. Its score for an image is activation x "
     "gradient of P(target) (method.md). 'top-100' counts the images where it is among the 100 best "
     "(layer, unit, patch) triples; 'stored' the images where it is among the stored triples; 'share' the "
     "share of the run's images whose top 100 hold it (G: generic, over 10%); 'data label' the caption word "
-    "enriched among its best images beyond chance (mmtui explain, q < 0.05)."
+    "enriched among its best images beyond chance (mmtui explain, q < 0.05). "
+    f"{INTERPRETABLE_MARK} marks an interpretable neuron: at least 7 of its top 10 decoded tokens are dictionary words "
+    "(as in the CLI's tables)."
 )
 KEYS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Everywhere", [("?", "this help"), ("q", "quit"), ("escape", "back"), ("tab, shift+tab", "next, previous pane")]),
@@ -51,7 +55,14 @@ KEYS: list[tuple[str, list[tuple[str, str]]]] = [
             ("a", "ablation of this image's top neurons"),
         ],
     ),
-    ("The run's images", [("enter, click", "open the image"), ("a", "ablation of the highlighted image")]),
+    (
+        "The run's images",
+        [
+            ("enter, click", "open the image"),
+            ("a", "ablation of the highlighted image"),
+            ("m", "one target mode at a time (auto: greedy caption, human: --captions, word:W: --target W)"),
+        ],
+    ),
     ("Ablation", [("ctrl+r", "run"), ("c", "cancel: the points computed so far stay in the store")]),
     ("Steering", [("ctrl+r, enter", "run the scales on its top images (the model loads the first time)")]),
 ]

@@ -1,4 +1,5 @@
-"""`i`: the run's images with their targets, P(target) and captions."""
+"""`i`: the run's images with their targets, how each target was chosen (its mode), P(target) and captions; `m`
+shows one target mode at a time."""
 
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ class ImagesScreen(AppScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("a", "ablate", "Ablate"),
+        Binding("m", "next_mode", "Target mode"),
     ]
 
     def __init__(self, run: Run) -> None:
         super().__init__()
         self.run = run
+        self.rows: list[dict[str, Any]] = []
+        self.mode: str | None = None  # the target mode shown; None: all
 
     def compose(self) -> ComposeResult:
         yield TitleBar(f"run {self.run.id} · images")
@@ -39,7 +43,7 @@ class ImagesScreen(AppScreen):
 
     def on_mount(self) -> None:
         table = self.query_one("#images", DataTable)
-        for header in ("image", "target", "P(target)", "caption"):
+        for header in ("image", "mode", "target", "P(target)", "caption"):
             table.add_column(header, key=header)
         table.focus()
         self.list_images()
@@ -55,17 +59,42 @@ class ImagesScreen(AppScreen):
 
     @on(ImagesListed)
     def show_images(self, message: ImagesListed) -> None:
+        self.rows = message.rows
+        self.show_rows()
+
+    def modes(self) -> list[str]:
+        return list(dict.fromkeys(r["target_mode"] for r in self.rows))
+
+    def show_rows(self) -> None:
         table = self.query_one("#images", DataTable)
         table.clear()
-        for r in message.rows:
+        shown = [r for r in self.rows if self.mode is None or r["target_mode"] == self.mode]
+        for r in shown:
             table.add_row(
                 image_name(r["path"]),
+                printable(r["target_mode"]),
                 printable(r["target"]),
                 Text(prob(r["p_target"]), justify="right"),
                 Text(printable(r["caption"]), no_wrap=True, overflow="ellipsis"),
                 key=str(r["id"]),
             )
-        self.query_one(TitleBar).show(f"run {self.run.id} · {len(message.rows):,} images")
+        images = len({r["image_sha256"] for r in shown})
+        modes = len(self.modes())
+        if self.mode is None:
+            what = f"{len(shown):,} results on {images:,} images, {modes} target modes" if modes > 1 else ""
+            what = what or f"{images:,} images"
+        else:
+            what = f"target mode {self.mode}: {len(shown):,} results on {images:,} images (m: next mode)"
+        self.query_one(TitleBar).show(f"run {self.run.id} · {what}")
+
+    def action_next_mode(self) -> None:
+        """Cycle through the run's target modes, then all of them."""
+        modes = [None, *self.modes()]
+        if len(modes) <= 2:
+            self.notify("the run has one target mode", timeout=3)
+            return
+        self.mode = modes[(modes.index(self.mode) + 1) % len(modes)]
+        self.show_rows()
 
     @on(QueryFailed)
     def show_failure(self, message: QueryFailed) -> None:

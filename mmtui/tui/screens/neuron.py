@@ -120,7 +120,8 @@ class NeuronScreen(AppScreen):
             Text.assemble(
                 (neuron_label(*self.neuron), "bold"),
                 f"   max score {score(s['max_score'])}   mean {score(s['mean_score'])}   ",
-                f"in the top 100 of {s['n_top']:,} image(s)   stored for {s['n_images']:,} of {self.run.n_images:,}",
+                f"in the top 100 of {s['n_top']:,} image(s)   stored for {s['n_images']:,} of {self.run.n_results:,}"
+                + (" results" if self.run.n_results != self.run.n_images else ""),
             )
         )
         self.query_one("#neuron-labels", Static).update(labels_line(d.get("prevalence"), d.get("labels", [])))
