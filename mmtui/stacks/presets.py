@@ -329,6 +329,30 @@ def _tiny_stack(
 DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _resolve_dtype(dtype: str | torch.dtype | None, dev: torch.device, gpu_default: str) -> torch.dtype:
+    """A dtype a stack runs in: the one asked for (by name or torch dtype), else float32 on CPU and
+    `gpu_default` elsewhere. Raises StackError for any other."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if dtype is None:
+        return torch.float32 if dev.type == "cpu" else getattr(torch, gpu_default)
+    if dtype not in DTYPES:
+        raise StackError(f"dtype {dtype!r} is not one a stack runs in; use one of {', '.join(DTYPES.values())}")
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
+def _preset_projection_file(base: Preset, preset: str | None) -> str:
+    """The projection file a preset uses when none is given (its own, or LiMBeR's from the environment)."""
+    source = base.projection or os.environ.get(LIMBER_PROJECTION_ENV)
+    if not source:
+        raise StackError(
+            f"preset {preset!r} needs its projection file: pass --projection PATH/proj.ckpt "
+            f"(LiMBeR release, limber_weights/beit_linear/proj.ckpt) or set {LIMBER_PROJECTION_ENV}"
+        )
+    return source
+
+
 def load_stack(
     preset: str | None = DEFAULT_PRESET,
     *,
@@ -371,12 +395,7 @@ def load_stack(
         if not (lm and encoder and (projection or untrained_projection)):
             raise StackError("without a preset, pass all of --lm, --encoder and --projection")
         base = Preset(lm=lm, encoder=encoder, projection=str(projection))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, dtype)
-    if dtype is not None and dtype not in DTYPES:
-        raise StackError(f"dtype {dtype!r} is not one a stack runs in; use one of {', '.join(DTYPES.values())}")
-    if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else getattr(torch, base.gpu_dtype)
+    dtype = _resolve_dtype(dtype, dev, base.gpu_dtype)
     load_args: dict[str, Any] = {
         "preset": preset,
         "lm": lm,
@@ -411,12 +430,7 @@ def load_stack(
     d_model = model.get_input_embeddings().weight.shape[1]
     proj_source = projection
     if proj_source is None and not untrained_projection:
-        proj_source = base.projection or os.environ.get(LIMBER_PROJECTION_ENV)
-        if not proj_source:
-            raise StackError(
-                f"preset {preset!r} needs its projection file: pass --projection PATH/proj.ckpt "
-                f"(LiMBeR release, limber_weights/beit_linear/proj.ckpt) or set {LIMBER_PROJECTION_ENV}"
-            )
+        proj_source = _preset_projection_file(base, preset)
     proj, proj_identity = _projection(proj_source, enc.dim, d_model, untrained_projection and projection is None)
     identity.update(proj_identity)
     return Stack(
@@ -448,12 +462,7 @@ def _vlm_stack(
 
     if bos:
         raise StackError("--bos with --vlm: the checkpoint's chat template already sets what comes first")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, dtype)
-    if dtype is not None and dtype not in DTYPES:
-        raise StackError(f"dtype {dtype!r} is not one a stack runs in; use one of {', '.join(DTYPES.values())}")
-    if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    dtype = _resolve_dtype(dtype, dev, "bfloat16")
     instruction = DEFAULT_INSTRUCTION if prompt == DEFAULT_PROMPT else prompt
     stack = load_vlm(spec, revision=revision, dtype=dtype, device=dev, instruction=instruction, progress=progress)
     stack.load_args = {"preset": None, "vlm": spec, "revision": revision, "prompt": instruction}
