@@ -152,6 +152,32 @@ def store_run(attributed_db: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_db(tiny_stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 COCO photos attributed by the tiny stack, once per session (the TUI tests' store). Tests that write
+    take a copy (`db`)."""
+    from mmtui.run.events import ImageDone
+    from mmtui.run.pipeline import attribute_images
+
+    folder = tmp_path_factory.mktemp("tui-images")
+    for f in coco_files(3):
+        shutil.copy(f, folder / f.name)
+    db = folder.parent / "tiny.db"
+    from mmtui.store import Store
+
+    with Store.open(db) as store:
+        events = list(attribute_images(tiny_stack, store, sorted(folder.iterdir())))
+    assert sum(isinstance(e, ImageDone) for e in events) == 3, events
+    return db
+
+
+@pytest.fixture
+def db(tiny_db: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "tiny.db"
+    shutil.copy(tiny_db, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
 def bert_scorer():
     from mmtui.experiments.metrics import BertScorer
 

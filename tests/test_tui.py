@@ -7,7 +7,6 @@ and on what the store holds afterwards.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -41,31 +40,6 @@ from mmtui.tui.widgets.neuron_table import NeuronTable
 
 SIZE = (140, 40)
 QUERY_KEYS = ("layer", "unit", "max_score", "mean_score", "n_top", "n_images", "text", "interpretable", "tokens")
-
-
-@pytest.fixture(scope="session")
-def tiny_db(tiny_stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 COCO photos attributed by the tiny stack, once per session. Tests that write take a copy."""
-    from conftest import coco_files
-
-    from mmtui.run.events import ImageDone
-    from mmtui.run.pipeline import attribute_images
-
-    folder = tmp_path_factory.mktemp("tui-images")
-    for f in coco_files(3):
-        shutil.copy(f, folder / f.name)
-    db = folder.parent / "tiny.db"
-    with Store.open(db) as store:
-        events = list(attribute_images(tiny_stack, store, sorted(folder.iterdir())))
-    assert sum(isinstance(e, ImageDone) for e in events) == 3, events
-    return db
-
-
-@pytest.fixture
-def db(tiny_db: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "tiny.db"
-    shutil.copy(tiny_db, copy)
-    return copy
 
 
 class Recorder:

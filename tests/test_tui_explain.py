@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import settle
 from PIL import Image
-from test_tui import Recorder, db, tiny_db  # noqa: F401 (fixtures: the tiny stack's store)
+from test_tui import Recorder
 from test_tui_queries import COCO, FIXED_TIME, IMAGE_DIR
 from textual.pilot import Pilot
 from textual.widgets import DataTable
