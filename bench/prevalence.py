@@ -1,4 +1,4 @@
-"""How fast the generic / image-specific views answer on a store at the paper's scale: 1,000 images of GPT-J
+"""How fast the generic / image-specific views and `explain` answer on a store at the paper's scale: 1,000 images of GPT-J
 (28 x 16,384 units), and what folding the unit_max moments costs.
 
     python bench/prevalence.py [--images 1000] [--db /tmp/mmtui-bench/browse-1000.db] [--rebuild]
@@ -80,7 +80,7 @@ def main() -> None:
     ).fetchone()[0]
     top = next(iter(list_neurons(store, run, limit=1)))
 
-    detail = neuron_detail(store, run, top["layer"], top["neuron"])
+    detail = neuron_detail(store, run, top["layer"], top["unit"])
     ids = [im["result_id"] for im in detail["images"]]
 
     queries = {
@@ -90,10 +90,10 @@ def main() -> None:
         ),
         "neurons --specific --image X (30 rows)": lambda: pv.specific_units(store, run, image, limit=30),
         "neuron L K: what it adds (prevalence, lift on its 10 best images)": lambda: pv.unit_prevalence(
-            store, run, detail["layer"], detail["neuron"], detail["stats"]["n_top"], ids
+            store, run, detail["layer"], detail["unit"], detail["stats"]["n_top"], ids
         ),
         "neuron L K: neuron_detail (as before, for reference)": lambda: neuron_detail(
-            store, run, top["layer"], top["neuron"]
+            store, run, top["layer"], top["unit"]
         ),
         "attribute's generic share of one image": lambda: pv.image_generic_share(
             store, run, next(store.results(run.id, limit=1))["id"]
@@ -115,14 +115,27 @@ def main() -> None:
     if args.no_commands:
         return
     print()
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", "from commands import main; main()", "explain", "--recompute", "--db", str(db)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    print(
+        f"mmtui explain --recompute (labels computed for every unit, the shuffled control too): "
+        f"{time.perf_counter() - start:.1f} s\n"
+    )
     print("| command (fresh process, imports included) | median | target |")
     print("| --- | ---: | ---: |")
-    layer, unit = top["layer"], top["neuron"]
+    layer, unit = top["layer"], top["unit"]
     for name, cli in {
         "mmtui neurons --specific": ["neurons", "--specific"],
         "mmtui neurons --specific --image X": ["neurons", "--specific", "--image", image],
         f"mmtui neuron {layer} {unit}": ["neuron", str(layer), str(unit)],
         "mmtui neurons (as before, for reference)": ["neurons"],
+        "mmtui explain (labels stored: the listing)": ["explain"],
     }.items():
         print(f"| {name} | {_command(db, cli, max(1, args.repeats // 2)) * 1e3:.0f} ms | < 1 s |")
 
