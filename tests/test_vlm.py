@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from tests.conftest import coco_files
+from conftest import coco_files
 
 # LLaVA-1.5's chat template (llava-hf), as its processor ships it
 LLAVA_TEMPLATE = (
