@@ -295,3 +295,35 @@ def test_bertscore_agreement_of_labels_with_decoded_tokens(planted: tuple[Path, 
     assert len(words) == 3
     assert all(r["agreement"] == pytest.approx(expected, abs=1e-6) for r in words)
     assert 0 < expected <= 1
+
+
+@pytest.mark.parametrize("fdr", [0.0, 0.05, 0.5, 1.01])
+def test_stored_summary_equals_aggregating_every_label(planted: tuple[Path, list[int]], fdr: float) -> None:
+    """kind_counts reads index ranges (m012) and the least p from the least q: the same figures as aggregating
+    every stored row."""
+    db, dogs = planted
+    with Store.open(db) as store:
+        run = store.run()
+        ex.explain_run(store, run, instances=_coco(dogs, 60))
+        for kind in ("word", "category"):
+            got = store_labels.kind_counts(store, run.key, kind, fdr)
+            row = store.db.execute(
+                """SELECT max(source), max(n_all), sum(control = 0), sum(control = 0 AND q < ?),
+                          sum(control = 1 AND q < ?), min(CASE WHEN control = 0 THEN p END),
+                          min(CASE WHEN control = 1 THEN p END)
+                   FROM unit_labels WHERE run_key = ? AND kind = ?""",
+                [fdr, fdr, run.key, kind],
+            ).fetchone()
+            assert got["source"] == row[0] and got["N"] == row[1]
+            assert (got["units"], got["labelled"], got["shuffled"]) == tuple(int(v or 0) for v in row[2:5])
+            assert got["best_p"] == (1.0 if row[5] is None else row[5])
+            assert got["best_p_shuffled"] == (1.0 if row[6] is None else row[6])
+            plan = " ".join(
+                r[-1]
+                for r in store.db.execute(
+                    "EXPLAIN QUERY PLAN SELECT count(*) FROM unit_labels "
+                    "WHERE run_key = ? AND kind = ? AND control = 0 AND q < ?",
+                    [run.key, kind, fdr],
+                )
+            )
+            assert "unit_labels_q" in plan

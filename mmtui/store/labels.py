@@ -87,11 +87,22 @@ def n_results(store: Store, run_id: str) -> int:
 
 # -- labels ---------------------------------------------------------------------------------------------
 def computed_on(store: Store, run_key: int) -> dict[str, tuple[int, str]]:
-    """Per kind stored: (the run's results when computed, source of the terms)."""
-    rows = store.db.execute(
-        "SELECT kind, max(n_results), max(source) FROM unit_labels WHERE run_key = ? GROUP BY kind", [run_key]
-    ).fetchall()
-    return {r[0]: (int(r[1]), r[2]) for r in rows}
+    """Per kind stored: (the run's results when computed, source of the terms). One row of each (kind, control)
+    through the primary key (every row of one write carries the same figures); where the real labels and the
+    control were computed on different run sizes, the smaller counts (the kind is then recomputed)."""
+    out: dict[str, tuple[int, str]] = {}
+    for kind in KINDS:
+        found = [
+            store.db.execute(
+                "SELECT n_results, source FROM unit_labels WHERE run_key = ? AND kind = ? AND control = ? LIMIT 1",
+                [run_key, kind, control],
+            ).fetchone()
+            for control in (0, 1)
+        ]
+        rows = [r for r in found if r is not None]
+        if rows:
+            out[kind] = (min(int(r[0]) for r in rows), max(r[1] for r in rows))
+    return out
 
 
 def write_labels(store: Store, run_key: int, kind: str, control: int, rows: Sequence[Sequence[Any]]) -> None:
@@ -178,16 +189,31 @@ def set_agreement(store: Store, run_key: int, kind: str, rows: Sequence[tuple[in
 
 def kind_counts(store: Store, run_key: int, kind: str, fdr: float) -> dict[str, Any]:
     """A kind's stored labels: source, N, units labelled at all, those with q < fdr, and the least p, real and
-    shuffled."""
-    row = store.db.execute(
-        """SELECT max(source), max(n_all), sum(control = 0), sum(control = 0 AND q < ?), sum(control = 1 AND q < ?),
-                  min(CASE WHEN control = 0 THEN p END), min(CASE WHEN control = 1 THEN p END)
-           FROM unit_labels WHERE run_key = ? AND kind = ?""",
-        [fdr, fdr, run_key, kind],
+    shuffled. Each figure is a range or an end of the (run_key, kind, control, q | p) indexes (m012), not an
+    aggregate over every stored label."""
+    where = "FROM unit_labels WHERE run_key = ? AND kind = ? AND control = ?"
+
+    def one(sql: str, control: int, *args: Any) -> Any:
+        row = store.db.execute(f"{sql} {where}{' AND q < ?' if args else ''}", [run_key, kind, control, *args])
+        return row.fetchone()
+
+    first = store.db.execute(
+        "SELECT source, n_all FROM unit_labels WHERE run_key = ? AND kind = ? LIMIT 1", [run_key, kind]
     ).fetchone()
-    best = {"best_p": 1.0 if row[5] is None else row[5], "best_p_shuffled": 1.0 if row[6] is None else row[6]}
-    counts = dict(zip(("N", "units", "labelled", "shuffled"), (int(v or 0) for v in row[1:5]), strict=True))
-    return {"source": row[0], **counts, **best}
+
+    def least_p(control: int) -> float:
+        row = store.db.execute(f"SELECT min(p) {where}", [run_key, kind, control]).fetchone()
+        return 1.0 if row is None or row[0] is None else float(row[0])
+
+    return {
+        "source": first[0] if first else None,
+        "N": int(first[1]) if first else 0,
+        "units": int(one("SELECT count(*)", 0)[0]),
+        "labelled": int(one("SELECT count(*)", 0, fdr)[0]),
+        "shuffled": int(one("SELECT count(*)", 1, fdr)[0]),
+        "best_p": least_p(0),
+        "best_p_shuffled": least_p(1),
+    }
 
 
 def labels_per_layer(store: Store, run_key: int, fdr: float) -> list[dict[str, Any]]:

@@ -12,7 +12,8 @@ Tables
 - neuron_images: per (run_key, layer, unit) the unit's best NEURON_IMAGES results (m005).
 - neuron_tokens: each unit's decoded top tokens, per LM and decoding convention.
 - unit_moments: per (run_key, layer) the sum and sum of squares of every unit's unit_max over the run (m010).
-- unit_labels, category_auroc: units explained from the data, per run (m011, `mmtui explain`).
+- unit_labels, category_auroc: units explained from the data, per run (m011, `mmtui explain`); unit_labels is
+  indexed by q and by p (m012): counting the labels below an FDR and the least p read index ranges.
 """
 
 from __future__ import annotations
@@ -614,3 +615,12 @@ def m011_unit_labels(db: Database) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@migrations()
+def m012_unit_labels_by_q_and_p(db: Database) -> None:
+    """Indexes of unit_labels by (run_key, kind, control, q) and by (..., p): `explain`'s summary counts the units
+    with q below the FDR and reads the least p as index ranges and ends, instead of aggregating every stored
+    label (0.8 s on a GPT-J-scale run's 917K label rows)."""
+    db.execute("CREATE INDEX unit_labels_q ON unit_labels (run_key, kind, control, q)")
+    db.execute("CREATE INDEX unit_labels_p ON unit_labels (run_key, kind, control, p)")
