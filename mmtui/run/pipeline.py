@@ -337,6 +337,7 @@ def attribute_images(
 
 
 T = TypeVar("T")
+PREFETCH_JOIN_SECONDS = 60.0  # how long an interrupted run waits for the batch being prepared
 
 
 def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
@@ -345,20 +346,24 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     done = object()
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Queue one item unless the consumer has stopped (then False): never blocks past a stop."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        queue.put(item, timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            queue.put(done)
+            put(done)
         except BaseException as err:  # handed to the consumer, which re-raises it
-            queue.put(err)
+            put(err)
 
     thread = threading.Thread(target=work, name="mmtui-prefetch", daemon=True)
     thread.start()
@@ -372,6 +377,9 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        # wait for the item in hand: a daemon thread still inside torch or PIL when the interpreter exits (after
+        # Ctrl-C) can abort the process ("terminate called without an active exception", exit -6, not 130)
+        thread.join(timeout=PREFETCH_JOIN_SECONDS)
 
 
 def auto_batch_size(stack: Stack, max_new_tokens: int, cap: int = 64) -> int:
