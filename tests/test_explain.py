@@ -249,7 +249,10 @@ def test_the_commands_show_the_labels(planted: tuple[Path, list[int]]) -> None:
     assert "3 unit(s) with q < 0.05, against 0 with the labels shuffled" in result.stdout
     result = runner.invoke(app, ["neurons", "--db", str(db), "--label", "Dog", "--json"])
     assert result.exit_code == 0, result.output
-    assert {(r["layer"], r["neuron"]) for r in map(json.loads, result.stdout.splitlines())} == set(PLANTED)
+    assert {(r["layer"], r["unit"]) for r in map(json.loads, result.stdout.splitlines())} == set(PLANTED)
+    result = runner.invoke(app, ["neurons", "--db", str(db), "--label", "Dog"])
+    assert result.exit_code == 0, result.output
+    assert all(f"L{layer}.u{unit}" in result.stdout for layer, unit in PLANTED)
     layer, unit = PLANTED[0]
     result = runner.invoke(app, ["neuron", str(layer), str(unit), "--db", str(db), "--json"])
     detail = json.loads(result.stdout)

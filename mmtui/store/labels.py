@@ -257,7 +257,6 @@ def labelled_neurons(
         sql += f" LIMIT {int(limit)}"
     rows = list(store.db.query(sql, [lm_id, convention, *args]))
     for row in rows:
-        row["neuron"] = row.pop("unit")
         row["tokens"] = json.loads(row["tokens"]) if row["tokens"] else []
         row["interpretable"] = bool(row["interpretable"]) if row["interpretable"] is not None else None
     return rows
