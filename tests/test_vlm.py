@@ -273,6 +273,14 @@ def test_not_a_llava_is_one_clear_error(tmp_path: Path) -> None:
         load_stack(vlm=str(tmp_path / "gpt2"), device="cpu")
 
 
+def test_a_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
+    from mmtui.errors import StackError
+    from mmtui.stacks import load_stack
+
+    with pytest.raises(StackError, match="no such folder"):
+        load_stack(vlm=str(tmp_path / "missing"), device="cpu")
+
+
 def _mm(*args: str) -> tuple[int, str]:
     from typer.testing import CliRunner
 

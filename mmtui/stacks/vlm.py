@@ -157,6 +157,11 @@ def load_vlm(
     hf_logging.set_verbosity_error()
     instruction = instruction or DEFAULT_INSTRUCTION
     device = device or torch.device("cpu")
+    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():
+        raise StackError(
+            f"--vlm {spec}: no such folder; pass a checkpoint folder (save_pretrained) or a hub id such as "
+            "llava-hf/llava-1.5-7b-hf"
+        )
     if progress:
         progress(f"loading {spec}")
     try:
