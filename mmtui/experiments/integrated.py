@@ -6,15 +6,18 @@ are set to alpha * a (a: their value in the plain pass, baseline 0) while everyt
 
     IG_i = a_i * sum_k w_k * dy/da_i (alpha_k * a)
 
-over the nodes alpha_k and weights w_k of the chosen rule on [0, 1]: "gausslegendre" (Captum's default) or
-"riemann_right". Two identities make it testable: with riemann_right and 1 step (alpha = 1) IG is grad x act,
+over the nodes alpha_k and weights w_k of the chosen rule on [0, 1]: "gausslegendre" (Captum's default),
+"riemann_right" or "riemann_trapezoid" (whose sizes 2^j + 1 nest, so one set of passes gives several sizes).
+Each (layer, alpha) pair is one row of a batch (path_ig), run `chunk` rows per forward and backward. Two identities make it testable: with riemann_right and 1 step (alpha = 1) IG is grad x act,
 the stored score; and completeness: per layer, the IG of its chosen entries sums to y(x) - y(those entries
 zeroed), up to the rule's error. Entries of one layer do not feed each other (one MLP layer, different
 positions or units), so one layer's IG keeps every path to y; across layers it would cut paths, hence layer by
 layer. y is the run's y (P(target), its logit or log-probability) of the stored target and context.
 
 Agreement with grad x act: Spearman's rho between the two rankings of the K triples, and the overlap of their
-top k (k = K // 2 by default). torch and scipy load inside the functions.
+top k (k = K // 2 by default); the control computes the same for as many random triples of the same layers
+(their grad x act from the gradient at alpha = 1), to show what agreement chance gives. torch and scipy load
+inside the functions.
 """
 
 from __future__ import annotations
