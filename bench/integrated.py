@@ -89,6 +89,10 @@ def main() -> None:
                     "y": f.y,
                     "gap": f.completeness,
                     "gap_y": f.completeness_y,
+                    "layer_gaps": {  # per layer: |sum IG - (y - y0)| and y - y0
+                        int(at): [float(g), float(d)]
+                        for at, g, d in zip(sorted(set(f.triples[:, 0].tolist())), f.gaps, f.deltas, strict=True)
+                    },
                     "spearman": f.spearman,
                     "overlap": f.overlap,
                     "k": f.k,
