@@ -298,6 +298,13 @@ def test_cli_attribute_neurons_ablate(vlm_dir: Path, tmp_path: Path) -> None:
     assert code == 0, out
     summary = [json.loads(line) for line in out.splitlines() if '"type": "summary"' in line]
     assert {r["condition"] for r in summary} >= {"top", "random"}
+    # ablate IMAGE_DIR with the same --vlm: the images are cached under that stack's run, so nothing is attributed
+    args = ("--k", "4", "--seeds", "1", "--no-interpretable", "--db", db, "--device", "cpu", "--json")
+    code, out = _mm("ablate", str(images), "--vlm", str(vlm_dir), *args)
+    assert code == 0, out
+    assert {json.loads(line)["n"] for line in out.splitlines() if '"type": "summary"' in line} == {2}, out
+    code, out = _mm("ablate", "--from-store", "--vlm", str(vlm_dir), *args)
+    assert code == 2 and "pass no stack option" in out, out
     first = sorted(images.iterdir())[0]
     png = tmp_path / "map.png"
     code, out = _mm("heatmap", "1", "3", str(first), "--out", str(png), "--db", db, "--device", "cpu")
