@@ -93,8 +93,9 @@ VlmOption = Annotated[
     str | None,
     typer.Option(
         "--vlm",
-        help="A whole VLM checkpoint as the stack (LlavaForConditionalGeneration): hub id or folder; "
-        "replaces --preset, --lm, --encoder and --projection; --prompt is the instruction after the image.",
+        help="A whole VLM checkpoint as the stack (LlavaForConditionalGeneration, "
+        "LlavaNextForConditionalGeneration): hub id or folder; replaces --preset, --lm, --encoder and "
+        "--projection; --prompt is the instruction after the image.",
     ),
 ]
 BosOption = Annotated[
