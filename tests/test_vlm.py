@@ -86,11 +86,14 @@ def test_image_positions_follow_the_template(vlm32) -> None:
 
 
 def test_encode_equals_the_models_image_features(vlm32, vlm_dir: Path, pil_images) -> None:
-    """The encoder and projection give the model's own image features (NeXT: packed, newlines included)."""
+    """The encoder and projection give the model's own image features (NeXT: packed, newlines included), the
+    same number of image tokens for photos of any shape."""
     model, processor = model_and_processor(vlm_dir)
+    photos = [*pil_images[:2], pil_images[2].crop((0, 0, 90, 230))]  # a tall one too
     with torch.no_grad():
-        theirs = model.model.get_image_features(**model_inputs(vlm32, processor, pil_images[:2])).pooler_output
-    torch.testing.assert_close(vlm32.encode(pil_images[:2]), torch.stack(list(theirs)))
+        theirs = model.model.get_image_features(**model_inputs(vlm32, processor, photos)).pooler_output
+    assert [len(t) for t in theirs] == [vlm32.n_patches] * 3
+    torch.testing.assert_close(vlm32.encode(photos), torch.stack(list(theirs)))
 
 
 def test_inputs_equal_the_models_own(vlm32, vlm_dir: Path, pil_images) -> None:

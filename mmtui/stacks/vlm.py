@@ -307,7 +307,8 @@ def load_vlm(
     instruction: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Stack:
-    """A Stack from a LLaVA or LLaVA-NeXT checkpoint: a hub id (with `revision`) or a local folder saved with save_pretrained.
+    """A Stack from a LLaVA or LLaVA-NeXT checkpoint: a hub id (with `revision`) or a local folder saved with
+    save_pretrained.
 
     instruction: the user turn's text after the image (default DEFAULT_INSTRUCTION). Raises StackError naming
     the problem.
