@@ -97,15 +97,22 @@ def test_encode_equals_the_models_image_features(vlm32, vlm_dir: Path, pil_image
 
 
 def test_inputs_equal_the_models_own(vlm32, vlm_dir: Path, pil_images) -> None:
-    """build_inputs gives the embeddings the model's forward builds from the processor's input ids and pixels."""
+    """build_inputs gives the embeddings the model's forward builds from the processor's input ids and pixels
+    (the image features at the image tokens, the template's tokens around them), and so its logits."""
     model, processor = model_and_processor(vlm_dir)
     inputs = model_inputs(vlm32, processor, pil_images[:1], chat_text(vlm32, processor))
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == vlm32.n_patches
+    seen: list[torch.Tensor] = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
     with torch.no_grad():
         theirs = model(**inputs).logits[0, -1]
         embeds, lengths = vlm32.build_inputs(vlm32.encode(pil_images[:1]), [[]])
         hidden = vlm32.lm.base_model(inputs_embeds=embeds).last_hidden_state
+    handle.remove()
     assert lengths[0] == inputs["input_ids"].shape[1]
+    torch.testing.assert_close(embeds, seen[0])
     torch.testing.assert_close(vlm32.logits(hidden[0, -1]), theirs, rtol=1e-5, atol=1e-5)
 
 
