@@ -1,7 +1,8 @@
 """Idefics3 and SmolVLM checkpoints as stacks (mmtui.stacks.idefics), on tiny random models saved to folders with
 their processors (tiny SigLIP-style vision model + tiny Llama, built offline): the global image's tokens follow the
 template, the stack's image features and logits equal the model's own, scores equal Captum's, the caption equals the
-model's own generate, image tokens map to the pixel-shuffled grid, and attribute + neurons + ablate run from the CLI.
+model's own generate, image tokens map to the pixel-shuffled grid, and attribute + neurons + ablate (then heatmap
+and caption) run from the CLI.
 """
 
 from __future__ import annotations
@@ -312,3 +313,12 @@ def test_cli_attribute_neurons_ablate(model_dir: Path, tmp_path: Path) -> None:
     assert code == 0, out
     summary = [json.loads(line) for line in out.splitlines() if '"type": "summary"' in line]
     assert {r["condition"] for r in summary} >= {"top", "random"}
+    first = sorted(images.iterdir())[0]
+    png = tmp_path / "map.png"
+    code, out = _mm("heatmap", "1", "3", str(first), "--out", str(png), "--db", db, "--device", "cpu")
+    assert code == 0 and png.is_file(), out
+    code, out = _mm("caption", str(first), "--vlm", str(model_dir), "--device", "cpu", "--json")
+    assert code == 0, out
+    attributed = {Path(r["image"]).name: r["caption"] for r in done}
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows and rows[0]["caption"] == attributed[first.name], out
