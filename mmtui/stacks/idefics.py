@@ -1,5 +1,6 @@
-"""Idefics3 and SmolVLM checkpoints as stacks: transformers' Idefics3ForConditionalGeneration and
-SmolVLMForConditionalGeneration, reached with `--vlm` (mmtui.stacks.vlm.load_vlm dispatches on model_type).
+"""Idefics3 and SmolVLM checkpoints as stacks: transformers' Idefics3ForConditionalGeneration (Idefics3, and the
+SmolVLM 256M / 500M / 2.2B checkpoints, whose configs are `idefics3`) and SmolVLMForConditionalGeneration (SmolVLM2),
+reached with `--vlm` (mmtui.stacks.vlm.load_vlm dispatches on model_type).
 
 The checkpoint's parts take the Stack's three roles:
 - encoder: the SigLIP-style vision model's `last_hidden_state` (its post-layernorm applied) over a side x side patch
@@ -115,7 +116,7 @@ def load_idefics(
     try:
         model = getattr(transformers, cls_name).from_pretrained(spec, revision=revision or "main", dtype=dtype)
         processor = AutoProcessor.from_pretrained(spec, revision=revision)
-    except (OSError, ValueError, ImportError) as err:  # ImportError: SmolVLM's processor wants num2words
+    except (OSError, ValueError, ImportError) as err:  # ImportError: SmolVLM2's processor wants num2words
         raise StackError(f"cannot load the VLM {spec!r}: {str(err).splitlines()[0]}") from err
     model.eval().requires_grad_(False)
     cfg: Any = model.config
