@@ -18,10 +18,12 @@ the template's text around the image). With splitting on (the checkpoints' defau
 into R x C tiles of max_image_size, R and C following the image's size, and writes
 `<fake_token_around_image><row_r_col_c>` + image_seq_len image tokens per tile, a newline after each row of tiles,
 then the global image as above: the image tokens are interleaved with text and their count varies per image.
-Supporting that would need (1) a fixed resize (every image to R*m x C*m pixels) so the layout is the same for all
-images, (2) an image run that carries the text tokens between tiles (positions whose embeddings are the words',
-not the projection's, with cell -1), and (3) cells over a (tile, row, col) map, the global image's tokens mapped
-onto the same picture at a coarser scale. None of that is built here.
+Supporting that would need (1) a fixed layout: the tiling follows the aspect ratio only (the longest edge is first
+resized to size["longest_edge"]), so images cropped or resized to a square all give (longest_edge / max_image_size)^2
+tiles (SmolVLM-256M: 2048 / 512, 4 x 4 tiles + the global image = 17 x 64 = 1,088 image tokens); (2) an image run
+that carries the text tokens between tiles (positions whose embeddings are the words', not the projection's, with
+cell -1), which the Stack's one-prefix-per-image contract does not have; and (3) cells over a (tile, row, col) map,
+the global image's tokens mapped onto the same picture at a coarser scale. None of that is built here.
 
 As with LLaVA, the LM was trained together with the connector, so its units are not those of a frozen text-only
 LM; see the README.
