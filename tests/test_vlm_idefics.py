@@ -150,6 +150,8 @@ def test_global_image_tokens_follow_the_template(stack32, kind: str) -> None:
     assert stack.fingerprint["vlm"].startswith("Idefics3" if kind == "idefics3" else "SmolVLM")
     added = stack.tokenizer.convert_tokens_to_ids(["<image>", "<global-img>", "<row_1_col_1>", "<|endoftext|>"])
     assert stack.real_vocab <= min(added[:3]) and added[3] < stack.real_vocab
+    fp = stack.fingerprint
+    assert len(fp["lm_sha256"]) == 64 and fp["vlm_image"] == f"global {image_px}px, no splitting"
 
 
 def test_encode_equals_the_models_image_features(stack32, theirs, pil_images) -> None:
@@ -283,6 +285,20 @@ def test_a_processor_that_disagrees_is_one_clear_error(tmp_path: Path) -> None:
     config.write_text(json.dumps(data))
     with pytest.raises(StackError, match="image_seq_len is 9"):
         load_stack(vlm=str(folder), device="cpu")
+
+
+def test_smolvlm2_without_num2words_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmolVLM2's processor refuses to start without num2words: the load says so in one line."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    from mmtui.errors import StackError
+    from mmtui.stacks import load_stack
+
+    folder = save_tiny_idefics(tmp_path / "smol", "smolvlm")
+    monkeypatch.setattr(processing_smolvlm, "num2words", None)
+    with pytest.raises(StackError, match="num2words") as err:
+        load_stack(vlm=str(folder), device="cpu")
+    assert "\n" not in str(err.value)
 
 
 def _mm(*args: str) -> tuple[int, str]:
