@@ -1,8 +1,8 @@
 """Idefics3 and SmolVLM checkpoints as stacks (mmtui.stacks.idefics), on tiny random models saved to folders with
 their processors (tiny SigLIP-style vision model + tiny Llama, built offline): the global image's tokens follow the
-template, the stack's image features and logits equal the model's own, scores equal Captum's, the caption equals the
-model's own generate, image tokens map to the pixel-shuffled grid, and attribute + neurons + ablate (then heatmap
-and caption) run from the CLI.
+template, the stack's image features and logits equal the model's own, scores equal Captum's, decoding equals the
+checkpoint's lm_head @ down_proj, the caption equals the model's own generate, image tokens map to the
+pixel-shuffled grid, and attribute + neurons + ablate (then heatmap and caption) run from the CLI.
 """
 
 from __future__ import annotations
@@ -224,6 +224,24 @@ def test_scores_equal_captum_in_float64(model_dir: Path, pil_images) -> None:
         expected = torch.stack([t[i, stack.image_slice] for t in theirs])  # [L, P, d_mlp]
         torch.testing.assert_close(attr.scores.double(), expected.double(), rtol=1e-6, atol=1e-12)
         assert expected.abs().max() > 0
+
+
+@pytest.mark.parametrize("convention", ["raw", "ln_f"])
+def test_decoding_equals_the_checkpoints_matrices(stack32, theirs, convention: str) -> None:
+    """A unit's decoding is the checkpoint's lm_head (words only) @ its text model's down_proj column (times the
+    final norm's gain for ln_f)."""
+    from mmtui.run.decoding import decode_layer
+
+    model, _ = theirs
+    text_model = model.model.text_model
+    w_out = text_model.layers[1].mlp.down_proj.weight  # [d_model, d_mlp]
+    if convention == "ln_f":
+        w_out = w_out * text_model.norm.weight[:, None]
+    logits = model.lm_head.weight[: stack32.real_vocab] @ w_out  # [words, d_mlp]
+    ids, vals = decode_layer(stack32, 1, convention, k=10, chunk=7)
+    expected = logits.topk(10, dim=0)
+    torch.testing.assert_close(vals, expected.values.T, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, expected.indices.T)
 
 
 def test_cells_follow_the_pixel_shuffle(stack32, theirs, kind: str) -> None:
