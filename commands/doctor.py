@@ -39,7 +39,9 @@ def doctor(
             if f.fix:
                 out.print(f"        what to do: {f.fix}", markup=False, highlight=False)
         for r in checkup.runs:
-            counts = f"{r.results:,} results, {r.pending:,} not folded" if r.results is not None else r.error or "?"
+            counts = (
+                f"{r.n_results:,} results, {r.n_pending:,} not folded" if r.n_results is not None else r.error or "?"
+            )
             out.print(f"run {r.id} ({r.stack}): {counts}", markup=False, highlight=False)
     code = ExitCode.OK if not checkup.problems else ExitCode.PARTIAL
     if not checkup.opened:

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from commands import app
+from mmtui.errors import StoreCorruptError
 from mmtui.store import StackIdentity, Store
 from mmtui.store.core import ResultRecord
 from mmtui.store.doctor import examine, salvage
@@ -96,7 +97,7 @@ def test_healthy_cache(tmp_path):
     assert "PRAGMA integrity_check: ok" in text and "healthy" in text and "PROBLEM" not in text
     assert f"run {run_id} (synthetic): 5 results, 0 not folded" in text
     assert [r for r in rows if r["type"] == "run"] == [
-        {"type": "run", "id": run_id, "stack": "synthetic", "results": 5, "pending": 0, "error": ""}
+        {"type": "run", "id": run_id, "stack": "synthetic", "n_results": 5, "n_pending": 0, "error": ""}
     ]
     assert all(r["ok"] for r in rows if r["type"] == "check")
     assert rows[-1] == {"type": "summary", "path": str(db), "opened": True, "problems": 0}
@@ -107,7 +108,7 @@ def test_interrupted_run_with_pending_rows(tmp_path):
     db = tmp_path / "c.db"
     run_id = _cache(db, 6, pending=4)
     checkup = examine(db)
-    assert [(r.results, r.pending) for r in checkup.runs] == [(6, 4)]
+    assert [(r.n_results, r.n_pending) for r in checkup.runs] == [(6, 4)]
     assert [f.check for f in checkup.problems] == ["interrupted"]
     code, text, _ = _doctor("--db", db)
     assert code == 1, text
@@ -140,6 +141,8 @@ def test_damaged_page_is_found_and_cannot_open_is_exit_2(tmp_path):
     assert code == 1, text
     integrity = next(r for r in rows if r.get("check") == "integrity")
     assert not integrity["ok"] and "--salvage" in integrity["fix"]
+    with pytest.raises(StoreCorruptError, match=r"damaged .*mmtui doctor --db .* --salvage"), Store.open(db) as store:
+        store.check_integrity()  # the damaged-cache message of every command points to the doctor
     junk = tmp_path / "junk.db"
     junk.write_bytes(os.urandom(8192))
     code, text, _ = _doctor("--db", junk)

@@ -51,8 +51,8 @@ class RunHealth:
 
     id: str
     stack: str
-    results: int | None  # None: could not be counted (a damaged page)
-    pending: int | None
+    n_results: int | None  # None: could not be counted (a damaged page)
+    n_pending: int | None
     error: str = ""
 
 
@@ -155,12 +155,12 @@ def examine(path: Path | str) -> Checkup:
             if run.error:
                 fix = f"salvage what is readable: {_salvage_hint(path)}"
                 checkup.findings.append(Finding("run", False, f"run {run.id}: {run.error}", fix))
-            elif run.pending:
+            elif run.n_pending:
                 checkup.findings.append(
                     Finding(
                         "interrupted",
                         False,
-                        f"run {run.id}: {run.pending:,} of its {run.results:,} results are not folded into the "
+                        f"run {run.id}: {run.n_pending:,} of its {run.n_results:,} results are not folded into the "
                         "per-unit tables yet (the run was interrupted, or is running now)",
                         f"`mmtui neurons --run {run.id} --db {path}` folds them (any command that reads the run "
                         "read-write does); rerun `mmtui attribute` to finish the run",
