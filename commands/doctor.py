@@ -40,7 +40,9 @@ def doctor(
                 out.print(f"        what to do: {f.fix}", markup=False, highlight=False)
         for r in checkup.runs:
             counts = (
-                f"{r.n_results:,} results, {r.n_pending:,} not folded" if r.n_results is not None else r.error or "?"
+                f"{r.n_results:,} results, {'?' if r.n_pending is None else f'{r.n_pending:,}'} not folded"
+                if r.n_results is not None
+                else r.error or "?"
             )
             out.print(f"run {r.id} ({r.stack}): {counts}", markup=False, highlight=False)
     code = ExitCode.OK if not checkup.problems else ExitCode.PARTIAL

@@ -218,3 +218,25 @@ def test_salvage_of_a_healthy_cache_keeps_every_row(tmp_path):
         assert np.allclose(a.db.execute(sql).fetchall(), b.db.execute(sql).fetchall(), rtol=1e-9, atol=0)
     code, text, _ = _doctor("--db", db, "--salvage", out)
     assert code == 2 and "already exists" in text
+
+
+def test_an_older_schema_is_a_note_not_a_problem(tmp_path):
+    """A cache of an earlier mmtui (here: before m004, which added results.in_stats) is read as it is."""
+    from mmtui.store._sqlite_utils import Database
+    from mmtui.store.migrations import migrations
+
+    db = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        migrations.apply(Database(conn), stop_before="m004_track_results_in_stats")
+        conn.execute("INSERT INTO stacks (id, name) VALUES ('s', 'old stack')")
+        conn.execute("INSERT INTO runs (id, stack_id) VALUES ('r1', 's')")
+        conn.execute("INSERT INTO images (sha256, path) VALUES ('abc', '/p.jpg')")
+        conn.execute("INSERT INTO results (run_id, image_sha256, target_spec) VALUES ('r1', 'abc', 'auto')")
+        conn.commit()
+    checkup = examine(db)
+    assert checkup.problems == []
+    schema = next(f for f in checkup.findings if f.check == "schema")
+    assert f"{len(migrations._migrations) - 3} behind this mmtui" in schema.detail
+    assert [(r.id, r.n_results, r.n_pending) for r in checkup.runs] == [("r1", 1, None)]
+    code, text, _ = _doctor("--db", db)
+    assert code == 0 and "run r1 (old stack): 1 results, ? not folded" in text

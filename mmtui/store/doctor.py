@@ -232,7 +232,14 @@ def _runs(conn: sqlite3.Connection) -> list[RunHealth]:
     for run_id, stack in rows:
         try:
             n = _count(conn, "SELECT count(*) FROM results WHERE run_id = ?", [run_id])
-            pending = _count(conn, "SELECT count(*) FROM results WHERE run_id = ? AND in_stats = 0", [run_id])
+            try:
+                pending: int | None = _count(
+                    conn, "SELECT count(*) FROM results WHERE run_id = ? AND in_stats = 0", [run_id]
+                )
+            except sqlite3.OperationalError as error:  # a schema before m004 (no in_stats): not counted
+                if is_corruption(error):
+                    raise
+                pending = None
             found.append(RunHealth(run_id, stack, n, pending))
         except sqlite3.DatabaseError as error:
             found.append(RunHealth(run_id, stack, None, None, f"its results do not read: {_error_text(error)}"))
@@ -306,8 +313,8 @@ def salvage(path: Path | str, out: Path | str, *, recover: bool | None = None) -
                 method, source = "sqlite3 .recover", recovered
             elif recover:
                 raise StoreError(
-                    f"`{cli} FILE .recover` gave nothing usable here (some builds of the sqlite3 program lack it: "
-                    "'SQL logic error'); salvage row by row instead"
+                    f"`{cli} FILE .recover` gave nothing usable here (a build whose library lacks the sqlite_dbpage "
+                    "table, as Debian 12's, answers 'SQL logic error'); salvage row by row instead"
                 )
         fresh = work / "salvaged.db"
         with contextlib.closing(sqlite3.connect(source)) as reader, Store.open(fresh) as store:
