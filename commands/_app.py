@@ -93,7 +93,7 @@ VlmOption = Annotated[
     str | None,
     typer.Option(
         "--vlm",
-        help="A whole VLM checkpoint as the stack (LlavaForConditionalGeneration): hub id or folder; "
+        help="A whole VLM checkpoint as the stack (LLaVA-1.5, Idefics3, SmolVLM, SmolVLM2): hub id or folder; "
         "replaces --preset, --lm, --encoder and --projection; --prompt is the instruction after the image.",
     ),
 ]

@@ -30,7 +30,7 @@ from mmtui.stacks.base import Stack
 from mmtui.stacks.vision import VisionEncoder
 
 DEFAULT_INSTRUCTION = "Describe the image in one sentence."
-VLM_CLASSES = ("LlavaForConditionalGeneration",)
+VLM_CLASSES = ("LlavaForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
 
 class LlavaEncoder(VisionEncoder):
@@ -96,7 +96,8 @@ def causal_view(vlm: Any) -> Any:
     with torch.device("meta"):
         causal = AutoModelForCausalLM.from_config(vlm.config.text_config)
     prefix = causal.base_model_prefix  # "model" for Llama, Mistral, Qwen2, ...
-    setattr(causal, prefix, vlm.model.language_model)
+    body = vlm.model.language_model if hasattr(vlm.model, "language_model") else vlm.model.text_model  # Idefics3
+    setattr(causal, prefix, body)
     causal.lm_head = vlm.lm_head
     return causal
 
@@ -145,7 +146,8 @@ def load_vlm(
     instruction: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Stack:
-    """A Stack from a LLaVA checkpoint: a hub id (with `revision`) or a local folder saved with save_pretrained.
+    """A Stack from a LLaVA checkpoint: a hub id (with `revision`) or a local folder saved with save_pretrained;
+    an Idefics3 or SmolVLM checkpoint goes to mmtui.stacks.idefics.
 
     instruction: the user turn's text after the image (default DEFAULT_INSTRUCTION). Raises StackError naming
     the problem.
@@ -167,6 +169,18 @@ def load_vlm(
     try:
         config = AutoConfig.from_pretrained(spec, revision=revision)
         arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        if config.model_type in ("idefics3", "smolvlm"):
+            from mmtui.stacks.idefics import load_idefics
+
+            return load_idefics(
+                spec,
+                config.model_type,
+                revision=revision,
+                dtype=dtype,
+                device=device,
+                instruction=instruction,
+                progress=progress,
+            )
         if config.model_type != "llava":
             raise StackError(
                 f"--vlm {spec}: a {arch} checkpoint (model_type {config.model_type!r}); supported: "
