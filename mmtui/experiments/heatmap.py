@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from mmtui.defaults import THRESHOLD_Q
-from mmtui.errors import NotFoundError
 from mmtui.experiments.stats import quantile_mask
+from mmtui.store.records import check_neuron
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -34,12 +34,10 @@ _STOPS = np.array(
 
 
 def check_units(stack: Stack, units: Sequence[tuple[int, int]]) -> None:
+    """Raise NotFoundError (records.check_neuron) naming the first unit the stack does not have."""
+    shape = {"n_layers": stack.n_layers, "d_mlp": stack.d_mlp}
     for layer, unit in units:
-        if not (0 <= layer < stack.n_layers and 0 <= unit < stack.d_mlp):
-            raise NotFoundError(
-                f"no neuron L{layer}.u{unit}: this stack has layers 0-{stack.n_layers - 1} "
-                f"and units 0-{stack.d_mlp - 1}"
-            )
+        check_neuron(layer, unit, shape)
 
 
 def unit_activation_maps(
