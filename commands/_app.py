@@ -93,8 +93,8 @@ VlmOption = Annotated[
     str | None,
     typer.Option(
         "--vlm",
-        help="A whole VLM checkpoint as the stack (LLaVA-1.5, Idefics3, SmolVLM, SmolVLM2): hub id or folder; "
-        "replaces --preset, --lm, --encoder and --projection; --prompt is the instruction after the image.",
+        help="A whole VLM checkpoint as the stack (LLaVA-1.5, LLaVA-NeXT, Idefics3, SmolVLM, SmolVLM2): hub id or "
+        "folder; replaces --preset, --lm, --encoder and --projection; --prompt is the instruction after the image.",
     ),
 ]
 BosOption = Annotated[
