@@ -9,7 +9,7 @@ from typing import NoReturn
 from commands._app import INTERRUPTED, ExitCode, app
 
 # each module registers its commands on `app` when imported
-from commands import ablate, attribute, browse, caption, explain, heatmap, layers, merge, neurons, prompts, report, runs, samples, specificity, steer, train_projection, verify  # noqa: E402,F401  isort: skip  # fmt: skip
+from commands import ablate, attribute, browse, caption, doctor, explain, heatmap, layers, merge, neurons, prompts, report, runs, samples, specificity, steer, train_projection, verify  # noqa: E402,F401  isort: skip  # fmt: skip
 
 __all__ = ["ExitCode", "app", "main"]
 
