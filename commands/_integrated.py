@@ -69,4 +69,10 @@ def ig_check(store: Any, run: Any, *, n_images: int, top: int, steps: int, devic
         "Where the gap is not small, the steps do not suffice: raise --ig-steps."
     )
     out.print(table)
+    if summary["not_converged"]:
+        warn(
+            f"{summary['not_converged']} of {summary['images']} image(s) have a completeness gap above "
+            f"{ig.SMALL_GAP:.0%} of y - y zeroed: at {steps} steps IG has not converged there, so their agreement "
+            "is not yet a result; raise --ig-steps"
+        )
     return len(failed)

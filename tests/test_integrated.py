@@ -140,3 +140,7 @@ def test_explain_ig_command(attributed_db, monkeypatch):
     table = runner.invoke(app, ["explain", "--ig", "1", "--ig-top", "8", "--ig-steps", "2", "--device", "cpu"])
     assert table.exit_code == 0 and "Spearman" in table.stdout
     assert "completeness gap" in table.stdout and "of y" in table.stdout
+    args = ["explain", "--ig", "1", "--ig-top", "8", "--ig-steps", "4", "--device", "cpu"]
+    for small, warned in ((0.0, True), (float("inf"), False)):  # the warning follows the gap and the bound
+        monkeypatch.setattr(ig, "SMALL_GAP", small)
+        assert ("1 of 1 image(s) have a completeness gap" in runner.invoke(app, args).output) == warned

@@ -43,6 +43,7 @@ METHODS = ("gausslegendre", "riemann_right", "riemann_trapezoid")
 DEFAULT_STEPS = 16
 DEFAULT_TOP = 20
 DEFAULT_CHUNK = 32  # rows (group, alpha) per forward and backward
+SMALL_GAP = 0.05  # a completeness gap (relative to y - y zeroed) below which the rule's steps suffice
 
 
 class IntegratedError(MmtuiError):
@@ -467,4 +468,5 @@ def summary(found: Sequence[ImageIG]) -> dict[str, Any]:
     out["worst_completeness_gap"] = max(gaps, default=float("nan"))
     out["median_completeness_gap_y"] = float(np.median(gaps_y)) if gaps_y else float("nan")
     out["worst_completeness_gap_y"] = max(gaps_y, default=float("nan"))
+    out["not_converged"] = sum(g > SMALL_GAP for g in gaps)
     return out
