@@ -22,7 +22,7 @@ __all__ = ["MODULES", "ExitCode", "app", "main"]
 
 # each module registers its commands on the app when imported; a command lives in the module of its name
 # (`train-projection`: train_projection), except those in _ELSEWHERE
-MODULES = ("ablate", "attribute", "browse", "caption", "explain", "heatmap", "layers", "merge", "neurons", "prompts", "report", "runs", "samples", "specificity", "steer", "train_projection", "verify")  # fmt: skip
+MODULES = ("ablate", "attribute", "browse", "caption", "doctor", "explain", "heatmap", "layers", "merge", "neurons", "prompts", "report", "runs", "samples", "specificity", "steer", "train_projection", "verify")  # fmt: skip
 _ELSEWHERE = {"neuron": "neurons"}
 
 

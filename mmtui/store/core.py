@@ -137,7 +137,7 @@ class Store(ResultsMixin, TokensMixin):
     def check_integrity(self) -> None:
         """`PRAGMA quick_check` (reads every page once); raises StoreCorruptError when the file is damaged."""
         try:
-            rows = [r[0] for r in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+            rows = [line for r in self.db.execute("PRAGMA quick_check(3)").fetchall() for line in r[0].splitlines()]
         except sqlite3.DatabaseError as error:
             if not is_corruption(error):
                 raise
