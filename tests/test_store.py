@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +208,22 @@ def test_refresh_stats_equals_adding_one_by_one(tiny_stack, image_dir, tmp_path)
     assert list(bulk.db.execute(query)) == list(eager.db.execute(query))
     best = "SELECT s.layer, s.unit, r.image_sha256 FROM neuron_stats s JOIN results r ON r.id = s.best_result_id ORDER BY 1, 2"
     assert list(bulk.db.execute(best)) == list(eager.db.execute(best))
+
+
+def test_result_found_by_the_bytes_of_a_copied_photo(db: Path, tmp_path: Path) -> None:
+    """A photo attributed under one path and named by a copy elsewhere (steer, heatmap, neurons --image) is found
+    by the sha256 of its bytes; a file with other bytes is still 'no result'."""
+    from mmtui.errors import NotFoundError
+    from mmtui.store import Store
+
+    with Store.open(db) as store:
+        run = store.run()
+        stored = store.result(run.id, Path(next(iter(store.db.query("SELECT path FROM images")))["path"]).name)
+        copy = tmp_path / "elsewhere" / "renamed.jpg"
+        copy.parent.mkdir()
+        shutil.copy(stored["path"], copy)
+        assert store.result(run.id, str(copy))["id"] == stored["id"]
+        other = tmp_path / "other.jpg"
+        other.write_bytes(Path(stored["path"]).read_bytes() + b"\0")
+        with pytest.raises(NotFoundError, match="no result for image"):
+            store.result(run.id, str(other))

@@ -3,8 +3,10 @@ neuron_images, unit_moments), and read a result back (its triples, its units, it
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -185,16 +187,21 @@ class ResultsMixin(Connection):
         return unpack_unit_images([row[0]])[0] if row else np.zeros(0, dtype=UNIT_IMAGE)
 
     def result(self, run_id: str, image: str, target_spec: str | None = None) -> dict[str, Any]:
-        """A result by image sha256 (or its prefix) or by path (newest first when several targets)."""
+        """A result by image sha256 (or its prefix) or by path (newest first when several targets); a file found under
+        no stored path is looked up by the sha256 of its bytes (a copy of an attributed photo)."""
         sql = """SELECT results.*, images.path, images.width, images.height FROM results
                  JOIN images ON images.sha256 = results.image_sha256
                  WHERE results.run_id = ? AND (results.image_sha256 LIKE ? OR images.path = ? OR images.path LIKE ?)"""
-        image = storable_path(image)
+        given, image = image, storable_path(image)
         args: list[Any] = [run_id, image.lower() + "%", image, "%/" + image]
         if target_spec is not None:
             sql += " AND target_spec = ?"
             args.append(target_spec)
         rows = list(self.db.query(sql + " ORDER BY results.id DESC", args))
+        sha = _file_sha256(given) if not rows else None  # the same bytes attributed under another path
+        if sha is not None:
+            args[1:4] = [sha, None, None]
+            rows = list(self.db.query(sql + " ORDER BY results.id DESC", args))
         if not rows:
             raise NotFoundError(
                 f"no result for image {image!r} in run {run_id}; see `mmtui runs` or attribute it first"
@@ -263,3 +270,17 @@ class ResultsMixin(Connection):
         shape = json.loads(row[2])
         dims = (shape["n_layers"], shape["d_mlp"])
         return unpack_array(row[0], dims), unpack_array(row[1], dims)
+
+
+def _file_sha256(path: str) -> str | None:
+    """The sha256 of a regular file's bytes (as the images table keys them), or None where `path` is not one."""
+    try:
+        if not os.path.isfile(path):
+            return None
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
