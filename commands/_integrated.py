@@ -42,20 +42,37 @@ def ig_check(store: Any, run: Any, *, n_images: int, top: int, steps: int, devic
                 "overlap": f.overlap,
                 "k": f.k,
                 "completeness_gap": f.completeness,
+                "completeness_gap_y": f.completeness_y,
+                "y": f.y,
             }
             for f in found
         )
         emit_json([{"type": "ig-summary", "top": top, "steps": steps, **summary}])
         return len(failed)
     table = Table(title=f"Integrated gradients vs grad x act: each image's top {top} triples ({steps} steps)")
-    for name in ("image", "Spearman", "top-k overlap", "completeness gap"):
+    for name in ("image", "Spearman", "top-k overlap", "y", "completeness gap", "gap / y"):
         table.add_column(name, justify="left" if name == "image" else "right")
     for f in found:
-        table.add_row(Path(f.image).name, f"{f.spearman:.3f}", f"{f.overlap:.2f} (k={f.k})", f"{f.completeness:.1e}")
+        table.add_row(
+            Path(f.image).name,
+            f"{f.spearman:.3f}",
+            f"{f.overlap:.2f} (k={f.k})",
+            f"{f.y:.3g}",
+            f"{f.completeness:.1e}",
+            f"{f.completeness_y:.1e}",
+        )
     table.caption = (
         f"mean Spearman {fmt_ci(summary['spearman'], summary['spearman_ci'])}, top-k overlap "
-        f"{fmt_ci(summary['overlap'], summary['overlap_ci'])} over {summary['images']} image(s); completeness gap: "
-        "|sum of a layer's IG - (y - y with its entries zeroed)| / |y - y zeroed|, the worst layer"
+        f"{fmt_ci(summary['overlap'], summary['overlap_ci'])} over {summary['images']} image(s) (bootstrap 95%); "
+        "completeness gap: |sum of a layer's IG - (y - y with its entries zeroed)| / |y - y zeroed|, the worst "
+        f"layer (median {summary['median_completeness_gap']:.1e}; gap / y: the same gap as a share of y). "
+        "Where the gap is not small, the steps do not suffice: raise --ig-steps."
     )
     out.print(table)
+    if summary["not_converged"]:
+        warn(
+            f"{summary['not_converged']} of {summary['images']} image(s) have a completeness gap above "
+            f"{ig.SMALL_GAP:.0%} of y - y zeroed: at {steps} steps IG has not converged there, so their agreement "
+            "is not yet a result; raise --ig-steps"
+        )
     return len(failed)

@@ -51,13 +51,78 @@ def test_agreement_and_rules_by_hand():
     rho, overlap = ig.agreement(np.array([4.0, 3.0, 2.0, 1.0]), np.array([3.0, 4.0, 1.0, 2.0]), 2)
     assert rho == pytest.approx(0.6) and overlap == 1.0
     assert ig.agreement(np.array([3.0, 2.0, 1.0]), np.array([1.0, 2.0, 3.0]), 1) == (pytest.approx(-1.0), 0.0)
-    expected = {"gausslegendre": 0.25, "riemann_right": sum(k**3 for k in range(1, 8)) / 7**4}  # x^3 on [0, 1]
+    expected = {  # x^3 on [0, 1]
+        "gausslegendre": 0.25,
+        "riemann_right": sum(k**3 for k in range(1, 8)) / 7**4,
+        "riemann_trapezoid": (sum(k**3 for k in range(7)) / 6**3 - 0.5) / 6,  # 7 points, 6 intervals
+    }
     for method in ig.METHODS:
         alphas, weights = ig.nodes(method, 7)
-        assert weights.sum() == pytest.approx(1.0) and ((alphas > 0) & (alphas <= 1)).all()
+        assert weights.sum() == pytest.approx(1.0) and ((alphas >= 0) & (alphas <= 1)).all()
         assert (weights * alphas**3).sum() == pytest.approx(expected[method], rel=1e-12)
     with pytest.raises(ig.IntegratedError, match="rule"):
         ig.nodes("trapezoid", 4)
+    assert set(ig.nodes("riemann_trapezoid", 5)[0]) <= set(ig.nodes("riemann_trapezoid", 9)[0])  # they nest
+
+
+def _groups(store, row, stack):
+    """The image's first 12 triples (all in layer 0 here) and 4 entries of the last layer, and as many random
+    triples of the same layers."""
+    layer, unit, patch, _ = store.triples(row["id"])
+    triples = np.stack([layer, unit, patch], axis=1)[:12].astype(np.int64)
+    last = stack.n_layers - 1
+    triples = np.concatenate([triples, [[last, u, p] for u, p in ((0, 0), (1, 3), (5, 2), (7, 1))]])
+    control = ig.random_triples(triples, stack.d_mlp, stack.n_patches, seed=1)
+    return triples, control, [t[t[:, 0] == at] for t in (triples, control) for at in sorted(set(t[:, 0].tolist()))]
+
+
+def test_random_triples_match_layers_and_avoid_the_top():
+    triples = np.array([[0, 1, 2], [0, 3, 4], [2, 5, 6]])
+    control = ig.random_triples(triples, d_mlp=8, n_patches=8, seed=0)
+    assert sorted(control[:, 0].tolist()) == [0, 0, 2]
+    assert not {tuple(t) for t in control.tolist()} & {tuple(t) for t in triples.tolist()}
+    assert len({tuple(t) for t in control.tolist()}) == 3
+    assert (control == ig.random_triples(triples, d_mlp=8, n_patches=8, seed=0)).all()  # seeded
+
+
+def test_batched_rows_equal_step_by_step(tiny_stack64, store_run):
+    """All groups and alphas in chunks (here 40 rows per pass) give what one pass per row gives, in float64; the
+    gradient at alpha = 1 times a is the stored grad x act, for the top triples of each layer."""
+    store, run, row = _first(store_run)
+    triples, _, groups = _groups(store, row, tiny_stack64)
+    assert len(groups) >= 4  # two layers, top and random
+    prefix = tiny_stack64.encode([load_image(row["path"]).image])
+    args = (tiny_stack64, prefix, row["context_ids"], row["target_token_id"], groups)
+    batched = ig.path_ig(*args, steps=[4, 6], chunk=40)
+    single = ig.path_ig(*args, steps=[4, 6], chunk=1)
+    for b, s in zip(batched, single, strict=True):
+        for n in (4, 6):
+            np.testing.assert_allclose(b.ig[n], s.ig[n], rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(b.grad_x_act, s.grad_x_act, rtol=1e-10, atol=1e-14)
+        assert b.y == pytest.approx(s.y, rel=1e-12) and b.y_zero == pytest.approx(s.y_zero, rel=1e-12)
+    alone = ig.path_ig(*args[:4], groups[:1], steps=4)[0]  # a group's result does not depend on the others
+    np.testing.assert_allclose(alone.ig[4], batched[0].ig[4], rtol=1e-10)
+    layer, unit, patch, score = store.triples(row["id"])
+    stored = {(int(a), int(b), int(c)): float(s) for a, b, c, s in zip(layer, unit, patch, score, strict=True)}
+    top_paths = batched[: len(set(triples[:, 0].tolist()))]
+    assert top_paths[0].entries[0, 0] == 0 and all(tuple(t) in stored for t in top_paths[0].entries.tolist())
+    want = [stored[tuple(t)] for t in top_paths[0].entries.tolist()]
+    np.testing.assert_allclose(top_paths[0].grad_x_act, want, rtol=2e-3)  # the store holds float32 scores
+
+
+def test_nested_sizes_share_passes_and_converge(tiny_stack64, store_run):
+    store, run, row = _first(store_run)
+    sizes = [3, 5, 9, 17]
+    found = ig.image_ig_sizes(
+        tiny_stack64, store, run, row["id"], top=12, sizes=sizes, method="riemann_trapezoid", control=True
+    )
+    assert [f.steps for f in found] == sizes
+    gaps = [f.completeness for f in found]
+    assert gaps[-1] < gaps[0] and gaps[-1] < 1e-3  # the trapezoid rule's error falls as h^2
+    assert found[-1].control is not None and len(found[-1].control.triples) == 12
+    assert found[-1].control.completeness < 1e-3  # completeness holds for the random entries too
+    again = ig.image_ig(tiny_stack64, store, run, row["id"], top=12, steps=9, method="riemann_trapezoid")
+    np.testing.assert_allclose(again.ig, found[2].ig, rtol=1e-10)  # alone, the same figures
 
 
 def test_explain_ig_command(attributed_db, monkeypatch):
@@ -69,5 +134,13 @@ def test_explain_ig_command(attributed_db, monkeypatch):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     images = [x for x in lines if x.get("type") == "ig"]
     assert len(images) == 1 and len(images[0]["ig"]) == 8 and -1 <= images[0]["spearman"] <= 1
+    assert images[0]["completeness_gap"] >= 0 and images[0]["y"] > 0
+    (summary,) = [x for x in lines if x.get("type") == "ig-summary"]
+    assert summary["worst_completeness_gap"] == images[0]["completeness_gap"]
     table = runner.invoke(app, ["explain", "--ig", "1", "--ig-top", "8", "--ig-steps", "2", "--device", "cpu"])
     assert table.exit_code == 0 and "Spearman" in table.stdout
+    assert "completeness gap" in table.stdout and "of y" in table.stdout
+    args = ["explain", "--ig", "1", "--ig-top", "8", "--ig-steps", "4", "--device", "cpu"]
+    for small, warned in ((0.0, True), (float("inf"), False)):  # the warning follows the gap and the bound
+        monkeypatch.setattr(ig, "SMALL_GAP", small)
+        assert ("1 of 1 image(s) have a completeness gap" in runner.invoke(app, args).output) == warned
