@@ -112,12 +112,18 @@ def print_eta(label: str, elapsed: float, done: int, total: int) -> None:
 
 
 def stage_progress(progress: Progress) -> Callable[[str, int, int], None]:
-    """A core progress callback (stage, done, total) that shows one bar per stage on `progress`."""
+    """A core progress callback (stage, done, total) that shows one bar per stage on `progress`. A stage the
+    core opens with done = 0 gets an ETA line (`print_eta`) once its first part is done."""
     tasks: dict[str, TaskID] = {}
+    started: dict[str, float] = {}
 
     def report(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
             tasks[stage] = progress.add_task(stage, total=total)
+            if done == 0:
+                started[stage] = time.perf_counter()
+        elif stage in started and 0 < done < total:
+            print_eta(stage, time.perf_counter() - started.pop(stage), done, total)
         progress.update(tasks[stage], completed=done)
 
     return report
