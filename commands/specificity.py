@@ -48,7 +48,7 @@ def specificity(
     if category not in CATEGORY_RULES:
         fail(f"--category {category!r}: use one of {', '.join(CATEGORY_RULES)}")
     skipped: list[str] = []
-    rows = []
+    rows: list[dict[str, Any]] = []
     with core_errors():
         coco = CocoInstances.load(instances)
         with open_store(db_path(db)) as store:
