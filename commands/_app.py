@@ -40,6 +40,14 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _group() -> None:
+    # A callback keeps `mmtui` a group of commands when `commands.main` registers the one command asked for
+    # (a Typer app of one command and no callback would run that command directly). No docstring: the app's
+    # help above stays the help.
+    pass
+
+
 class _ResultConsole(Console):
     def on_broken_pipe(self) -> None:
         """The reader closed stdout (`| head`): end quietly with 0; rich's own handler exits 1, "some failed"."""
@@ -93,8 +101,8 @@ VlmOption = Annotated[
     str | None,
     typer.Option(
         "--vlm",
-        help="A whole VLM checkpoint as the stack (LlavaForConditionalGeneration): hub id or folder; "
-        "replaces --preset, --lm, --encoder and --projection; --prompt is the instruction after the image.",
+        help="A whole VLM checkpoint as the stack (LLaVA-1.5, LLaVA-NeXT, Idefics3, SmolVLM, SmolVLM2): hub id or "
+        "folder; replaces --preset, --lm, --encoder and --projection; --prompt is the instruction after the image.",
     ),
 ]
 BosOption = Annotated[
@@ -129,7 +137,8 @@ def core_errors() -> Iterator[None]:
         cache = _last_db or "CACHE.db"
         fail(
             f"the cache file {cache} is damaged ({error}); nothing more is written to it. Salvage what is readable "
-            f"with `sqlite3 {cache} .recover | sqlite3 recovered.db` and pass --db recovered.db"
+            f"with `mmtui doctor --db {cache} --salvage recovered.db` (or `sqlite3 {cache} .recover | sqlite3 "
+            "recovered.db`) and pass --db recovered.db"
         )
     except KeyboardInterrupt:
         err.print(INTERRUPTED, highlight=False, soft_wrap=True)

@@ -11,11 +11,16 @@ import typer
 from rich.table import Table
 
 from commands._app import (
+    BosOption,
     DbOption,
     DeviceOption,
+    EncoderOption,
     ExitCode,
     JsonOption,
+    LmOption,
     PresetOption,
+    ProjectionOption,
+    VlmOption,
     app,
     core_errors,
     db_path,
@@ -106,6 +111,11 @@ def ablate(
     ] = None,
     run: RunOption = None,
     preset: PresetOption = "smol",
+    lm: LmOption = None,
+    encoder: EncoderOption = None,
+    projection: ProjectionOption = None,
+    vlm: VlmOption = None,
+    bos: BosOption = False,
     bertscore_model: BertModelOption = None,
     bertscore_layers: BertLayersOption = None,
     device: DeviceOption = "auto",
@@ -114,6 +124,8 @@ def ablate(
 ) -> None:
     """Ablate each image's top-k units (and random ones) and measure P(target) and the regenerated caption.
 
+    The stack options (--preset, --lm, --encoder, --projection, --vlm, --bos) choose the stack that attributes
+    IMAGE_DIR, as in `attribute`; with --from-store the run's own stack is loaded.
     k counts (layer, unit, patch) triples in rank order (--unit-mode units: distinct units). The table gives,
     per condition and k, the mean relative drop 1 - p_ablated / p with its 95% t interval over images.
     """
@@ -125,6 +137,17 @@ def ablate(
         fail("pass an IMAGE_DIR to attribute and ablate, or --from-store for the images already cached (not both)")
     if captions is not None and from_store:
         fail("--captions chooses the targets of new images; with --from-store the cached targets are used")
+    stack_args: dict[str, Any] = {
+        "lm": lm,
+        "encoder": encoder,
+        "projection": str(projection) if projection else None,
+        **({"vlm": vlm} if vlm else {}),
+        **({"bos": True} if bos else {}),
+    }
+    if from_store and any(stack_args.values()):
+        fail(
+            "--from-store loads the run's own stack; pass no stack option (--lm, --encoder, --projection, --vlm, --bos)"
+        )
     failures: list[str] = []
     n_points = 0
     with core_errors():
@@ -133,7 +156,7 @@ def ablate(
         store = Store.open(db_path(db), create=not from_store)
         with store:
             stack, chosen, result_ids = _images_to_ablate(
-                store, image_dir, run, ks, preset, captions, device, limit, failures
+                store, image_dir, run, ks, preset, stack_args, captions, device, limit, failures
             )
             bert = None
             if regenerate:
@@ -216,6 +239,7 @@ def _images_to_ablate(
     run: str | None,
     ks: list[int],
     preset: str,
+    stack_args: dict[str, Any],
     captions: Path | None,
     device: str,
     limit: int | None,
@@ -231,19 +255,21 @@ def _images_to_ablate(
             fail(f"run {chosen.id} holds no results; run `mmtui attribute IMAGE_DIR` first")
         return run_stack(chosen, device), chosen, result_ids
     _check_k_range(ks, DEFAULT_KEEP)
-    return _attribute_first(store, image_dir, preset, captions, device, limit, failures)
+    return _attribute_first(store, image_dir, preset, stack_args, captions, device, limit, failures)
 
 
 def _attribute_first(
     store: Store,
     image_dir: Path,
     preset: str,
+    stack_args: dict[str, Any],
     captions: Path | None,
     device: str,
     limit: int | None,
     failures: list[str],
 ) -> tuple[Stack, Run, list[int]]:
-    """Attribute the images of IMAGE_DIR not yet cached; return the stack, the run and their result ids."""
+    """Attribute the images of IMAGE_DIR not yet cached (the stack: `preset` with `stack_args`, load_stack's
+    keywords); return the stack, the run and their result ids."""
     from mmtui.run.events import ImageDone, ImageFailed, ImageSkipped, Note, RunStarted
     from mmtui.run.images import find_images
     from mmtui.run.pipeline import attribute_images, read_captions
@@ -255,8 +281,8 @@ def _attribute_first(
         warn(str(problem))
     files = scan.files[:limit] if limit else scan.files
     caption_map = read_captions(captions) if captions else None
-    with loading(f"Loading the {preset} stack") as progress:
-        stack = load_stack(preset, device=device, progress=progress)
+    with loading(f"Loading the {stack_args.get('vlm') or preset} stack") as progress:
+        stack = load_stack(preset, device=device, progress=progress, **stack_args)
     run_id = None
     sha256: dict[str, str] = {}  # path -> the image's sha256, from the run's events (nothing is read twice)
     with progress_bar() as progress:

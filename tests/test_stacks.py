@@ -282,3 +282,37 @@ def test_unreachable_hub_fails_at_once_without_hf_hub_offline(monkeypatch: pytes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(StackError, match="HF_HUB_OFFLINE is set"):
         presets.load_lm("no-such-owner/no-such-model-mmtui", None, torch.float32, None)
+
+
+@pytest.mark.parametrize(
+    "spec", ["hf:no-such-owner/no-such-encoder-mmtui@-2+cls", "beit:no-such-owner/no-such-beit-mmtui"]
+)
+def test_unreachable_hub_fails_at_once_for_the_encoders(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    """The `hf:` and BEiT encoder loaders check the hub as load_lm does (presets.hub_files_only): not cached and
+    the hub unreachable is one line before transformers is asked; cached is a load with local_files_only."""
+    import huggingface_hub
+    import transformers
+
+    from mmtui.stacks import presets
+
+    asked: list[dict] = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        asked.append(kwargs)
+        raise OSError("stop here: the test only checks what the loader was asked")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(presets, "_hub_reachable", lambda timeout=presets.HUB_PROBE_SECONDS: False)
+    for cls in (transformers.AutoConfig, transformers.BeitModel):
+        monkeypatch.setattr(cls, "from_pretrained", record)
+    with pytest.raises(StackError, match="not in the local Hugging Face cache and the Hugging Face hub cannot be"):
+        presets.load_encoder(spec, torch.float32)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StackError, match="HF_HUB_OFFLINE is set"):
+        presets.load_encoder(spec, torch.float32)
+    assert asked == []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cached/config.json")
+    with pytest.raises(StackError, match="stop here"):
+        presets.load_encoder(spec, torch.float32)
+    assert asked and asked[0]["local_files_only"] is True

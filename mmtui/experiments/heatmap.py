@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from mmtui.defaults import THRESHOLD_Q
-from mmtui.errors import NotFoundError
 from mmtui.experiments.stats import quantile_mask
+from mmtui.store.records import check_neuron
 
 if TYPE_CHECKING:
     from mmtui.stacks.base import Stack
@@ -35,12 +35,10 @@ _STOPS = np.array(
 
 
 def check_units(stack: Stack, units: Sequence[tuple[int, int]]) -> None:
+    """Raise NotFoundError (records.check_neuron) naming the first unit the stack does not have."""
+    shape = {"n_layers": stack.n_layers, "d_mlp": stack.d_mlp}
     for layer, unit in units:
-        if not (0 <= layer < stack.n_layers and 0 <= unit < stack.d_mlp):
-            raise NotFoundError(
-                f"no neuron L{layer}.u{unit}: this stack has layers 0-{stack.n_layers - 1} "
-                f"and units 0-{stack.d_mlp - 1}"
-            )
+        check_neuron(layer, unit, shape)
 
 
 def unit_activation_maps(
@@ -113,15 +111,15 @@ def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _calibration(stack: Stack, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """The preprocessed values of an all-black and an all-white picture of `size` (per channel), and the
     frame size: the encoder's normalisation is affine per channel, so these two invert it."""
-    black = stack.encoder.preprocess([Image.new("RGB", size, (0, 0, 0))])[0].float().numpy()  # [3, H, W]
-    white = stack.encoder.preprocess([Image.new("RGB", size, (255, 255, 255))])[0].float().numpy()
+    black = stack.encoder.view([Image.new("RGB", size, (0, 0, 0))])[0].float().numpy()  # [3, H, W]
+    white = stack.encoder.view([Image.new("RGB", size, (255, 255, 255))])[0].float().numpy()
     return black.mean(axis=(1, 2)), white.mean(axis=(1, 2)), (black.shape[1], black.shape[2])
 
 
 def encoder_view(stack: Stack, image: Image.Image) -> np.ndarray:
     """The picture as the encoder sees it (after its resize and crop), uint8 [H, W, 3] in the encoder frame."""
     lo, hi, _ = _calibration(stack, image.size)
-    pixels = stack.encoder.preprocess([image.convert("RGB")])[0].float().numpy()  # [3, H, W]
+    pixels = stack.encoder.view([image.convert("RGB")])[0].float().numpy()  # [3, H, W]
     scaled = (pixels - lo[:, None, None]) / (hi - lo)[:, None, None]
     return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
 
@@ -131,7 +129,7 @@ def encoder_view_mask(stack: Stack, mask: np.ndarray) -> np.ndarray:
     preprocessing (the same resize and crop as the picture): bool [H, W]."""
     picture = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
     lo, hi, _ = _calibration(stack, picture.size)
-    pixels = stack.encoder.preprocess([picture])[0].float().numpy()
+    pixels = stack.encoder.view([picture])[0].float().numpy()
     scaled = (pixels - lo[:, None, None]) / (hi - lo)[:, None, None]
     return scaled.mean(axis=0) > 0.5
 

@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mmtui.errors import MmtuiError
+from mmtui.errors import MmtuiError, NotFoundError
 from mmtui.experiments.ablation_ops import generate_captions, last_logits, load_result_image
 from mmtui.store import Store
+from mmtui.store.records import check_neuron
 
 if TYPE_CHECKING:
     import torch
@@ -92,14 +93,12 @@ def parse_unit(text: str) -> Unit:
 
 
 def check_units(run: Run, units: Sequence[Unit]) -> None:
-    """Raise SteerError naming the first unit the run's stack does not have."""
-    shape = run.shape
+    """Raise SteerError naming the first unit the run's stack does not have (records.check_neuron's check)."""
     for layer, unit in units:
-        if not (0 <= layer < shape["n_layers"] and 0 <= unit < shape["d_mlp"]):
-            raise SteerError(
-                f"no unit L{layer}.u{unit}: this stack has layers 0-{shape['n_layers'] - 1} "
-                f"and units 0-{shape['d_mlp'] - 1}"
-            )
+        try:
+            check_neuron(layer, unit, run.shape, noun="unit")
+        except NotFoundError as error:
+            raise SteerError(str(error)) from None
 
 
 def steer(

@@ -257,8 +257,9 @@ def load_hf_encoder(spec: EncoderSpec, dtype: torch.dtype) -> tuple[VisionEncode
     from transformers import AutoConfig, AutoImageProcessor
 
     name = spec.name
+    local = hub_files_only("encoder", name, None)  # the local HF cache first; an unreachable hub fails at once
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, local_files_only=local)
     except (OSError, ValueError) as err:
         raise StackError(f"cannot load the encoder {name!r}: {str(err).splitlines()[0]}") from err
     model_class = HF_VISION_CLASSES.get(config.model_type)
@@ -266,8 +267,8 @@ def load_hf_encoder(spec: EncoderSpec, dtype: torch.dtype) -> tuple[VisionEncode
         kinds = ", ".join(sorted({k.removesuffix("_vision_model") for k in HF_VISION_CLASSES}))
         raise StackError(f"encoder {name!r} is a {config.model_type!r} model; hf: loads these image encoders: {kinds}")
     try:
-        model = getattr(transformers, model_class).from_pretrained(name, dtype=dtype)
-        processor = AutoImageProcessor.from_pretrained(name)
+        model = getattr(transformers, model_class).from_pretrained(name, dtype=dtype, local_files_only=local)
+        processor = AutoImageProcessor.from_pretrained(name, local_files_only=local)
     except (OSError, ValueError) as err:
         raise StackError(f"cannot load the encoder {name!r}: {str(err).splitlines()[0]}") from err
     enc = HFVisionEncoder(model, processor, name, layer=spec.layer, cls=spec.cls)

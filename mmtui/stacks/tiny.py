@@ -158,3 +158,103 @@ def save_tiny_limber(directory: Path | str, seed: int = 0, family: str = "gptj")
     paths["projection"] = directory / "proj.ckpt"
     torch.save(proj.linear.state_dict(), paths["projection"])
     return paths
+
+
+# chat templates as the llava-hf processors ship them: LLaVA-1.5 ("USER: <image>\n... ASSISTANT:") and the
+# Mistral-instruct form of llava-v1.6-mistral ("[INST] <image>\n... [/INST]")
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{{ ' [/INST]' }}{% endif %}{% endfor %}"
+)
+# the tiny VLMs' vision tower: 32 px tiles of 8 px patches (a 4 x 4 grid per tile); NeXT's pinpoints at that scale
+VLM_TILE, VLM_PATCH = 32, 8
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def save_tiny_vlm(
+    folder: Path, kind: str = "llava", strategy: str = "default", dtype: torch.dtype = torch.float32
+) -> Path:
+    """A random LLaVA (`kind` "llava") or LLaVA-NeXT ("llava_next") with its processor, saved with
+    save_pretrained: a tiny CLIP tower (VLM_TILE px, VLM_PATCH px patches), a 2-layer Llama, an `<image>` token
+    and the checkpoint family's chat template. NeXT tiles images onto NEXT_PINPOINTS (64 x 64: 2 x 2 tiles)."""
+    import copy
+
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=VLM_TILE,
+        patch_size=VLM_PATCH,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
+    common: dict[str, Any] = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+    )
+    sizes: dict[str, Any] = dict(size={"shortest_edge": VLM_TILE}, crop_size={"height": VLM_TILE, "width": VLM_TILE})
+    torch.manual_seed(0)
+    if kind == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+        side = VLM_TILE // VLM_PATCH
+        model: Any = LlavaForConditionalGeneration(LlavaConfig(**common, image_seq_length=side * side))
+        image_processor: Any = CLIPImageProcessor(**sizes)
+        processor_class: Any = LlavaProcessor
+        template = LLAVA_TEMPLATE
+    elif kind == "llava_next":
+        from transformers import (
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+            LlavaNextImageProcessor,
+            LlavaNextProcessor,
+        )
+
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=NEXT_PINPOINTS))
+        image_processor = LlavaNextImageProcessor(**sizes, image_grid_pinpoints=NEXT_PINPOINTS)
+        processor_class = LlavaNextProcessor
+        template = LLAVA_NEXT_TEMPLATE
+    else:
+        raise ValueError(f"no tiny VLM of kind {kind!r}; one of llava, llava_next")
+    model = model.to(dtype)
+    with torch.no_grad():  # image tokens of the word embeddings' scale, so the caption depends on the image
+        model.model.multi_modal_projector.linear_2.weight.mul_(8.0)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.eos_token_id
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=VLM_PATCH,
+        vision_feature_select_strategy=strategy,
+        chat_template=template,
+        num_additional_image_tokens=1,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -58,6 +58,11 @@ class VisionEncoder(nn.Module):
         """PIL images -> pixel tensor [B, 3, H, W] (float32, normalised)."""
         return self._preprocess(images)
 
+    def view(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The images in the frame of the patch grid, [B, 3, H, W] (heatmaps): `preprocess` unless the encoder's
+        pixels are not one picture (LLaVA-NeXT's tiles)."""
+        return self.preprocess(images)
+
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -21,7 +21,8 @@ def _now() -> str:
 def corrupt_error(path: Path, error: BaseException | str) -> StoreCorruptError:
     return StoreCorruptError(
         f"{path} is damaged ({error}); nothing more is written to it. Salvage what is readable with "
-        f"`sqlite3 {path} .recover | sqlite3 recovered.db` and pass --db recovered.db, or move it aside"
+        f"`mmtui doctor --db {path} --salvage recovered.db` (or `sqlite3 {path} .recover | sqlite3 recovered.db`) "
+        "and pass --db recovered.db, or move it aside"
     )
 
 

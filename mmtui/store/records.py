@@ -186,13 +186,13 @@ def storable_path(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def check_neuron(layer: int, unit: int, shape: dict[str, Any], owner: str = "this stack") -> None:
+def check_neuron(layer: int, unit: int, shape: dict[str, Any], owner: str = "this stack", noun: str = "neuron") -> None:
     """Raise NotFoundError unless (layer, unit) is an MLP unit of a stack of this `shape` (n_layers, d_mlp);
-    the message names the ranges, and `owner` (the stack, or the run) has them."""
+    the message ("no {noun} L1.u2: ...") names the ranges, and `owner` (the stack, or the run) has them."""
     n_layers, d_mlp = int(shape["n_layers"]), int(shape["d_mlp"])
     if not (0 <= layer < n_layers and 0 <= unit < d_mlp):
         raise NotFoundError(
-            f"no neuron L{layer}.u{unit}: {owner} has layers 0..{n_layers - 1} and units 0..{d_mlp - 1}"
+            f"no {noun} L{layer}.u{unit}: {owner} has layers 0..{n_layers - 1} and units 0..{d_mlp - 1}"
         )
 
 
