@@ -98,13 +98,32 @@ def progress_bar(every: float = 30.0) -> Progress:
     )
 
 
+def print_eta(label: str, elapsed: float, done: int, total: int) -> None:
+    """The ETA up front: one plain line on stderr (a terminal or a log alike) saying how long the first `done`
+    of `total` items took and how long the rest will take at that rate."""
+    left = elapsed / max(done, 1) * max(total - done, 0)
+    minutes, seconds = divmod(round(left), 60)
+    eta = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    err.print(
+        f"{label}: {done} of {total} took {elapsed:.1f} s; ETA about {eta} for the other {total - done}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def stage_progress(progress: Progress) -> Callable[[str, int, int], None]:
-    """A core progress callback (stage, done, total) that shows one bar per stage on `progress`."""
+    """A core progress callback (stage, done, total) that shows one bar per stage on `progress`. A stage the
+    core opens with done = 0 gets an ETA line (`print_eta`) once its first part is done."""
     tasks: dict[str, TaskID] = {}
+    started: dict[str, float] = {}
 
     def report(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
             tasks[stage] = progress.add_task(stage, total=total)
+            if done == 0:
+                started[stage] = time.perf_counter()
+        elif stage in started and 0 < done < total:
+            print_eta(stage, time.perf_counter() - started.pop(stage), done, total)
         progress.update(tasks[stage], completed=done)
 
     return report

@@ -3,6 +3,7 @@ of each image are ablated, against random units of the same layers."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,6 +38,7 @@ from commands._experiments import (
     fmt,
     load_metrics,
     loading,
+    print_eta,
     progress_bar,
     run_stack,
 )
@@ -98,7 +100,15 @@ def ablate(
     ] = False,
     captions: CaptionsOption = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many images.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Ablation settings per forward pass.")] = 16,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Ablation settings per forward pass; default all of an image's, as far as the memory allows.",
+            show_default=False,
+        ),
+    ] = None,
     run: RunOption = None,
     preset: PresetOption = "smol",
     lm: LmOption = None,
@@ -120,6 +130,7 @@ def ablate(
     per condition and k, the mean relative drop 1 - p_ablated / p with its 95% t interval over images.
     """
     from mmtui.experiments.ablation import AblationError, dose_response, summarize
+    from mmtui.experiments.ablation_ops import ablation_batch_rows
 
     ks = parse_ks(k)
     if from_store == (image_dir is not None):
@@ -155,8 +166,10 @@ def ablate(
                 failures.append(message)
                 warn(message)
 
-            per_image = len(ks) * (1 + int(interpretable) + (seeds if baseline == "random" else 0))
-            passes = len(result_ids) * -(-per_image // batch_size)
+            n_conditions = 1 + int(interpretable) + (seeds if baseline == "random" else 0)
+            per_image = len(ks) * n_conditions
+            n_rows = 1 + sum(1 for value in ks if value > 0) * n_conditions  # the unablated row and the ablations
+            passes = len(result_ids) * -(-n_rows // (batch_size or ablation_batch_rows(stack, n_rows)))
             err.print(
                 f"Ablating {len(result_ids)} image(s) x {per_image} settings in about {passes} batched pass(es)"
                 + (", each setting regenerating its caption" if regenerate else "")
@@ -164,6 +177,19 @@ def ablate(
                 highlight=False,
                 soft_wrap=True,
             )
+            # the ETA from the first image computed now (images read back from the cache take no time)
+            since, fresh, done, told = time.perf_counter(), False, 0, False
+
+            def on_image(_result_id: int) -> None:
+                nonlocal since, fresh, done, told
+                done += 1
+                if fresh and not told and done < len(result_ids):
+                    print_eta("Ablating: the first image", time.perf_counter() - since, 1, 1 + len(result_ids) - done)
+                    told = True
+                elif not fresh:
+                    since = time.perf_counter()
+                fresh = False
+
             points = []
             try:
                 with progress_bar() as progress:
@@ -183,8 +209,10 @@ def ablate(
                         bertscore=bert,
                         batch_size=batch_size,
                         on_error=on_error,
+                        on_image=on_image,
                     ):
                         points.append(point)
+                        fresh = fresh or not point.cached
                         progress.update(
                             task,
                             advance=1,

@@ -3,6 +3,7 @@ against random units of the same layers."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ import typer
 from rich.table import Table
 
 from commands._app import DbOption, DeviceOption, JsonOption, app, core_errors, db_path, emit_json, fail, out, warn
-from commands._experiments import RunOption, fmt, open_store, progress_bar, run_stack
+from commands._experiments import RunOption, fmt, open_store, print_eta, progress_bar, run_stack
 
 
 def iou_json(image: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def specificity(
     if category not in CATEGORY_RULES:
         fail(f"--category {category!r}: use one of {', '.join(CATEGORY_RULES)}")
     skipped: list[str] = []
-    rows = []
+    rows: list[dict[str, Any]] = []
     with core_errors():
         coco = CocoInstances.load(instances)
         with open_store(db_path(db)) as store:
@@ -57,7 +58,11 @@ def specificity(
             with progress_bar() as progress:
                 task = progress.add_task("IoU", total=len(result_ids))
 
+                since, done = time.perf_counter(), 0
+
                 def on_skip(path: str, why: str) -> None:
+                    nonlocal done
+                    done += 1
                     skipped.append(f"{path}: {why}")
                     progress.advance(task)
 
@@ -74,6 +79,9 @@ def specificity(
                     interpretable_only=interpretable,
                     on_skip=on_skip,
                 ):
+                    done += 1
+                    if not rows and done < len(result_ids):  # the ETA up front, from the first image scored
+                        print_eta("IoU: the first image(s)", time.perf_counter() - since, done, len(result_ids))
                     progress.advance(task)
                     rows.extend(item.rows)
                     if json_out:

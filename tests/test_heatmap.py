@@ -42,6 +42,26 @@ def test_maps_equal_a_manual_capture_in_row_major_order(tiny_stack, pil_images):
         assert grid[1, 2] == pytest.approx(float(patches[1 * 4 + 2]), abs=1e-6)  # row 1, column 2 = patch 6
 
 
+def test_the_pass_stops_after_the_last_layer_read_with_the_same_maps(tiny_stack, pil_images):
+    """Units of layer 0 only: the layers above are skipped (their MLP never runs), the maps equal a full pass's."""
+    assert tiny_stack.n_layers > 1
+    ran: list[int] = []
+    handle = tiny_stack.adapter.site_hook(1, "post", lambda act: ran.append(1))
+    try:
+        maps = batch_activation_maps(tiny_stack, pil_images[:2], [(0, 3), (0, 9)])
+    finally:
+        handle.remove()
+    assert ran == []
+    captured = {}
+    embeds, _ = tiny_stack.build_inputs(tiny_stack.encode(pil_images[:2]), [[], []])
+    with torch.no_grad(), tiny_stack.hooks(lambda layer, act: captured.__setitem__(layer, act.clone())):
+        tiny_stack.lm.base_model(inputs_embeds=embeds, use_cache=False)
+    cells = [i for i, c in enumerate(tiny_stack.cells) if c >= 0]
+    for j, unit in enumerate((3, 9)):
+        full = captured[0][:, tiny_stack.image_slice][:, cells, unit].numpy()  # [B, P] in cell order
+        assert np.array_equal(maps[:, j].reshape(2, -1)[:, [c for c in tiny_stack.cells if c >= 0]], full)
+
+
 def test_batch_maps_match_single_and_are_deterministic(tiny_stack, pil_images):
     units = [(0, 1), (1, 2)]
     batch = batch_activation_maps(tiny_stack, pil_images[:2], units)

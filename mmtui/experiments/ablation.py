@@ -30,6 +30,7 @@ from mmtui.experiments.ablation_ops import (
     DEFAULT_MAX_NEW_TOKENS,
     AblationError,
     AblationSet,
+    ablation_batch_rows,
     ablation_hook,
     generate_captions,
     load_result_image,
@@ -143,9 +144,10 @@ def dose_response(
     cancel: threading.Event | None = None,
     interpretable: bool = True,
     bertscore: BertScorer | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     convention: str = "raw",
     on_error: Callable[[int, str], None] | None = None,
+    on_image: Callable[[int], None] | None = None,
 ) -> Iterator[AblationPoint]:
     """Ablate each image's top-k units for every k and condition; yield each point once it is stored.
 
@@ -155,6 +157,9 @@ def dose_response(
     under ablation and score it against the unablated one with `bertscore` (None: BERTScore left empty;
     identical captions score 1). cancel: checked between batches; what was stored stays. on_error: called
     with (result_id, message) for an image that cannot be used, and the loop goes on (None: raise).
+    batch_size: rows per forward pass; None: every setting of an image in one pass where the memory allows
+    (`ablation_batch_rows`). The unablated P(target) (and caption) is one more row of the image's first pass.
+    on_image: called with the result id once all of an image's points are yielded (e.g. for an ETA).
     """
     _check(ks, baseline, mode, unit_mode, seeds)
     ks = sorted({int(k) for k in ks})
@@ -194,6 +199,8 @@ def dose_response(
             else:
                 todo.append(cfg)
         if not todo:
+            if on_image is not None:
+                on_image(row["id"])
             continue
         try:
             image = load_result_image(row)
@@ -203,14 +210,13 @@ def dose_response(
             on_error(row["id"], str(err))
             continue
         prefix = stack.encode([image])  # [1, P, d_model]
-        p_before = float(target_probs(stack, prefix, row["context_ids"], row["target_token_id"], site=site)[0])
-        caption_before = generate_captions(stack, prefix, site=site, max_new_tokens=max_new)[0] if captions else None
-        for start in range(0, len(todo), batch_size):
+        size = batch_size or ablation_batch_rows(stack, 1 + sum(1 for c in todo if len(c.entries)))
+        before: tuple[float, str | None] | None = None  # (p, caption) unablated: a row of the first pass
+        for chunk in _passes(todo, size):
             if cancel is not None and cancel.is_set():
                 return
-            chunk = todo[start : start + batch_size]
-            points = _run_chunk(
-                stack, row, chunk, prefix, means, site, max_new, p_before, caption_before, bertscore, mode, unit_mode
+            points, before = _run_chunk(
+                stack, row, chunk, prefix, means, site, max_new, before, captions, bertscore, mode, unit_mode
             )
             xs.add_ablation_points(
                 store,
@@ -220,6 +226,19 @@ def dose_response(
                 ],
             )
             yield from points
+        if on_image is not None:
+            on_image(row["id"])
+
+
+def _passes(todo: Sequence[AblationSet], size: int) -> Iterator[list[AblationSet]]:
+    """The configs of one image in forward passes of at most `size` rows: the first pass holds the unablated
+    row and the k = 0 configs (they need no row of their own), then the ablations in order."""
+    empty = [c for c in todo if not len(c.entries)]
+    active = [c for c in todo if len(c.entries)]
+    first = size - 1  # the unablated row
+    yield empty + active[:first]
+    for start in range(first, len(active), size):
+        yield active[start : start + size]
 
 
 def _run_chunk(
@@ -230,32 +249,39 @@ def _run_chunk(
     means: torch.Tensor | None,
     site: str,
     max_new: int,
-    p_before: float,
-    caption_before: str | None,
+    before: tuple[float, str | None] | None,
+    captions: bool,
     bertscore: BertScorer | None,
     mode: str,
     unit_mode: str,
-) -> list[AblationPoint]:
-    """Compute one batch of ablation configs of one image (k = 0 configs need no pass)."""
+) -> tuple[list[AblationPoint], tuple[float, str | None]]:
+    """One forward pass (and with `captions` one batched greedy decode) over one batch of ablation configs of
+    one image. before: the unablated (P(target), caption); None on the first pass, which computes it as one
+    more row (all-False masks leave the activations as they are) and returns it for the later passes."""
     active = [c for c in chunk if len(c.entries)]
+    rows = active if before is not None else [AblationSet(0, "none", None, np.zeros((0, 3), np.int64)), *active]
     p_after: dict[int, float] = {}
-    captions: dict[int, str | None] = {}
-    if active:
-        masks = masks_for(active, stack.n_layers, stack.n_patches, stack.d_mlp, stack.device)
-        hook = ablation_hook(masks, stack.image_slice, means)
-        batch = prefix.expand(len(active), -1, -1)
-        probs = target_probs(stack, batch, row["context_ids"], row["target_token_id"], hook, site)
-        texts = (
-            generate_captions(stack, batch, hook, site, max_new) if caption_before is not None else [None] * len(active)
-        )
-        for cfg, p, text in zip(active, probs.tolist(), texts, strict=True):
+    texts: dict[int, str | None] = {}
+    if rows:
+        hook = None
+        if active:
+            masks = masks_for(rows, stack.n_layers, stack.n_patches, stack.d_mlp, stack.device)
+            hook = ablation_hook(masks, stack.image_slice, means)
+        batch = prefix.expand(len(rows), -1, -1)
+        probs = target_probs(stack, batch, row["context_ids"], row["target_token_id"], hook, site).tolist()
+        made = generate_captions(stack, batch, hook, site, max_new) if captions else [None] * len(rows)
+        if before is None:
+            before = (probs.pop(0), made.pop(0))
+        for cfg, p, text in zip(active, probs, made, strict=True):
             p_after[id(cfg)] = p
-            captions[id(cfg)] = text
+            texts[id(cfg)] = text
+    assert before is not None
+    p_before, caption_before = before
     for cfg in chunk:
         if not len(cfg.entries):
             p_after[id(cfg)] = p_before
-            captions[id(cfg)] = caption_before
-    scores = _caption_scores([captions[id(c)] for c in chunk], caption_before, bertscore)
+            texts[id(cfg)] = caption_before
+    scores = _caption_scores([texts[id(c)] for c in chunk], caption_before, bertscore)
     points = []
     for cfg, score in zip(chunk, scores, strict=True):
         entries = cfg.entries
@@ -271,7 +297,7 @@ def _run_chunk(
                 p_after=p_after[id(cfg)],
                 relative_drop=relative_drop(p_before, p_after[id(cfg)]),
                 caption_before=caption_before,
-                caption=captions[id(cfg)],
+                caption=texts[id(cfg)],
                 bertscore=score,
                 bertscore_model=None if score is None else (bertscore.name if bertscore else "identical"),
                 n_ablated=n_positions,
@@ -280,7 +306,7 @@ def _run_chunk(
                 unit_mode=unit_mode,
             )
         )
-    return points
+    return points, before
 
 
 def _caption_scores(

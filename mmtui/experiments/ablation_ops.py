@@ -101,6 +101,27 @@ def select(
     return configs
 
 
+ABLATION_BATCH_BYTES = 2 << 30  # what one batched ablation pass may hold on the CPU (masks and activations)
+
+
+def ablation_batch_rows(stack: Stack, n_rows: int, context_tokens: int = 2) -> int:
+    """Rows (ablation settings of one image) per forward pass: all `n_rows` where the memory allows.
+
+    Per row: the bool masks ([n_layers, P, d_mlp]) and a few MLP-sized activations over the sequence. The budget
+    is ABLATION_BATCH_BYTES on the CPU, half the free memory on a GPU. On the smol stack every setting of an
+    image fits one pass; a GPT-J-sized stack gets about 16 rows per 2 GiB.
+    """
+    import torch
+
+    width = stack.n_patches + len(stack.lead_ids) + len(stack.prompt_ids()) + context_tokens
+    element = torch.empty((), dtype=stack.dtype).element_size()
+    per_row = stack.n_layers * stack.n_patches * stack.d_mlp + 8 * width * stack.d_mlp * element
+    budget = ABLATION_BATCH_BYTES
+    if stack.device.type == "cuda":
+        budget = int(0.5 * torch.cuda.mem_get_info(stack.device)[0])
+    return max(1, min(n_rows, budget // per_row))
+
+
 def masks_for(
     configs: Sequence[AblationSet], n_layers: int, n_patches: int, d_mlp: int, device: Any
 ) -> list[torch.Tensor | None]:

@@ -10,6 +10,7 @@ the centre crop for timm encoders). torch loads inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +67,7 @@ def batch_activation_maps(
     for i, (layer, _unit) in enumerate(units):
         by_layer.setdefault(layer, []).append(i)
     out = np.zeros((len(images), len(units), grid_h, grid_w), dtype=np.float32)
+    last = max(by_layer, default=-1)
 
     def capture(layer: int, act: torch.Tensor) -> None:  # act [B, T, d_mlp]
         if layer not in by_layer:
@@ -76,13 +78,19 @@ def batch_activation_maps(
         flat = np.zeros((len(images), len(idx), grid_h * grid_w), dtype=np.float32)
         flat[:, :, cell_of] = vals.transpose(0, 2, 1)[:, :, token_of]
         out[:, idx] = flat.reshape(len(images), len(idx), grid_h, grid_w)
+        if layer == last:
+            raise _LastLayerRead  # the layers above cannot change what was read: skip them
 
     with torch.no_grad():
         prefix = stack.encode(list(images))  # [B, P, d_model]
         embeds, _ = stack.build_inputs(prefix, [[] for _ in images])
-        with stack.hooks(capture, site=site):
+        with stack.hooks(capture, site=site), contextlib.suppress(_LastLayerRead):
             stack.lm.base_model(inputs_embeds=embeds, use_cache=False)
     return out
+
+
+class _LastLayerRead(Exception):
+    """Ends a forward pass once the last layer whose activations are wanted has been read."""
 
 
 def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:

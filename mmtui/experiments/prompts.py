@@ -152,6 +152,7 @@ def decode_prompts(
 
     xs.ensure_stack(store, stack.identify())
     prefixes, model_captions = [], []
+    report("encoding", 0, len(images))
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         prefix = stack.encode([im.image for im in chunk])  # [b, P, d_model]
@@ -227,6 +228,7 @@ def _score(
     chunk = 256
     if bertscore is not None:
         todo = [r for r in rows if refs[r["image_index"]]]
+        report("BERTScore", 0, len(todo))
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             f1 = bertscore.f1_mean([r["text"] for r in part], [refs[r["image_index"]] for r in part])
@@ -234,6 +236,7 @@ def _score(
                 r["bertscore"] = float(v)
             report("BERTScore", min(start + chunk, len(todo)), len(todo))
     if clipscore is not None:
+        report("CLIPScore", 0, len(rows))
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             vals = clipscore.score([images[r["image_index"]].image for r in part], [r["text"] for r in part])
