@@ -40,6 +40,14 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _group() -> None:
+    # A callback keeps `mmtui` a group of commands when `commands.main` registers the one command asked for
+    # (a Typer app of one command and no callback would run that command directly). No docstring: the app's
+    # help above stays the help.
+    pass
+
+
 class _ResultConsole(Console):
     def on_broken_pipe(self) -> None:
         """The reader closed stdout (`| head`): end quietly with 0; rich's own handler exits 1, "some failed"."""

@@ -12,7 +12,7 @@ from rich.table import Table
 from commands._app import DbOption, DeviceOption, ExitCode, JsonOption, app, core_errors, db_path, emit_json, out, warn
 from commands._experiments import BertLayersOption, BertModelOption, RunOption, fmt, load_metrics, open_store
 from commands._integrated import ig_check
-from mmtui.experiments.explain import DEFAULT_FDR
+from mmtui.defaults import DEFAULT_FDR
 
 
 @app.command()
@@ -50,11 +50,14 @@ def explain(
     """Explain units from the data: the caption word (or COCO category) most enriched among each unit's best
     images, with its hypergeometric p and Benjamini-Hochberg q, against the same computation on shuffled labels."""
     from mmtui.experiments.explain import explain_run
-    from mmtui.experiments.specificity import CocoInstances
     from mmtui.store import labels as store_labels
 
     with core_errors():
-        coco = CocoInstances.load(instances) if instances is not None else None
+        coco = None
+        if instances is not None:
+            from mmtui.experiments.specificity import CocoInstances  # PIL: only with --instances
+
+            coco = CocoInstances.load(instances)
         scorer = None
         if bertscore:
             scorer, _ = load_metrics(

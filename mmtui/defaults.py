@@ -14,6 +14,7 @@ DEFAULT_PRESET = "smol"
 DEFAULT_PROMPT = "A picture of"
 DEFAULT_MAX_NEW_TOKENS = 20
 DEFAULT_KEEP = 6400  # top (layer, unit, patch) triples stored per image: the ablation grid's largest k
+DEFAULT_FDR = 0.05  # `explain`: a data label is shown where its Benjamini-Hochberg q is below this
 NEURON_IMAGES = 20  # the cache keeps each unit's best 20 results per run (neuron_images; the TUI shows 20)
 THRESHOLD_Q = 0.95  # a unit's receptive field: the pixels above this quantile of its upsampled map (method.md,
 # experiment 3): the outline every heatmap draws and the mask the specificity IoU scores

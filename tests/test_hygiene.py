@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,93 @@ def test_query_command_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")], capture_output=True, text=True, cwd=ROOT)
     assert "HEAVY=\n" in out.stdout or out.stdout.strip().endswith("HEAVY=")
+
+
+# what a query command must not import: the model path, statistics, pictures, the terminal UI
+QUERY_HEAVY = (*HEAVY, "scipy", "PIL", "textual", "matplotlib", "sklearn", "captum", "safetensors")
+QUERIES = [
+    ["runs", "--json"],
+    ["neurons", "--json"],
+    ["neurons", "--specific", "--json"],
+    ["neurons", "--specific", "--image", "0-3.jpg", "--json"],
+    ["neuron", "0", "0", "--json"],
+    ["neurons", "--label", "dog", "--json"],
+    ["explain", "--json"],
+    ["layers", "--json"],
+]
+_QUERY_SCRIPT = f"""
+import sys
+db = sys.argv[1]
+from commands import main
+for line in sys.stdin.read().splitlines():
+    args = line.split()
+    sys.argv = ["mmtui", *args, "--db", db]
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            sys.stderr.write(f"FAILED {{line}}: exit {{stop.code}}\\n")
+    sys.stderr.write(f"IMPORTED {{line}}: " + ",".join(m for m in {QUERY_HEAVY!r} if m in sys.modules) + "\\n")
+"""
+
+
+def test_query_commands_import_nothing_heavy(tmp_path):
+    """The query commands, one after another in one process as `mmtui` runs them, on a synthetic store whose
+    data labels are stored (the listing, not the computation, of `explain`): after each, none of torch,
+    transformers, timm, scipy, PIL, textual, ... is imported (a fresh process each would only be slower)."""
+    from test_prevalence import _fill, _records
+
+    from mmtui.experiments.explain import explain_run
+    from mmtui.store import Store
+
+    captions = ["a dog on the grass", "a red car in a street", "a cat on a sofa"]
+    records = [replace(r, caption=captions[i % 3]) for i, r in enumerate(_records(12))]
+    path = tmp_path / "q.db"
+    run_id = _fill(path, records, every=5)
+    with Store.open(path) as store:
+        summary = explain_run(store, store.run(run_id))
+    assert summary.kinds and summary.kinds[0].n_terms  # stored now: `explain` below only lists them
+    done = subprocess.run(
+        [sys.executable, "-c", _QUERY_SCRIPT, str(path)],
+        input="\n".join(" ".join(q) for q in QUERIES),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "FAILED" not in done.stderr, done.stderr[-2000:]
+    imported = dict(
+        line[len("IMPORTED ") :].split(": ") for line in done.stderr.splitlines() if line.startswith("IMPORTED ")
+    )
+    assert list(imported) == [" ".join(q) for q in QUERIES]
+    assert imported == {" ".join(q): "" for q in QUERIES}
+    assert len(done.stdout.splitlines()) > len(QUERIES)  # each answered with rows
+
+
+def test_main_registers_the_command_asked_for_and_only_it():
+    """`mmtui NAME` imports NAME's module only (its commands registered, no other command's module), for every
+    command `commands.app` has; `mmtui --help` registers them all."""
+    code = (
+        "import sys\n"
+        "import commands\n"
+        "commands.register(sys.argv[1:])\n"
+        "from typer.main import get_command\n"
+        "from commands._app import app\n"
+        "print(','.join(sorted(get_command(app).commands)))\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith('commands.') and m != 'commands._app')))\n"
+    )
+    everything = _commands()
+    for name in [*everything, "--help"]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, name], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout.splitlines()
+        registered = set(out[0].split(","))
+        if name == "--help":
+            assert sorted(registered) == everything
+        else:
+            assert name in registered and len({m for m in out[1].split(",") if not m.startswith("commands._")}) == 1
 
 
 def test_import_contracts_hold():

@@ -38,6 +38,36 @@ def test_histogram_equals_a_direct_count(store_run):
     assert sum(c["share"] for c in hist["layers"]) == pytest.approx(1.0)
 
 
+def test_histogram_from_the_fold_equals_the_triples(tmp_path, monkeypatch):
+    """At the default top (COUNT_TOP = 100) the counts are the fold's neuron_stats.n_top: equal to counting every
+    result's first 100 triples, on results whose 150 stored triples go past 100; a result not folded yet (an
+    interrupted run) sends it back to the triples, so that every result counts."""
+    from test_prevalence import _fill, _records
+
+    import mmtui.experiments.layers as layers_module
+    from mmtui.store import Store
+    from mmtui.store.queries import top_counts
+
+    records = _records(12)
+    path = tmp_path / "h.db"
+    run_id = _fill(path, records[:10], every=4)
+    with Store.open(path) as store:
+        run = store.run(run_id)
+        assert top_counts(store, run)
+        folded = layer_histogram(store, run)
+        with monkeypatch.context() as patched:
+            patched.setattr(layers_module, "top_counts", lambda *_: None)
+            counted = layer_histogram(store, run)
+        assert folded == counted and folded["total_units"] > 0 and folded["n_images"] == 10
+        for record in records[10:]:
+            store.add_result(run_id, record, stats=False)
+        assert top_counts(store, run) is None
+        later = layer_histogram(store, run)
+        store.refresh_stats(run_id)
+        assert later == layer_histogram(store, run)
+        assert later["n_images"] == 12 and later["total_units"] > folded["total_units"]
+
+
 def test_histogram_counts_interpretable_units(store_run):
     store, run = store_run
     first = xs.result_rows(store, run.id)[0]

@@ -1,5 +1,6 @@
 """The browser's views of issue 20: the share (G: generic) and data-label columns of the neuron table, the
-generic/specific toggle, a neuron's labels, and the steer view (its grid on the tiny stack equals the core's
+generic/specific toggle, an image's units ranked by lift under that toggle (the same order as `mmtui neurons
+--specific --image X`), a neuron's labels, and the steer view (its grid on the tiny stack equals the core's
 `steer`, the same function as `mmtui steer`).
 
 The snapshots' store: 12 images (3 bundled photos and 9 plain pictures written here), 3 units in the top
@@ -11,6 +12,7 @@ store.labels.write_labels (two beat chance, one does not). Accept deliberate cha
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from test_tui import Recorder
 from test_tui_queries import COCO, FIXED_TIME, IMAGE_DIR
 from textual.pilot import Pilot
 from textual.widgets import DataTable
+from typer.testing import CliRunner
 
 from mmtui.store import ResultRecord, StackIdentity, Store
 from mmtui.store import experiments as xs
@@ -29,6 +32,8 @@ from mmtui.store import prevalence as pv
 from mmtui.store.labels import write_labels
 from mmtui.store.queries import count_neurons
 from mmtui.tui import make_app
+from mmtui.tui.screens.browse import BrowseScreen
+from mmtui.tui.screens.image import ImageScreen
 from mmtui.tui.screens.neuron import NeuronScreen
 from mmtui.tui.screens.steer import SteerFinished, SteerImageDone, SteerScreen
 from mmtui.tui.text import printable
@@ -175,7 +180,79 @@ def test_snapshot_steer_view(snap_compare, explained_db: Path) -> None:
     assert snap_compare(make_app(explained_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)
 
 
+def _by_lift_cli(db: Path, name: str) -> list[dict]:
+    """`mmtui neurons --specific --image NAME --json --limit 100` on the store: the CLI's lift ranking."""
+    from commands import app
+
+    done = CliRunner().invoke(
+        app, ["neurons", "--specific", "--image", name, "--json", "--limit", "100", "--db", str(db)]
+    )
+    assert done.exit_code == 0, done.output
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def _lift_image(db: Path) -> tuple[int, str, list[dict]]:
+    """The first of the run's images (its row in the images screen, its name, the CLI's rows) whose units rank
+    differently by lift than by score: the lift ranking shows on screen only where it changes the order."""
+    with Store.open(db, create=False) as store:
+        paths = [r["path"] for r in store.results(store.run().id)]
+    for row, path in enumerate(paths):
+        rows = _by_lift_cli(db, Path(path).name)
+        if [r["image_rank"] for r in rows] != sorted(r["image_rank"] for r in rows):
+            return row, Path(path).name, rows
+    raise AssertionError("no image whose lift order differs from its score order")
+
+
+def test_snapshot_image_by_lift(snap_compare, explained_db: Path) -> None:
+    row, _name, _rows = _lift_image(explained_db)
+
+    async def run_before(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("x", "i")
+        await settle(pilot)
+        await pilot.press(*["down"] * row, "enter")
+        await settle(pilot)
+
+    assert snap_compare(make_app(explained_db, graphics="halfblock"), run_before=run_before, terminal_size=SIZE)
+
+
 # -- behaviour -------------------------------------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_image_units_by_lift_follow_the_toggle_and_the_cli(explained_db: Path) -> None:
+    """x on the neuron table, then an image: its units that are not generic, in the CLI's lift order, with their
+    lifts; x there goes back to the top triples by score, and the neuron table follows the toggle back."""
+    row, name, expected = _lift_image(explained_db)
+    assert expected and not {(r["layer"], r["unit"]) for r in expected} & set(GENERIC)
+    app = make_app(explained_db, graphics="halfblock")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("x", "i")
+        await settle(pilot)
+        await pilot.press(*["down"] * row, "enter")
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, ImageScreen) and screen.summary is not None
+        assert Path(screen.summary["image"]).name == name
+        table = screen.query_one("#image-neurons", DataTable)
+        shown = [str(key.value).split(":")[1] for key in table.rows]
+        assert shown == [f"{r['layer']}.{r['unit']}" for r in expected]
+        lifts = [str(table.get_row(key)[0]) for key in table.rows]
+        assert lifts == [f"{r['lift']:.3g}" for r in expected]
+        status = str(screen.query_one("#status").render())
+        assert "ranked by lift" in status and "generic units (share over 10%) hidden" in status
+        assert screen.active_bindings["x"].binding.description == "Rank by score"
+        await pilot.press("x")
+        await settle(pilot)
+        assert table.row_count == len(screen.summary["top"]) == len(GENERIC) + 3  # every stored triple, by score
+        assert [str(table.get_row(key)[0]) for key in table.rows] == [str(i) for i in range(table.row_count)]
+        assert "ranked by score" in str(screen.query_one("#status").render())
+        assert screen.active_bindings["x"].binding.description == "Rank by lift"
+        await pilot.press("escape", "escape")
+        await settle(pilot)
+        assert isinstance(app.screen, BrowseScreen) and not app.screen.query_state.specific
+        assert set(GENERIC) <= {(r["layer"], r["unit"]) for r in app.screen.query_one(NeuronTable).rows_shown}
+
+
 @pytest.mark.anyio
 async def test_toggle_hides_the_generic_units_and_back(explained_db: Path) -> None:
     with Store.open(explained_db, create=False) as store:

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmtui.defaults import DEFAULT_FDR  # there, so that the CLI reads it without numpy
+
 if TYPE_CHECKING:
     from scipy import sparse
 
-DEFAULT_FDR = 0.05
 MIN_SUPPORT = 2  # a term carried by fewer images of the run is not tested (it could not reach significance)
 
 

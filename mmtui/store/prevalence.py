@@ -265,22 +265,52 @@ def specific_units(
     convention: str = "raw",
     share: float = GENERIC_SHARE,
 ) -> list[dict[str, Any]]:
-    """The units among an image's stored triples that are not generic, ranked by their lift on it (highest
-    first; units without a lift last, then by score): the rows of `list_neurons(image=...)` plus prevalence,
-    generic (False), unit_max (on this image) and lift.
+    """`result_specific_units` of an image given by path, name or sha256 (its newest result in the run):
+    `mmtui neurons --specific --image X`."""
+    result_id = int(store.result(run.id, image)["id"])
+    return result_specific_units(
+        store,
+        run,
+        result_id,
+        layer=layer,
+        token=token,
+        contains=contains,
+        interpretable=interpretable,
+        limit=limit,
+        convention=convention,
+        share=share,
+    )
+
+
+def result_specific_units(
+    store: Store,
+    run: Run,
+    result_id: int,
+    *,
+    layer: int | None = None,
+    token: str | None = None,
+    contains: bool = False,
+    interpretable: bool | None = None,
+    limit: int | None = 50,
+    convention: str = "raw",
+    share: float = GENERIC_SHARE,
+) -> list[dict[str, Any]]:
+    """The units among a result's stored triples that are not generic, ranked by their lift on its image
+    (highest first; units without a lift last, then by score): the rows of `list_neurons(image=...)` plus
+    image_patch (of the unit's best triple there), prevalence, generic (False), unit_max (on this image) and
+    lift. The CLI's `neurons --specific --image X` and the browser's image screen (`x`) both list these.
 
     Planned for speed at GPT-J scale (6,000 units an image): the run's generic units come from the n_top index
     (few), the lifts are numpy over all the image's units, and neuron_stats and the tokens are read for the
     rows returned only (with a token or interpretable filter, the tokens of every candidate first)."""
-    run_id, run_key, shape, lm_id = run.id, run.key, run.shape, run.lm_id
-    result = store.result(run_id, image)
-    found = store.top_units(result["id"])  # (layer, unit, best score, best rank, patch), by rank
+    run_key, shape, lm_id = run.key, run.shape, run.lm_id
+    found = store.top_units(result_id)  # (layer, unit, best score, best rank, patch), by rank
     if layer is not None:
         found = [u for u in found if u[0] == layer]
     if not found:
         return []
     la, un = (np.array([u[i] for u in found], dtype=np.int64) for i in (0, 1))
-    score, rank = np.array([u[2] for u in found]), np.array([u[3] for u in found])
+    score, rank, patch = (np.array([u[i] for u in found]) for i in (2, 3, 4))
     n, stats = moments(store, run, set(la.tolist()))
     above = generic_above(n, share)
     keep = _not_generic(store, run_key, la, un, above)
@@ -290,7 +320,7 @@ def specific_units(
     nan = np.full(shape["d_mlp"], np.nan)
     mean = np.stack([stats.get(i, (nan, nan))[0] for i in range(shape["n_layers"])])
     std = np.stack([stats.get(i, (nan, nan))[1] for i in range(shape["n_layers"])])
-    values = unit_max_of(store, result["id"], (shape["n_layers"], shape["d_mlp"]))[la, un].astype(np.float64)
+    values = unit_max_of(store, result_id, (shape["n_layers"], shape["d_mlp"]))[la, un].astype(np.float64)
     z = lift(values, mean[la, un], std[la, un])
     order = np.lexsort((rank, -score, np.where(np.isnan(z), np.inf, -z)))  # lift desc (none last), score, rank
     order = order[keep[order]][:limit]
@@ -301,6 +331,7 @@ def specific_units(
             "unit": int(un[i]),
             "image_score": float(score[i]),
             "image_rank": int(rank[i]),
+            "image_patch": int(patch[i]),
             **found_stats[(int(la[i]), int(un[i]))],
             "prevalence": found_stats[(int(la[i]), int(un[i]))]["n_top"] / n if n else None,
             "generic": False,

@@ -301,16 +301,29 @@ def result_ids(store: Store, run_id: str) -> list[int]:
     return [r[0] for r in store.db.execute("SELECT id FROM results WHERE run_id = ? ORDER BY id", [run_id])]
 
 
+def top_counts(store: Store, run: Run) -> list[tuple[int, int, int]] | None:
+    """(layer, unit, n_top) of every unit in the first COUNT_TOP triples of some result of the run: what the fold
+    counted into neuron_stats. None where some result is not folded yet (a read-only cache of an interrupted run):
+    the caller then counts from the results' triples."""
+    if store.pending_stats(run.id):
+        return None
+    rows = store.db.execute(
+        "SELECT layer, unit, n_top FROM neuron_stats WHERE run_key = ? AND n_top > 0", [run.key]
+    ).fetchall()
+    return [(int(la), int(u), int(n)) for la, u, n in rows]
+
+
 def decoded_texts(
     store: Store, lm_id: str, convention: str, units: Sequence[tuple[int, int]]
 ) -> list[tuple[str, bool] | None]:
     """Per (layer, unit), in order: its decoded tokens' text and whether it is interpretable, or None when the
-    unit is not decoded in this convention. One query for all."""
+    unit is not decoded in this convention. One query for all, the units as integer keys (layer << 20 | unit, as
+    prevalence.py): json_extract per unit took a quarter of it (60K units: 3.1 -> 2.4 s under load)."""
     rows = store.db.execute(
-        """SELECT t.text, t.interpretable FROM json_each(?) tn
+        """SELECT t.text, t.interpretable FROM json_each(?) k
            LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ?
-                AND t.layer = json_extract(tn.value, '$[0]') AND t.unit = json_extract(tn.value, '$[1]')
-           ORDER BY tn.key""",
-        [json.dumps([list(u) for u in units]), lm_id, convention],
+                AND t.layer = k.value >> 20 AND t.unit = k.value & 1048575
+           ORDER BY k.key""",
+        [json.dumps([int(la) << 20 | int(u) for la, u in units]), lm_id, convention],
     ).fetchall()
     return [None if text is None else (text, bool(good)) for text, good in rows]

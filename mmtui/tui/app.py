@@ -52,6 +52,7 @@ class BrowseApp(ShowsWorkerErrors, App[None]):
         self.graphics = graphics
         self.page = page
         self.show_heatmaps = False  # `h` turns heatmaps on for the session
+        self.specific = False  # `x`: generic units hidden, an image's units ranked by lift (every screen)
         self.session: Session | None = None
         self.stacks = StackHolder(device)
         self.runs: list[Run] = []

@@ -75,6 +75,16 @@ class ImageSummaryLoaded(Message):
 
 
 @dataclass
+class ImageLiftsLoaded(Message):
+    """An image's units that are not generic, ranked by their lift on it (store.prevalence.result_specific_units,
+    as `mmtui neurons --specific --image`), and the run's size the generic units are judged on."""
+
+    result_id: int
+    rows: list[dict[str, Any]]
+    n_results: int
+
+
+@dataclass
 class PictureLoaded(Message):
     """An image read from disk, or why it could not be (moved, changed since it was attributed)."""
 

@@ -72,7 +72,7 @@ class BrowseScreen(AppScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_state = NeuronQuery(limit=self.app.page)
+        self.query_state = NeuronQuery(limit=self.app.page, specific=self.app.specific)
         self.query_one("#layers-pane").border_title = "Layers · top-100 units"
         self.query_one("#neurons-pane").border_title = "Neurons"
         self.query_one("#filter", Input).display = False
@@ -299,8 +299,15 @@ class BrowseScreen(AppScreen):
         return len(stack) >= 2 and isinstance(stack[-2], RunsScreen)
 
     def action_specific(self) -> None:
-        """x: hide the run's generic units (in the top 100 of too many of its images), or show them again."""
-        self.ask(replace(self.query_state, specific=not self.query_state.specific))
+        """x: hide the run's generic units (in the top 100 of too many of its images), or show them again. The
+        app keeps the choice: an image opened now ranks its units by lift (see ImageScreen)."""
+        self.app.specific = not self.query_state.specific
+        self.ask(replace(self.query_state, specific=self.app.specific))
+
+    def on_screen_resume(self) -> None:
+        """Back from a screen where `x` was pressed (an image's): show the table the toggle now asks for."""
+        if self.shown is not None and self.query_state.specific != self.app.specific:
+            self.ask(replace(self.query_state, specific=self.app.specific))
 
     def action_sort(self, step: int) -> None:
         self.ask(self.query_state.next_sort(step))

@@ -34,7 +34,7 @@ KEYS: list[tuple[str, list[tuple[str, str]]]] = [
             ("g", "go to a neuron: 7.12134 or L7.u12134"),
             ("i", "the run's images"),
             ("a", "ablation over the run's first images"),
-            ("x", "hide the generic units (share over 10%, G), or show them again"),
+            ("x", "hide the generic units (share over 10%, G), or show them again (images: rank by lift)"),
             ("r", "choose another run"),
         ],
     ),
@@ -53,6 +53,7 @@ KEYS: list[tuple[str, list[tuple[str, str]]]] = [
             ("enter, click", "open the neuron"),
             ("h", "the highlighted neuron's activations over the image; again for the plain image"),
             ("a", "ablation of this image's top neurons"),
+            ("x", "its units by lift (z-score against the run), generic ones hidden; again: triples by score"),
         ],
     ),
     (
