@@ -31,9 +31,7 @@ LM; see the README.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +41,7 @@ from torch import nn
 from mmtui.errors import StackError
 from mmtui.stacks.base import Stack
 from mmtui.stacks.vision import VisionEncoder
-from mmtui.stacks.vlm import CheckpointProjection, causal_view, folder_sha256, template_ids
+from mmtui.stacks.vlm import CheckpointProjection, checkpoint_stack, load_checkpoint
 
 # model_type -> the transformers class that loads it
 IDEFICS_CLASSES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
@@ -110,17 +108,7 @@ def load_idefics(
 ) -> Stack:
     """A Stack from an Idefics3 or SmolVLM checkpoint (hub id with `revision`, or a save_pretrained folder),
     global image only (see the module docstring). Raises StackError naming the problem."""
-    import transformers
-    from transformers import AutoProcessor
-
-    device = device or torch.device("cpu")
-    cls_name = IDEFICS_CLASSES[model_type]
-    try:
-        model = getattr(transformers, cls_name).from_pretrained(spec, revision=revision or "main", dtype=dtype)
-        processor = AutoProcessor.from_pretrained(spec, revision=revision)
-    except (OSError, ValueError, ImportError) as err:  # ImportError: SmolVLM2's processor wants num2words
-        raise StackError(f"cannot load the VLM {spec!r}: {str(err).splitlines()[0]}") from err
-    model.eval().requires_grad_(False)
+    model, processor = load_checkpoint(spec, IDEFICS_CLASSES[model_type], revision, dtype)
     cfg: Any = model.config
     image_processor = processor.image_processor
     image_processor.do_image_splitting = False  # the global image only: one run of image_seq_len tokens
@@ -139,33 +127,18 @@ def load_idefics(
             f"--vlm {spec}: the processor's image_seq_len is {processor.image_seq_len}, but a {image_px} px image "
             f"gives {encoder.n_patches} tokens after the pixel shuffle"
         )
-    d_model = cfg.text_config.hidden_size
-    projection = CheckpointProjection(connector.modality_projection, encoder.dim, d_model)
-    before, after, _ = template_ids(processor, instruction, encoder.n_patches)
-    folder = Path(spec)
-    identity: dict[str, Any] = {
-        "vlm": type(model).__name__,
-        "lm": spec if not folder.is_dir() else f"folder:{folder.resolve().name}",
-        "lm_revision": revision,
-        "lm_commit": getattr(cfg, "_commit_hash", None),
-        "vlm_template": hashlib.sha256(repr((before, after)).encode()).hexdigest()[:16],
-        "vlm_image": f"global {image_px}px, no splitting",
-    }
-    if folder.is_dir():
-        if progress:
-            progress("hashing the checkpoint folder")
-        identity["lm_sha256"] = folder_sha256(folder)
-    return Stack(
-        name=f"vlm:{folder.name if folder.is_dir() else spec}",
-        encoder=encoder.to(device),
-        projection=projection.to(device),  # type: ignore[arg-type]  # duck-typed: d_in, d_out, forward
-        lm=causal_view(model).to(device),
-        tokenizer=processor.tokenizer,
+    projection = CheckpointProjection(connector.modality_projection, encoder.dim, cfg.text_config.hidden_size)
+    return checkpoint_stack(
+        spec,
+        model,
+        processor,
+        encoder,
+        projection,
+        revision=revision,
+        instruction=instruction,
         real_vocab=_real_vocab(processor.tokenizer),
-        identity=identity,
-        prompt=instruction,
-        device=device,
+        device=device or torch.device("cpu"),
         dtype=dtype,
-        before_ids=before,
-        after_ids=after,
+        identity={"vlm_image": f"global {image_px}px, no splitting"},
+        progress=progress,
     )

@@ -304,6 +304,72 @@ def _real_vocab(processor: Any) -> int:
     return image_id if image_id >= tok.vocab_size else len(tok)
 
 
+def load_checkpoint(spec: str, class_name: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(model, processor) of a VLM checkpoint (hub id with `revision`, or a save_pretrained folder) loaded with
+    transformers' `class_name`, the model in eval mode and frozen. Raises StackError naming the problem."""
+    import transformers
+    from transformers import AutoProcessor
+
+    try:
+        model = getattr(transformers, class_name).from_pretrained(spec, revision=revision or "main", dtype=dtype)
+        processor = AutoProcessor.from_pretrained(spec, revision=revision)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: SmolVLM2's processor wants num2words
+        raise StackError(f"cannot load the VLM {spec!r}: {str(err).splitlines()[0]}") from err
+    return model.eval().requires_grad_(False), processor
+
+
+def checkpoint_stack(
+    spec: str,
+    model: Any,
+    processor: Any,
+    encoder: VisionEncoder,
+    projection: CheckpointProjection,
+    *,
+    revision: str | None,
+    instruction: str,
+    real_vocab: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    identity: dict[str, Any] | None = None,
+    probe_size: tuple[int, int] = (64, 64),
+    progress: Callable[[str], None] | None = None,
+) -> Stack:
+    """The Stack of a loaded VLM checkpoint, given its encoder and projection: the text around the image from
+    the chat template (`template_ids` with a probe image of `probe_size`), the LM as `causal_view`, and the
+    identity every VLM stack records (class, hub id or folder name, revision and commit, template hash; a
+    folder's sha256) plus the loader's own `identity` entries."""
+    before, after, _ = template_ids(processor, instruction, encoder.n_patches, probe_size)
+    folder = Path(spec)
+    is_folder = folder.is_dir()
+    cfg: Any = model.config
+    ident: dict[str, Any] = {
+        **(identity or {}),
+        "vlm": type(model).__name__,
+        "lm": f"folder:{folder.resolve().name}" if is_folder else spec,
+        "lm_revision": revision,
+        "lm_commit": getattr(cfg, "_commit_hash", None),
+        "vlm_template": hashlib.sha256(repr((before, after)).encode()).hexdigest()[:16],
+    }
+    if is_folder:
+        if progress:
+            progress("hashing the checkpoint folder")
+        ident["lm_sha256"] = folder_sha256(folder)
+    return Stack(
+        name=f"vlm:{folder.name if is_folder else spec}",
+        encoder=encoder.to(device),
+        projection=projection.to(device),  # type: ignore[arg-type]  # duck-typed: d_in, d_out, forward
+        lm=causal_view(model).to(device),
+        tokenizer=processor.tokenizer,
+        real_vocab=real_vocab,
+        identity=ident,
+        prompt=instruction,
+        device=device,
+        dtype=dtype,
+        before_ids=before,
+        after_ids=after,
+    )
+
+
 def load_vlm(
     spec: str,
     *,
@@ -319,8 +385,7 @@ def load_vlm(
     instruction: the user turn's text after the image (default DEFAULT_INSTRUCTION). Raises StackError naming
     the problem.
     """
-    import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -336,37 +401,34 @@ def load_vlm(
         progress(f"loading {spec}")
     try:
         config = AutoConfig.from_pretrained(spec, revision=revision)
-        arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-        if config.model_type in ("idefics3", "smolvlm"):
-            from mmtui.stacks.idefics import load_idefics
-
-            return load_idefics(
-                spec,
-                config.model_type,
-                revision=revision,
-                dtype=dtype,
-                device=device,
-                instruction=instruction,
-                progress=progress,
-            )
-        if config.model_type not in _MODEL_TYPES:
-            raise StackError(
-                f"--vlm {spec}: a {arch} checkpoint (model_type {config.model_type!r}); supported: "
-                f"{', '.join(VLM_CLASSES)}"
-            )
-        model_class = getattr(transformers, _MODEL_TYPES[config.model_type])
-        model = model_class.from_pretrained(spec, revision=revision or "main", dtype=dtype)
-        processor = AutoProcessor.from_pretrained(spec, revision=revision)
     except (OSError, ValueError) as err:
         raise StackError(f"cannot load the VLM {spec!r}: {str(err).splitlines()[0]}") from err
-    model.eval().requires_grad_(False)
+    if config.model_type in ("idefics3", "smolvlm"):
+        from mmtui.stacks.idefics import load_idefics
+
+        return load_idefics(
+            spec,
+            config.model_type,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            instruction=instruction,
+            progress=progress,
+        )
+    if config.model_type not in _MODEL_TYPES:
+        arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise StackError(
+            f"--vlm {spec}: a {arch} checkpoint (model_type {config.model_type!r}); supported: {', '.join(VLM_CLASSES)}"
+        )
+    model, processor = load_checkpoint(spec, _MODEL_TYPES[config.model_type], revision, dtype)
     cfg: Any = model.config
     encoder: LlavaEncoder
     projection: CheckpointProjection
-    extra: dict[str, Any] = {}
+    identity: dict[str, Any] = {}
+    probe = (64, 64)
     if config.model_type == "llava_next":
         encoder, projection = _next_parts(model, processor, spec)
-        extra["vlm_anyres"] = list(encoder.resolution)  # the stretch is mmtui's choice, not the checkpoint's
+        identity["vlm_anyres"] = list(encoder.resolution)  # the stretch is mmtui's choice, not the checkpoint's
         probe = (encoder.resolution[1], encoder.resolution[0])
     else:
         encoder = LlavaEncoder(
@@ -378,32 +440,18 @@ def load_vlm(
             f"{spec}:vision_tower",
         )
         projection = CheckpointProjection(model.model.multi_modal_projector, encoder.dim, cfg.text_config.hidden_size)
-        probe = (64, 64)
-    before, after, text = template_ids(processor, instruction, encoder.n_patches, probe)
-    folder = Path(spec)
-    identity: dict[str, Any] = {
-        **extra,
-        "vlm": type(model).__name__,
-        "lm": spec if not folder.is_dir() else f"folder:{folder.resolve().name}",
-        "lm_revision": revision,
-        "lm_commit": getattr(cfg, "_commit_hash", None),
-        "vlm_template": hashlib.sha256(repr((before, after)).encode()).hexdigest()[:16],
-    }
-    if folder.is_dir():
-        if progress:
-            progress("hashing the checkpoint folder")
-        identity["lm_sha256"] = folder_sha256(folder)
-    return Stack(
-        name=f"vlm:{folder.name if folder.is_dir() else spec}",
-        encoder=encoder.to(device),
-        projection=projection.to(device),  # type: ignore[arg-type]  # duck-typed: d_in, d_out, forward
-        lm=causal_view(model).to(device),
-        tokenizer=processor.tokenizer,
+    return checkpoint_stack(
+        spec,
+        model,
+        processor,
+        encoder,
+        projection,
+        revision=revision,
+        instruction=instruction,
         real_vocab=_real_vocab(processor),
-        identity=identity,
-        prompt=instruction,
         device=device,
         dtype=dtype,
-        before_ids=before,
-        after_ids=after,
+        identity=identity,
+        probe_size=probe,
+        progress=progress,
     )
