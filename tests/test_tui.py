@@ -352,7 +352,10 @@ async def test_ablation_runs_to_completion_and_stores_its_points(db: Path) -> No
 
 
 @pytest.mark.anyio
-async def test_ablation_can_be_cancelled_and_keeps_its_points(db: Path) -> None:
+async def test_ablation_can_be_cancelled_and_keeps_its_points(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a cancel lands between forward passes; an image's settings now share one pass where memory allows, so
+    # passes of 16 rows (a GPT-J-sized stack's) keep the cancel inside the run on the fast tiny stack
+    monkeypatch.setattr("mmtui.experiments.ablation.ablation_batch_rows", lambda stack, n_rows: min(n_rows, 16))
     hook = Recorder()
     app = make_app(db, graphics="halfblock", device="cpu")
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
@@ -360,7 +363,7 @@ async def test_ablation_can_be_cancelled_and_keeps_its_points(db: Path) -> None:
         await pilot.press("a")  # from the neuron table: the run's first images (all 3 here)
         await settle(pilot)
         assert app.screen.query_one("#n-images", Input).value == "3"
-        # enough work (~1,500 points in ~100 batches) that the cancel lands long before the end
+        # enough work (~1,500 points in ~100 passes) that the cancel lands long before the end
         await _set(pilot, "#ks", ",".join(str(k) for k in range(0, 2048, 16)))
         await _set(pilot, "#seeds", "3")
         await pilot.press("ctrl+r")
