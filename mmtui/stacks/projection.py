@@ -29,6 +29,7 @@ from torch import nn
 
 from mmtui.defaults import PROJECTION_KINDS
 from mmtui.errors import ProjectionError
+from mmtui.store.records import file_sha256 as file_sha256  # re-exported: stacks hash their files with it
 
 FORMAT = "mmtui-projection/1"
 KINDS = PROJECTION_KINDS  # the kinds a file holds ("module" is Python-only)
@@ -239,14 +240,6 @@ def as_projection(module: nn.Module, d_in: int, d_out: int) -> BaseProjection:
             f"the projection module maps [1, 2, {d_in}] to {got}, not [1, 2, {d_out}] (the LM's input width)"
         )
     return proj
-
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -186,6 +186,15 @@ def storable_path(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (how the cache keys images, and stacks their files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_neuron(layer: int, unit: int, shape: dict[str, Any], owner: str = "this stack", noun: str = "neuron") -> None:
     """Raise NotFoundError unless (layer, unit) is an MLP unit of a stack of this `shape` (n_layers, d_mlp);
     the message ("no {noun} L1.u2: ...") names the ranges, and `owner` (the stack, or the run) has them."""

@@ -3,7 +3,6 @@ neuron_images, unit_moments), and read a result back (its triples, its units, it
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.errors import NotFoundError
 from mmtui.store.connection import Connection, _now
-from mmtui.store.records import TARGET_MODE_SQL, Packed, ResultRecord, pack_result, storable_path
+from mmtui.store.records import TARGET_MODE_SQL, Packed, ResultRecord, file_sha256, pack_result, storable_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -275,12 +274,6 @@ class ResultsMixin(Connection):
 def _file_sha256(path: str) -> str | None:
     """The sha256 of a regular file's bytes (as the images table keys them), or None where `path` is not one."""
     try:
-        if not os.path.isfile(path):
-            return None
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path) if os.path.isfile(path) else None
     except OSError:
         return None
-    return digest.hexdigest()
