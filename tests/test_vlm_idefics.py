@@ -35,9 +35,8 @@ def save_tiny_idefics(folder: Path, kind: str) -> Path:
     """A random Idefics3 or SmolVLM (tiny vision model + tiny Llama) with its processor, saved with save_pretrained.
     The image processor splits images by default, as the real checkpoints' do."""
     import transformers
-    from transformers import LlamaConfig
 
-    from mmtui.stacks.tiny import tiny_tokenizer
+    from mmtui.stacks.tiny import tiny_tokenizer, tiny_vlm_text_config
 
     image_px, patch, scale = SHAPES[kind]
     tok = copy.deepcopy(tiny_tokenizer())
@@ -53,17 +52,7 @@ def save_tiny_idefics(folder: Path, kind: str) -> Path:
         image_size=image_px,
         patch_size=patch,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id,
-    )
+    text = tiny_vlm_text_config(tok, max_positions=128)
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),

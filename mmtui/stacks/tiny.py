@@ -179,6 +179,23 @@ VLM_TILE, VLM_PATCH = 32, 8
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
+def tiny_vlm_text_config(tok: Any, max_positions: int) -> Any:
+    """The tiny VLMs' language model: a 2-layer Llama over `tok`'s vocabulary (its eos also the bos)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
+
+
 def save_tiny_vlm(
     folder: Path, kind: str = "llava", strategy: str = "default", dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -187,7 +204,7 @@ def save_tiny_vlm(
     and the checkpoint family's chat template. NeXT tiles images onto NEXT_PINPOINTS (64 x 64: 2 x 2 tiles)."""
     import copy
 
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
 
     tok = copy.deepcopy(tiny_tokenizer())
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -200,17 +217,7 @@ def save_tiny_vlm(
         image_size=VLM_TILE,
         patch_size=VLM_PATCH,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id,
-    )
+    text = tiny_vlm_text_config(tok, max_positions=256)
     common: dict[str, Any] = dict(
         vision_config=vision,
         text_config=text,
