@@ -46,22 +46,41 @@ def test_histogram_from_the_fold_equals_the_triples(tmp_path, monkeypatch):
 
     import mmtui.experiments.layers as layers_module
     from mmtui.store import Store
-    from mmtui.store.queries import top_counts
+    from mmtui.store.queries import layer_top_counts
 
     records = _records(12)
     path = tmp_path / "h.db"
     run_id = _fill(path, records[:10], every=4)
     with Store.open(path) as store:
         run = store.run(run_id)
-        assert top_counts(store, run)
+        # every third unit of the run's top triples decodes to words; one decoded unit is in no top triple
+        units = sorted(
+            {(la, u) for r in records for la, u in zip(r.top_layer.tolist(), r.top_unit.tolist(), strict=True)}
+        )
+        rows = [(la, u, i % 3 == 0) for i, (la, u) in enumerate(units)] + [(0, 999, True)]
+        store.add_tokens(
+            run.lm_id,
+            "raw",
+            [
+                {"layer": la, "unit": u, "tokens": [" a"], "token_ids": [1], "logits": [1.0], "interpretable": good}
+                for la, u, good in rows
+            ],
+        )
+        assert layer_top_counts(store, run, "raw")
         folded = layer_histogram(store, run)
         with monkeypatch.context() as patched:
-            patched.setattr(layers_module, "top_counts", lambda *_: None)
+            patched.setattr(layers_module, "layer_top_counts", lambda *_: None)
             counted = layer_histogram(store, run)
         assert folded == counted and folded["total_units"] > 0 and folded["n_images"] == 10
+        assert 0 < folded["interpretable_units"] < folded["total_units"]
+        assert (
+            0
+            < sum(c["distinct_interpretable"] for c in folded["layers"])
+            < sum(c["distinct"] for c in folded["layers"])
+        )
         for record in records[10:]:
             store.add_result(run_id, record, stats=False)
-        assert top_counts(store, run) is None
+        assert layer_top_counts(store, run, "raw") is None
         later = layer_histogram(store, run)
         store.refresh_stats(run_id)
         assert later == layer_histogram(store, run)

@@ -301,16 +301,24 @@ def result_ids(store: Store, run_id: str) -> list[int]:
     return [r[0] for r in store.db.execute("SELECT id FROM results WHERE run_id = ? ORDER BY id", [run_id])]
 
 
-def top_counts(store: Store, run: Run) -> list[tuple[int, int, int]] | None:
-    """(layer, unit, n_top) of every unit in the first COUNT_TOP triples of some result of the run: what the fold
-    counted into neuron_stats. None where some result is not folded yet (a read-only cache of an interrupted run):
-    the caller then counts from the results' triples."""
+def layer_top_counts(store: Store, run: Run, convention: str) -> list[tuple[int, int, int, int, int]] | None:
+    """Per layer with some unit in an image's first COUNT_TOP triples, from the fold: (layer, distinct units,
+    sum of their n_top, distinct interpretable units, their n_top summed), a unit being interpretable where its
+    decoded tokens in `convention` pass the word filter. One grouped query (0.3 s at GPT-J scale; reading the
+    60K units and their tokens into Python took 0.8 s). None where some result is not folded yet (a read-only
+    cache of an interrupted run): the caller then counts from the results' triples."""
     if store.pending_stats(run.id):
         return None
     rows = store.db.execute(
-        "SELECT layer, unit, n_top FROM neuron_stats WHERE run_key = ? AND n_top > 0", [run.key]
+        """SELECT s.layer, count(*), sum(s.n_top), sum(coalesce(t.interpretable, 0)),
+                  sum(s.n_top * coalesce(t.interpretable, 0))
+           FROM neuron_stats s
+           LEFT JOIN neuron_tokens t ON t.lm_id = ? AND t.convention = ? AND t.layer = s.layer AND t.unit = s.unit
+           WHERE s.run_key = ? AND s.n_top > 0
+           GROUP BY s.layer""",
+        [run.lm_id, convention, run.key],
     ).fetchall()
-    return [(int(la), int(u), int(n)) for la, u, n in rows]
+    return [(int(la), int(d), int(n), int(di), int(ni)) for la, d, n, di, ni in rows]
 
 
 def decoded_texts(
