@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: user state isolated per test, the tiny stack built once, real sample images, the
-experiment tests' attributed cache and BERTScore scorer, and `settle` for the TUI tests."""
+experiment tests' attributed cache and BERTScore scorer, `synthetic_record` for the synthetic stores, and
+`settle` for the TUI tests."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    import numpy as np
     from textual.pilot import Pilot
+
+    from mmtui.store import ResultRecord
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -183,6 +187,51 @@ def bert_scorer():
 
     _one_torch_thread()
     return BertScorer.load()
+
+
+# -- synthetic stores -------------------------------------------------------------------------------------------
+def synthetic_record(
+    sha256: str,
+    path: str,
+    triples: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    unit_max: np.ndarray,
+    **fields: Any,
+) -> ResultRecord:
+    """A stored result with no model behind it: the image's sha256 and path, its top triples (layer, unit,
+    patch, score; cast to the stored dtypes) and unit_max (unit_sum 2x unless given); a target "dog" from the
+    caption "a dog" unless `fields` says otherwise (any ResultRecord field)."""
+    import numpy as np
+
+    from mmtui.store import ResultRecord
+
+    layer, unit, patch, score = triples
+    values: dict[str, Any] = {
+        "width": 1,
+        "height": 1,
+        "target_spec": "auto",
+        "target": "dog",
+        "target_token_id": 7,
+        "target_token": " dog",
+        "target_source": "caption-noun",
+        "target_split": False,
+        "caption": "a dog",
+        "context": "A picture of a",
+        "context_ids": [1, 2, 3],
+        "y_c": 0.25,
+        "p_target": 0.25,
+        "unit_sum": unit_max * 2,
+        **fields,
+    }
+    return ResultRecord(
+        image_sha256=sha256,
+        image_path=path,
+        top_layer=np.asarray(layer).astype(np.int16),
+        top_unit=np.asarray(unit).astype(np.int32),
+        top_patch=np.asarray(patch).astype(np.int16),
+        top_score=np.asarray(score).astype(np.float32),
+        unit_max=unit_max,
+        **values,
+    )
 
 
 # -- the TUI tests ----------------------------------------------------------------------------------------------

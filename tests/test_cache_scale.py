@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_record
 
 from mmtui.defaults import NEURON_IMAGES
 from mmtui.run.events import ImageDone
@@ -87,28 +88,21 @@ def _records(n: int, seed: int = 0, units: int = D_MLP) -> list[ResultRecord]:
     for i in range(n):
         score = np.sort(np.round(rng.uniform(0, 1, KEEP), 2))[::-1].astype(np.float32)
         unit_max = rng.uniform(0, 1, (N_LAYERS, D_MLP)).astype(np.float32)
+        layer = rng.integers(0, N_LAYERS, KEEP)
+        unit = rng.integers(0, units, KEEP)
+        patch = rng.integers(0, N_PATCHES, KEEP)
         out.append(
-            ResultRecord(
-                image_sha256=f"{i:064x}",
-                image_path=f"/photos/{i}.jpg",
+            synthetic_record(
+                f"{i:064x}",
+                f"/photos/{i}.jpg",
+                (layer, unit, patch, score),
+                unit_max,
                 width=64,
                 height=48,
-                target_spec="auto",
-                target="dog",
                 target_token_id=5,
-                target_token=" dog",
-                target_source="caption-noun",
-                target_split=False,
-                caption="a dog",
-                context="A picture of a",
                 context_ids=[1, 2],
                 y_c=0.5,
                 p_target=0.5,
-                top_layer=rng.integers(0, N_LAYERS, KEEP).astype(np.int16),
-                top_unit=rng.integers(0, units, KEEP).astype(np.int32),
-                top_patch=rng.integers(0, N_PATCHES, KEEP).astype(np.int16),
-                top_score=score,
-                unit_max=unit_max,
                 unit_sum=unit_max * 3,
             )
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_record
 from typer.testing import CliRunner
 
 from commands import app
@@ -33,29 +34,13 @@ def _record(i: int) -> ResultRecord:
     rng = np.random.default_rng(i)
     keep = 8
     unit_max = rng.uniform(0, 0.001, (N_LAYERS, D_MLP)).astype(np.float32)
-    return ResultRecord(
-        image_sha256=hashlib.sha256(f"image {i}".encode()).hexdigest(),
-        image_path=f"/photos/{i}.jpg",
-        width=1,
-        height=1,
-        target_spec="auto",
-        target="dog",
-        target_token_id=7,
-        target_token=" dog",
-        target_source="caption-noun",
-        target_split=False,
-        caption="a dog",
-        context="A picture of a",
-        context_ids=[1, 2, 3],
-        y_c=0.25,
-        p_target=0.25,
-        top_layer=rng.integers(0, N_LAYERS, keep).astype(np.int16),
-        top_unit=rng.integers(0, D_MLP, keep).astype(np.int32),
-        top_patch=rng.integers(0, 4, keep).astype(np.int16),
-        top_score=np.sort(rng.uniform(0.001, 0.03, keep))[::-1].astype(np.float32),
-        unit_max=unit_max,
-        unit_sum=unit_max * 2,
+    triples = (
+        rng.integers(0, N_LAYERS, keep),
+        rng.integers(0, D_MLP, keep),
+        rng.integers(0, 4, keep),
+        np.sort(rng.uniform(0.001, 0.03, keep))[::-1],
     )
+    return synthetic_record(hashlib.sha256(f"image {i}".encode()).hexdigest(), f"/photos/{i}.jpg", triples, unit_max)
 
 
 def _cache(db: Path, n: int, pending: int = 0) -> str:

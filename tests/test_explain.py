@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_record
 from scipy import sparse
 from scipy.stats import false_discovery_control, hypergeom
 from typer.testing import CliRunner
@@ -88,27 +89,19 @@ def test_enrichment_picks_each_units_least_p_term() -> None:
 def _record(i: int, caption: str, top: list[tuple[int, int, float]], unit_max: np.ndarray) -> ResultRecord:
     layer, unit, score = (np.array(c) for c in zip(*top, strict=True))
     order = np.argsort(-score, kind="stable")
-    return ResultRecord(
-        image_sha256=hashlib.sha256(f"image {i}".encode()).hexdigest(),
-        image_path=f"/photos/{i:04d}.jpg",
+    return synthetic_record(
+        hashlib.sha256(f"image {i}".encode()).hexdigest(),
+        f"/photos/{i:04d}.jpg",
+        (layer[order], unit[order], np.zeros(len(order)), score[order]),
+        unit_max,
         width=64,
         height=64,
-        target_spec="auto",
         target="thing",
         target_token_id=1,
         target_token=" thing",
-        target_source="caption-noun",
-        target_split=False,
         caption="a thing",
-        context="A picture of a",
-        context_ids=[1, 2, 3],
         y_c=0.5,
         p_target=0.5,
-        top_layer=layer[order].astype(np.int16),
-        top_unit=unit[order].astype(np.int32),
-        top_patch=np.zeros(len(order), dtype=np.int16),
-        top_score=score[order].astype(np.float32),
-        unit_max=unit_max,
         unit_sum=unit_max,
         human_caption=caption,
     )

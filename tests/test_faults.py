@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_record
 
 from mmtui.errors import ImageError, StoreCorruptError
 from mmtui.run.images import iter_images, read_image_bytes
@@ -136,29 +137,13 @@ def _record(path: Path) -> ResultRecord:
     rng = np.random.default_rng(0)
     keep = 8
     unit_max = rng.uniform(0, 0.001, (2, 16)).astype(np.float32)
-    return ResultRecord(
-        image_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        image_path=str(path),
-        width=1,
-        height=1,
-        target_spec="auto",
-        target="dog",
-        target_token_id=7,
-        target_token=" dog",
-        target_source="caption-noun",
-        target_split=False,
-        caption="a dog",
-        context="A picture of a",
-        context_ids=[1, 2, 3],
-        y_c=0.25,
-        p_target=0.25,
-        top_layer=rng.integers(0, 2, keep).astype(np.int16),
-        top_unit=rng.integers(0, 16, keep).astype(np.int32),
-        top_patch=rng.integers(0, 4, keep).astype(np.int16),
-        top_score=np.sort(rng.uniform(0.001, 0.03, keep))[::-1].astype(np.float32),
-        unit_max=unit_max,
-        unit_sum=unit_max * 2,
+    triples = (
+        rng.integers(0, 2, keep),
+        rng.integers(0, 16, keep),
+        rng.integers(0, 4, keep),
+        np.sort(rng.uniform(0.001, 0.03, keep))[::-1],
     )
+    return synthetic_record(hashlib.sha256(path.read_bytes()).hexdigest(), str(path), triples, unit_max)
 
 
 def test_a_result_written_by_another_process_is_kept_not_a_crash(tmp_path):

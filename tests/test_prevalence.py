@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_record
 from typer.testing import CliRunner
 
 from commands import app
@@ -38,29 +39,20 @@ def _records(n: int = N_RESULTS, seed: int = 0) -> list[ResultRecord]:
         layer[-1], unit[-1] = FLAT
         unit_max = (1.0 + spread * rng.standard_normal((N_LAYERS, D_MLP))).astype(np.float32)
         unit_max[FLAT] = 0.75
+        patch = rng.integers(0, N_PATCHES, KEEP)
+        score = np.sort(rng.uniform(0, 1, KEEP))[::-1]
         out.append(
-            ResultRecord(
-                image_sha256=f"{seed:08x}{i:056x}",
-                image_path=f"/photos/{seed}-{i}.jpg",
+            synthetic_record(
+                f"{seed:08x}{i:056x}",
+                f"/photos/{seed}-{i}.jpg",
+                (layer, unit, patch, score),
+                unit_max,
                 width=64,
                 height=48,
-                target_spec="auto",
-                target="dog",
                 target_token_id=5,
-                target_token=" dog",
-                target_source="caption-noun",
-                target_split=False,
-                caption="a dog",
-                context="A picture of a",
                 context_ids=[1, 2],
                 y_c=0.5,
                 p_target=0.5,
-                top_layer=layer,
-                top_unit=unit,
-                top_patch=rng.integers(0, N_PATCHES, KEEP).astype(np.int16),
-                top_score=np.sort(rng.uniform(0, 1, KEEP))[::-1].astype(np.float32),
-                unit_max=unit_max,
-                unit_sum=unit_max * 2,
             )
         )
     return out

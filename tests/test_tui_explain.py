@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import settle
+from conftest import settle, synthetic_record
 from PIL import Image
 from test_tui import Recorder
 from test_tui_queries import COCO, FIXED_TIME, IMAGE_DIR
@@ -63,31 +63,21 @@ def _images() -> list[Path]:
 
 def _record(i: int, path: Path, rng: np.random.Generator) -> ResultRecord:
     units = [*GENERIC, (2, i), (3, i), (1, 10 + i)]
-    layer = np.array([u[0] for u in units], dtype=np.int16)
-    unit = np.array([u[1] for u in units], dtype=np.int32)
+    triples = (
+        np.array([u[0] for u in units]),
+        np.array([u[1] for u in units]),
+        np.arange(len(units)) % (GRID * GRID),
+        np.linspace(0.03, 0.01, len(units)),
+    )
     unit_max = rng.uniform(0, 0.001, (N_LAYERS, D_MLP)).astype(np.float32)
-    return ResultRecord(
-        image_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        image_path=str(path),
+    return synthetic_record(
+        hashlib.sha256(path.read_bytes()).hexdigest(),
+        str(path),
+        triples,
+        unit_max,
         width=640,
         height=480,
-        target_spec="auto",
-        target="dog",
-        target_token_id=7,
-        target_token=" dog",
-        target_source="caption-noun",
-        target_split=False,
         caption="a dog on a lawn",
-        context="A picture of a",
-        context_ids=[1, 2, 3],
-        y_c=0.25,
-        p_target=0.25,
-        top_layer=layer,
-        top_unit=unit,
-        top_patch=(np.arange(len(units)) % (GRID * GRID)).astype(np.int16),
-        top_score=np.linspace(0.03, 0.01, len(units)).astype(np.float32),
-        unit_max=unit_max,
-        unit_sum=unit_max * 2,
     )
 
 

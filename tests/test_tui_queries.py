@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_record
 
 from mmtui.store import ResultRecord, Run, StackIdentity, Store, filters, queries
 from mmtui.tui.state import COLUMNS
@@ -49,28 +50,17 @@ def _record(rng: np.random.Generator, path: Path, target: str, caption: str, kee
     unit = rng.integers(0, D_MLP, keep)
     score = np.sort(rng.uniform(0.001, 0.03, keep))[::-1]
     unit_max = rng.uniform(0, 0.001, (N_LAYERS, D_MLP)).astype(np.float32)
-    return ResultRecord(
-        image_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        image_path=str(path),
+    patch = rng.integers(0, GRID * GRID, keep)
+    return synthetic_record(
+        hashlib.sha256(path.read_bytes()).hexdigest(),
+        str(path),
+        (layer, unit, patch, score),
+        unit_max,
         width=640,
         height=480,
-        target_spec="auto",
         target=target,
-        target_token_id=7,
         target_token=" " + target,
-        target_source="caption-noun",
-        target_split=False,
         caption=caption,
-        context="A picture of a",
-        context_ids=[1, 2, 3],
-        y_c=0.25,
-        p_target=0.25,
-        top_layer=layer.astype(np.int16),
-        top_unit=unit.astype(np.int32),
-        top_patch=rng.integers(0, GRID * GRID, keep).astype(np.int16),
-        top_score=score.astype(np.float32),
-        unit_max=unit_max,
-        unit_sum=unit_max * 2,
     )
 
 
