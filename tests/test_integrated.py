@@ -1,5 +1,6 @@
-"""Integrated gradients on the tiny stack (mmtui.experiments.integrated): with one right-Riemann step IG is grad x
-act, the stored score; completeness at enough steps; the agreement measures by hand; `explain --ig`."""
+"""Integrated gradients on the tiny stack (mmtui.experiments.integrated): equal to Captum's IntegratedGradients on
+the same entries; with one right-Riemann step IG is grad x act, the stored score; completeness at enough steps;
+the agreement measures by hand; `explain --ig`."""
 
 from __future__ import annotations
 
@@ -45,6 +46,57 @@ def test_completeness(tiny_stack64, store_run):  # float64: y(x) - y(zeroed) is 
     fine = ig.image_ig(tiny_stack64, store, run, row["id"], top=12, steps=16)
     assert fine.completeness < 1e-6  # sum of IG = y(x) - y(entries zeroed), per layer
     assert fine.completeness < coarse.completeness  # and the 1-step (grad x act) sum misses it: the test can fail
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_ig_equals_captums_integrated_gradients(tiny_stack64, store_run, method):
+    """Captum's IntegratedGradients on a function of the chosen entries alone (the model run with a layer's
+    chosen (unit, patch) activations set to z, baseline z = 0) gives mmtui's IG, in float64, for the top entries of
+    layer 0 and for random entries of it (an entry of the last layer at an image position cannot reach y: its IG
+    is 0). (Captum's LayerIntegratedGradients moves every entry of a layer's
+    output from its value at a baseline input; IG on some of a layer's entries is IntegratedGradients on them.)
+    Captum's riemann_trapezoid takes the same points but weights each step 1/n, not the rule's 1/(n - 1), so its
+    sum is (n - 1)/n of ours: completeness fails there by a share 1/n whatever the steps."""
+    import torch
+    from captum.attr import IntegratedGradients
+
+    store, run, row = _first(store_run)
+    stack = tiny_stack64
+    _, _, groups = _groups(store, row, stack)
+    prefix = stack.encode([load_image(row["path"]).image])
+    positions = stack.image_slice
+    assert groups[0][0, 0] == groups[2][0, 0] == 0
+    for entries in (groups[0], groups[2]):
+        at = int(entries[0, 0])
+        pos = torch.as_tensor(entries[:, 2], dtype=torch.long) + positions.start
+        units = torch.as_tensor(entries[:, 1], dtype=torch.long)
+        seen: list[torch.Tensor] = []
+
+        def y_of(z: torch.Tensor | None, at=at, pos=pos, units=units, seen=seen) -> torch.Tensor:
+            def hook(layer: int, act: torch.Tensor) -> torch.Tensor | None:
+                if layer != at or act.shape[1] < positions.stop:
+                    return None
+                if z is None:  # the plain pass: read the entries' values
+                    seen.append(act[0, pos, units].detach())
+                    return None
+                out = act.clone()
+                out[:, pos, units] = z.to(act.dtype)
+                return out
+
+            rows = 1 if z is None else len(z)
+            batch = prefix.expand(rows, -1, -1)
+            return ig._forward_y(stack, batch, row["context_ids"], row["target_token_id"], run.y_kind, hook, run.site)
+
+        y_of(None)
+        a = seen[0][None]
+        theirs = IntegratedGradients(y_of).attribute(a, baselines=torch.zeros_like(a), n_steps=9, method=method)
+        ours, _ = ig.layer_ig(
+            stack, prefix, row["context_ids"], row["target_token_id"], entries, y_kind=run.y_kind, site=run.site,
+            steps=9, method=method,
+        )  # fmt: skip
+        scale = 9 / 8 if method == "riemann_trapezoid" else 1.0
+        np.testing.assert_allclose(ours, scale * theirs[0].double().numpy(), rtol=1e-8, atol=1e-14)
+        assert np.abs(ours).max() > 0
 
 
 def test_agreement_and_rules_by_hand():

@@ -96,7 +96,8 @@ def nodes(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(steps)
         return (x + 1) / 2, w / 2
-    if method == "riemann_trapezoid":  # Captum's: `steps` points from 0 to 1, the two ends weighted half
+    if method == "riemann_trapezoid":  # Captum's points, `steps` from 0 to 1, the two ends weighted half; Captum
+        # weights a step 1/steps, not 1/(steps - 1), so its IG is (steps - 1)/steps of this (test_integrated)
         if steps < 2:
             raise IntegratedError(f"riemann_trapezoid needs at least 2 steps (got {steps})")
         w = np.full(steps, 1.0 / (steps - 1))
