@@ -12,7 +12,7 @@ from rich.table import Table
 from commands._app import DbOption, DeviceOption, ExitCode, JsonOption, app, core_errors, db_path, emit_json, out, warn
 from commands._experiments import BertLayersOption, BertModelOption, RunOption, fmt, load_metrics, open_store
 from commands._integrated import ig_check
-from mmtui.defaults import DEFAULT_FDR
+from mmtui.defaults import DEFAULT_FDR, IG_STEPS, IgRule
 
 
 @app.command()
@@ -41,7 +41,23 @@ def explain(
         ),
     ] = 0,
     ig_top: Annotated[int, typer.Option("--ig-top", min=1, help="With --ig: each image's top triples.")] = 20,
-    ig_steps: Annotated[int, typer.Option("--ig-steps", min=1, help="With --ig: Gauss-Legendre steps.")] = 16,
+    ig_steps: Annotated[
+        int,
+        typer.Option(
+            "--ig-steps",
+            min=2,
+            help="With --ig: points of the integration rule (each image is also checked at about half as many).",
+        ),
+    ] = IG_STEPS,
+    ig_rule: Annotated[
+        IgRule, typer.Option("--ig-rule", help="With --ig: the integration rule (gausslegendre: Captum's default).")
+    ] = IgRule.TRAPEZOID,
+    ig_control: Annotated[
+        bool,
+        typer.Option(
+            "--ig-control/--no-ig-control", help="With --ig: the same for as many random triples of the same layers."
+        ),
+    ] = True,
     device: DeviceOption = "auto",
     run: RunOption = None,
     db: DbOption = None,
@@ -70,7 +86,17 @@ def explain(
             shown = store_labels.labels(store, run_key, fdr=fdr, layer=layer, limit=limit)
             tokens = store_labels.decoded_tokens(store, lm_id, [(r["layer"], r["unit"]) for r in shown])
             ig_failed = (
-                ig_check(store, chosen, n_images=ig, top=ig_top, steps=ig_steps, device=device, json_out=json_out)
+                ig_check(
+                    store,
+                    chosen,
+                    n_images=ig,
+                    top=ig_top,
+                    steps=ig_steps,
+                    method=ig_rule.value,
+                    control=ig_control,
+                    device=device,
+                    json_out=json_out,
+                )
                 if ig
                 else 0
             )

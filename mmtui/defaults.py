@@ -77,6 +77,17 @@ class ProjectionKind(str, Enum):
     MLP = "mlp"
 
 
+class IgRule(str, Enum):
+    """The integration rule of integrated gradients (`explain --ig`; mmtui.experiments.integrated)."""
+
+    TRAPEZOID = "riemann_trapezoid"
+    GAUSS_LEGENDRE = "gausslegendre"
+    RIGHT = "riemann_right"
+
+
+IG_STEPS = 65  # `explain --ig`: points of the rule (why: mmtui.experiments.integrated.DEFAULT_METHOD)
+
+
 class Graphics(str, Enum):
     """How the TUI draws pictures: auto (pixels when the terminal can), pixels (Sixel/kitty), or half blocks."""
 

@@ -43,7 +43,7 @@ def test_one_right_step_is_grad_x_act(tiny_stack, store_run):
 def test_completeness(tiny_stack64, store_run):  # float64: y(x) - y(zeroed) is small beside y
     store, run, row = _first(store_run)
     coarse = ig.image_ig(tiny_stack64, store, run, row["id"], top=12, steps=1, method="riemann_right")
-    fine = ig.image_ig(tiny_stack64, store, run, row["id"], top=12, steps=16)
+    fine = ig.image_ig(tiny_stack64, store, run, row["id"], top=12, steps=16, method="gausslegendre")
     assert fine.completeness < 1e-6  # sum of IG = y(x) - y(entries zeroed), per layer
     assert fine.completeness < coarse.completeness  # and the 1-step (grad x act) sum misses it: the test can fail
 
@@ -177,6 +177,25 @@ def test_nested_sizes_share_passes_and_converge(tiny_stack64, store_run):
     np.testing.assert_allclose(again.ig, found[2].ig, rtol=1e-10)  # alone, the same figures
 
 
+def test_run_ig_checks_convergence_at_half_the_points(tiny_stack64, store_run):
+    """The default rule (trapezoid) at 9 points also gives IG at 5 from the same passes: the check's gap and rho
+    equal those of a separate 5-point run; without the check the IG is the same."""
+    store, run, row = _first(store_run)
+    assert ig.DEFAULT_METHOD == "riemann_trapezoid" and ig.check_size(9, ig.DEFAULT_METHOD) == 5
+    assert ig.check_size(2, "riemann_trapezoid") is None and ig.check_size(16, "gausslegendre") == 8
+    (found,) = ig.run_ig(tiny_stack64, store, run, n_images=1, top=12, steps=9)
+    assert found.result_id == row["id"] and found.steps == 9 and found.check_steps == 5
+    alone = ig.image_ig(tiny_stack64, store, run, row["id"], top=12, steps=5)
+    assert found.check_gap == pytest.approx(alone.completeness, rel=1e-6)
+    assert found.check_spearman == pytest.approx(ig.agreement(alone.ig, found.ig, found.k)[0])
+    assert 0 <= found.completeness < found.check_gap  # more points, smaller gap
+    (plain,) = ig.run_ig(tiny_stack64, store, run, n_images=1, top=12, steps=9, check=False)
+    assert plain.check_steps is None and plain.check_gap is None
+    np.testing.assert_allclose(plain.ig, found.ig, rtol=1e-10)
+    summary = ig.summary([found])
+    assert summary["check_steps"] == 5 and summary["median_check_gap"] == found.check_gap
+
+
 def test_explain_ig_command(attributed_db, monkeypatch):
     monkeypatch.setenv("MMTUI_DB", str(attributed_db))
     result = runner.invoke(
@@ -187,11 +206,22 @@ def test_explain_ig_command(attributed_db, monkeypatch):
     images = [x for x in lines if x.get("type") == "ig"]
     assert len(images) == 1 and len(images[0]["ig"]) == 8 and -1 <= images[0]["spearman"] <= 1
     assert images[0]["completeness_gap"] >= 0 and images[0]["y"] > 0
+    assert images[0]["method"] == "riemann_trapezoid" and images[0]["steps"] == 4 and images[0]["check_steps"] == 2
+    assert images[0]["check_gap"] >= 0 and -1 <= images[0]["check_spearman"] <= 1
+    assert -1 <= images[0]["control_spearman"] <= 1 and 0 <= images[0]["control_overlap"] <= 1  # on by default
     (summary,) = [x for x in lines if x.get("type") == "ig-summary"]
     assert summary["worst_completeness_gap"] == images[0]["completeness_gap"]
     table = runner.invoke(app, ["explain", "--ig", "1", "--ig-top", "8", "--ig-steps", "2", "--device", "cpu"])
-    assert table.exit_code == 0 and "Spearman" in table.stdout
-    assert "completeness gap" in table.stdout and "of y" in table.stdout
+    assert table.exit_code == 0 and "Spearman's rho" in table.stdout and "random" in table.stdout
+    assert "completeness" in table.stdout and "share of y" in table.stdout
+    assert "gap at" not in table.stdout  # 2 points: no smaller size to check against
+    gauss = ["explain", "--ig", "1", "--ig-top", "8", "--ig-steps", "4", "--ig-rule", "gausslegendre"]
+    plain = runner.invoke(app, [*gauss, "--no-ig-control", "--device", "cpu", "--json"])
+    assert plain.exit_code == 0, plain.output
+    (row,) = [json.loads(line) for line in plain.stdout.splitlines() if '"type": "ig"' in line]
+    assert row["method"] == "gausslegendre" and row["check_steps"] == 2 and row["control_spearman"] is None
+    bad = runner.invoke(app, ["explain", "--ig", "1", "--ig-rule", "simpson"])
+    assert bad.exit_code == 2 and "simpson" in bad.output
     args = ["explain", "--ig", "1", "--ig-top", "8", "--ig-steps", "4", "--device", "cpu"]
     for small, warned in ((0.0, True), (float("inf"), False)):  # the warning follows the gap and the bound
         monkeypatch.setattr(ig, "SMALL_GAP", small)
