@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_record
 
-from mmtui.errors import ImageError, StoreCorruptError
+from mmtui.errors import ImageError, StoreCorruptError, StoreError
 from mmtui.run.images import iter_images, read_image_bytes
 from mmtui.store import StackIdentity, Store
 from mmtui.store.core import ResultRecord
@@ -178,6 +178,43 @@ def test_two_runs_on_the_same_images_and_cache(tmp_path):
 
 
 # -- 3. several processes opening a fresh cache at once --------------------------------------------------------
+def test_the_switch_to_wal_is_tried_again_while_the_file_is_locked(tmp_path, monkeypatch):
+    """SQLite may refuse the switch to WAL at once ("database is locked", no busy wait) while another process
+    opens the same fresh cache (CI, under load): Store.open tries again until its timeout, then says it is
+    locked; any other error goes up at once."""
+    import mmtui.store.core as core
+    from mmtui.errors import StoreLockedError
+    from mmtui.store._sqlite_utils import Database
+
+    real = Database.enable_wal
+    refusals = {"left": 3}
+
+    def refuse_a_few(self: Database) -> None:
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        real(self)
+
+    monkeypatch.setattr(core, "WAL_RETRY_S", 0.01)
+    monkeypatch.setattr(Database, "enable_wal", refuse_a_few)
+    with Store.open(tmp_path / "a.db", timeout=5) as store:
+        assert store.db.journal_mode == "wal" and refusals["left"] == 0
+    refusals["left"] = 10**6
+    started = time.monotonic()
+    with pytest.raises(StoreLockedError, match="is locked by another mmtui process"):
+        Store.open(tmp_path / "b.db", timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+
+    def broken(self: Database) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Database, "enable_wal", broken)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="disk I/O error"):
+        Store.open(tmp_path / "c.db", timeout=5)
+    assert time.monotonic() - started < 1
+
+
 def test_fresh_cache_opened_by_several_processes_at_once(tmp_path):
     db = tmp_path / "fresh.db"
     go = tmp_path / "go"

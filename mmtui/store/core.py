@@ -54,6 +54,25 @@ STATS_EVERY = 1024  # results a long write folds into the per-unit tables at a t
 BULK_CACHE_MIB = 64  # page cache of a connection that folds many results at a time (SQLite's default: 2 MiB)
 
 
+WAL_RETRY_S = 0.05  # between tries of switching a fresh cache to WAL while another process holds it
+
+
+def _enable_wal(db: Database, deadline: float) -> None:
+    """Switch the cache to WAL (once per file; a no-op after). The switch needs the file to itself, and when
+    several processes open a fresh cache at once SQLite may answer "database is locked" at once, without waiting
+    on the busy timeout (seen in CI under load: "waited 0 s"). So the switch is tried again until `deadline`
+    (time.monotonic()), as a held lock is waited on elsewhere; after it, the error goes up as the lock it is."""
+    while True:
+        try:
+            if db.journal_mode != "wal":
+                db.enable_wal()
+            return
+        except sqlite3.OperationalError as error:
+            if ("locked" not in str(error) and "busy" not in str(error)) or time.monotonic() >= deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
+
+
 class Store(ResultsMixin, TokensMixin):
     """The cache database. Open with `Store.open(path)`; use as a context manager to close it."""
 
@@ -111,8 +130,7 @@ class Store(ResultsMixin, TokensMixin):
                         "it writable for one command (or copy it) and run again"
                     )
                 return store
-            if db.journal_mode != "wal":
-                db.enable_wal()
+            _enable_wal(db, started + timeout)
             # in WAL mode, NORMAL never corrupts the file; a power cut may lose the last commits, not a crash
             db.execute("PRAGMA synchronous = NORMAL")
             if unclean:
